@@ -1,0 +1,200 @@
+"""params.yaml as frozen dataclasses: one per stage section, unknown keys rejected.
+
+Every hyper-parameter lives in params.yaml; the defaults below only document the types and
+make a partial params file usable in tests and notebooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    source: str = "elpv"  # "elpv" (the elpv-dataset package) or "folder" (one sub-folder per class)
+    root: str | None = None  # the image folder when source is "folder"
+    classes: tuple[str, ...] | None = None  # folder: explicit class list and label order
+    elpv_classes: int = 4  # elpv: 4 = defect probability 0, 1/3, 2/3, 1; 2 = functional/defective
+    test_fraction: float = 0.12  # the fusion paper's 1879 / 257 split
+    val_fraction: float = 0.15  # carved from what remains after test, for model selection
+    seed: int = 0
+    on_bad_image: str = "error"  # "error" stops; "skip" lists the file in skipped.csv
+    max_pixels: int = 64_000_000  # decompression-bomb guard (2560x1920 is 4.9 M)
+
+    def __post_init__(self):
+        _choice("prepare.source", self.source, ("elpv", "folder"))
+        _choice("prepare.on_bad_image", self.on_bad_image, ("error", "skip"))
+        _choice("prepare.elpv_classes", self.elpv_classes, (2, 4))
+        _open_unit("prepare.test_fraction", self.test_fraction)
+        _open_unit("prepare.val_fraction", self.val_fraction)
+        if self.source == "folder" and not self.root:
+            raise ConfigError(
+                "prepare.root must name the image folder when prepare.source is 'folder'."
+            )
+        if self.max_pixels <= 0:
+            raise ConfigError(f"prepare.max_pixels must be positive. Got {self.max_pixels}.")
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    """Defaults for every backbone; params.yaml's `backbones.<name>` mapping overrides them."""
+
+    epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    optimizer: str = "rmsprop"  # the fusion paper; "sgd" for the attention paper
+    lr: float = 1e-3
+    lr_final: float = 1e-4  # cosine decay from lr to lr_final over the epochs
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    dropout: float = 0.5  # before the new n-class layer, as in the paper
+    frozen_stages: int = 0  # leading stages (timm group_matcher blocks) kept at ImageNet weights
+    class_weighted: bool = True  # inverse-frequency loss weights for imbalanced sets like ELPV
+    hflip: bool = True
+    vflip: bool = True
+    rotation: float = 180.0  # degrees either way: "rotation by any angle"
+    color_jitter: float = 0.2  # brightness / contrast / saturation strength
+    input_size: int | None = None  # None: the backbone's native size
+    pretrained: bool = True
+    weights: str | None = None  # a local ImageNet weights file; wins over packages and the hub
+    num_workers: int = 2
+    device: str = "auto"  # "auto" picks cuda when present
+    seed: int = 0
+
+    def __post_init__(self):
+        _choice("finetune.optimizer", self.optimizer, ("rmsprop", "sgd", "adamw"))
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"finetune.{name} must be >= 1. Got {getattr(self, name)!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"finetune.dropout must be in [0, 1). Got {self.dropout!r}.")
+        if self.lr <= 0 or self.lr_final <= 0:
+            raise ConfigError(
+                f"finetune.lr and lr_final must be > 0. Got {self.lr!r}, {self.lr_final!r}."
+            )
+        if self.frozen_stages < 0:
+            raise ConfigError(f"finetune.frozen_stages must be >= 0. Got {self.frozen_stages!r}.")
+
+
+@dataclass(frozen=True)
+class ExtractParams:
+    batch_size: int = 64
+    dtype: str = "float32"  # "float16" halves the cache for a negligible loss
+    tta: bool = False  # mean embedding over horizontal and vertical flips
+    num_workers: int = 2
+    device: str = "auto"
+
+    def __post_init__(self):
+        _choice("extract.dtype", self.dtype, ("float32", "float16"))
+        if self.batch_size < 1:
+            raise ConfigError(f"extract.batch_size must be >= 1. Got {self.batch_size!r}.")
+
+
+@dataclass(frozen=True)
+class FuseParams:
+    backbones: tuple[str, ...] | None = (
+        None  # concatenation order; None: every entry of `backbones`
+    )
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    final_head: str = "mlp"  # the head `predict` uses and the summary headlines
+
+
+@dataclass(frozen=True)
+class CompareParams:
+    folds: int = 5  # stratified k-fold on train+val; test is touched only for the pick
+    min_subset: int = 1  # smallest backbone subset to try
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.folds < 2:
+            raise ConfigError(f"compare.folds must be >= 2. Got {self.folds!r}.")
+
+
+def backbone_names(path: Path | str = PARAMS_FILE) -> list[str]:
+    """The `backbones` mapping's keys: what the DAG trains, in concatenation order."""
+    return list((load_params(path).get("backbones") or {}).keys())
+
+
+def finetune_params(backbone: str, path: Path | str = PARAMS_FILE, **overrides) -> FinetuneParams:
+    """`finetune` defaults merged with `backbones.<backbone>`, then non-None ``overrides``."""
+    params = load_params(path)
+    data = dict(params.get("finetune") or {})
+    data.update((params.get("backbones") or {}).get(backbone) or {})
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(FinetuneParams, data, f"finetune + backbones.{backbone}")
+
+
+def head_params(head: str, path: Path | str = PARAMS_FILE) -> dict[str, Any]:
+    """Constructor arguments of ``head`` from the `heads` mapping (empty when absent)."""
+    return dict((load_params(path).get("heads") or {}).get(head) or {})
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"The {name!r} parameter must be one of {list(allowed)}. Got {value!r} instead."
+        )
+
+
+def _open_unit(name: str, value: float) -> None:
+    if not 0.0 < float(value) < 1.0:
+        raise ConfigError(
+            f"The {name!r} parameter must be a fraction in (0, 1). Got {value!r} instead."
+        )
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, section: str):
+    """Build dataclass ``cls`` from ``data``; unknown keys raise a ConfigError naming them."""
+    data = dict(data or {})
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"Unknown key(s) {unknown} in params section {section!r}; allowed: {sorted(known)}."
+        )
+    for name, value in data.items():
+        if isinstance(value, list):
+            data[name] = tuple(value)
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"params section {section!r}: {exc}") from exc
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
+    """The raw params.yaml mapping; an absent file is an empty mapping (library defaults)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}.")
+    return data
+
+
+def section(cls: type, name: str, path: Path | str = PARAMS_FILE, **overrides):
+    """The ``name`` section of params.yaml as ``cls``; ``overrides`` that are not None win."""
+    data = dict(load_params(path).get(name) or {})
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(cls, data, name)
+
+
+def asdict(params) -> dict[str, Any]:
+    """Plain-JSON form of a params dataclass, for sidecars."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()
+    }

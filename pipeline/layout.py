@@ -1,0 +1,22 @@
+"""Where each artifact lives, said once; dvc.yaml's `vars` repeat it and a test checks they agree."""
+
+from pathlib import Path
+
+CACHE = Path("cache")
+MANIFEST = CACHE / "manifest.csv"  # + manifest.json (source, root, classes) + skipped.csv
+MODELS = CACHE / "models"  # <backbone>/model.safetensors + model.json
+FEATURES = CACHE / "features"  # <backbone>.h5
+HEADS = CACHE / "heads"  # <head>/head.joblib + head.json
+REPORTS = Path("reports")
+
+
+def checkpoint_dir(backbone: str, root: Path = MODELS) -> Path:
+    return root / backbone
+
+
+def feature_cache(backbone: str, root: Path = FEATURES) -> Path:
+    return root / f"{backbone}.h5"
+
+
+def head_dir(head: str, root: Path = HEADS) -> Path:
+    return root / head

@@ -1,0 +1,1 @@
+"""One thin click command per DVC stage; all ML logic lives in pipeline/."""
