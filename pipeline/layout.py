@@ -20,3 +20,23 @@ def feature_cache(backbone: str, root: Path = FEATURES) -> Path:
 
 def head_dir(head: str, root: Path = HEADS) -> Path:
     return root / head
+
+
+def finetune_reports(backbone: str, root: Path = REPORTS) -> dict[str, Path]:
+    """Per-backbone fine-tuning outputs: DVC metrics, per-epoch plot data and its PNG."""
+    return {
+        "metrics": root / "metrics" / f"finetune_{backbone}.json",
+        "history": root / "plots" / f"history_{backbone}.csv",
+        "curves": root / "plots" / f"curves_{backbone}.png",
+    }
+
+
+def evaluate_reports(root: Path = REPORTS) -> dict[str, Path]:
+    """`defuse evaluate` outputs: headline metrics, full details, confusion data, figures."""
+    return {
+        "summary": root / "summary.md",
+        "metrics": root / "metrics" / "test.json",
+        "details": root / "metrics" / "test_details.json",
+        "confusion": root / "plots" / "confusion",  # <model>.csv: actual,predicted per test image
+        "figures": root / "figures",
+    }

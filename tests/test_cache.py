@@ -1,0 +1,303 @@
+"""Feature cache format: real HDF5 files in tmp_path, written, damaged and read back."""
+
+import hashlib
+import os
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.cache import (
+    ATTRS,
+    SPLITS,
+    CacheWriter,
+    cache_info,
+    file_sha256,
+    load_features,
+    read_cache,
+    reusable_cache,
+    verify_cache,
+)
+from pipeline.errors import CacheError
+
+N, D, C = 50, 16, 3
+MANIFEST_SHA = "a" * 64
+PREP = dict(input_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+            layer="pre_logits", dtype="float32", tta=False)  # fmt: skip
+
+
+def _data(seed=0, n=N, dim=D):
+    rng = np.random.default_rng(seed)
+    ids = np.array([hashlib.sha256(f"img{i}".encode()).hexdigest() for i in range(n)])
+    return dict(
+        embeddings=rng.standard_normal((n, dim)).astype(np.float32),
+        logits=rng.standard_normal((n, C)).astype(np.float32),
+        sample_id=ids,
+        label=np.arange(n) % C,
+        split=np.array(SPLITS)[np.arange(n) % 3],
+    )
+
+
+def _attrs(backbone="lite0", **over):
+    attrs = dict(
+        backbone=backbone,
+        class_names=["ok", "crack", "finger"],
+        checkpoint_sha256="c" * 64,
+        manifest_sha256=MANIFEST_SHA,
+        versions={"defuse": "0.1.0", "torch": "2.5", "timm": "1.0", "h5py": "3.16", "numpy": "2"},
+        created="2024-01-02T03:04:05+00:00",
+        **{k: v for k, v in PREP.items() if k != "dtype"},
+    )
+    return attrs | over
+
+
+def _write(path, data, order=None, batch=16, dtype="float32", **attrs):
+    order = np.arange(len(data["sample_id"])) if order is None else order
+    n, dim = data["embeddings"].shape
+    with CacheWriter(path, n, dim, C, dtype=dtype, attrs=_attrs(**attrs)) as w:
+        for s in range(0, n, batch):
+            rows = order[s : s + batch]
+            w.append(*(data[k][rows] for k in ("embeddings", "logits", "sample_id", "label")),
+                     data["split"][rows])  # fmt: skip
+    return path
+
+
+def _manifest(data, sha=MANIFEST_SHA):
+    return SimpleNamespace(sample_id=list(data["sample_id"]), label=data["label"],
+                           split=list(data["split"]), sha256=sha)  # fmt: skip
+
+
+@pytest.fixture
+def good(tmp_path):
+    data = _data()
+    return _write(tmp_path / "lite0.h5", data), data
+
+
+def _edit(path, fn):
+    with h5py.File(path, "r+") as f:
+        fn(f)
+
+
+def test_round_trip_keeps_values_attrs_and_their_order(good):
+    path, data = good
+    cache = read_cache(path)
+    np.testing.assert_array_equal(cache.embeddings, data["embeddings"])
+    np.testing.assert_array_equal(cache.logits, data["logits"])
+    np.testing.assert_array_equal(cache.sample_id, data["sample_id"])
+    np.testing.assert_array_equal(cache.label, data["label"])
+    np.testing.assert_array_equal(cache.split, data["split"])
+    assert cache.label.dtype == np.int64
+    assert cache.attrs["class_names"] == ["ok", "crack", "finger"]
+    assert cache.attrs["versions"]["h5py"] == "3.16"
+    assert cache.attrs["mean"] == list(PREP["mean"]) and cache.attrs["tta"] is False
+    assert (cache.attrs["schema"], cache.attrs["dim"], cache.attrs["n_classes"]) == (1, D, C)
+    with h5py.File(path) as f:
+        assert list(f.attrs) == list(ATTRS)
+        assert f["split"].dtype == np.uint8 and f["sample_id"].dtype == "S64"
+        assert f["embeddings"].chunks is None and f["embeddings"].compression is None
+    info = cache_info(path)
+    assert info["shape"] == (N, D) and info["dtype"] == "float32"
+    assert info["splits"] == {"train": 17, "val": 17, "test": 16}
+    assert info["bytes"] == path.stat().st_size
+
+
+def test_extra_attrs_are_stored_after_the_fixed_ones_sorted(tmp_path):
+    path = _write(tmp_path / "x.h5", _data(), zeta=1, alpha="a")
+    with h5py.File(path) as f:
+        assert list(f.attrs) == [*ATTRS, "alpha", "zeta"]
+
+
+def test_float16_round_trip(tmp_path):
+    data = _data()
+    cache = read_cache(_write(tmp_path / "half.h5", data, dtype="float16"))
+    assert cache.embeddings.dtype == np.float16 and cache.attrs["dtype"] == "float16"
+    np.testing.assert_array_equal(cache.embeddings, data["embeddings"].astype(np.float16))
+    fused = load_features([tmp_path / "half.h5"])
+    assert fused.X.dtype == np.float32
+    np.testing.assert_array_equal(fused.X, data["embeddings"].astype(np.float16))
+
+
+def test_identical_inputs_give_identical_bytes(tmp_path):
+    a = _write(tmp_path / "a" / "m.h5", _data())
+    b = _write(tmp_path / "b" / "m.h5", _data(), batch=7)  # other batching, same content
+    assert a.read_bytes() == b.read_bytes()
+    assert file_sha256(a) == hashlib.sha256(a.read_bytes()).hexdigest()
+
+
+def test_caches_in_different_orders_align_by_sample_id(tmp_path):
+    a, b = _data(0), _data(1, dim=8)
+    b["label"], b["split"] = a["label"], a["split"]
+    perm = np.random.default_rng(2).permutation(N)
+    pa = _write(tmp_path / "a.h5", a, backbone="a")
+    pb = _write(tmp_path / "b.h5", b, order=perm, backbone="b")
+    fused = load_features([pa, pb])
+    assert fused.X.shape == (N, D + 8) and fused.dims == (D, 8) and fused.backbones == ("a", "b")
+    np.testing.assert_array_equal(fused.X, np.hstack([a["embeddings"], b["embeddings"]]))
+    np.testing.assert_array_equal(fused.logits[1], b["logits"])
+    np.testing.assert_array_equal(fused.sample_id, a["sample_id"])
+    np.testing.assert_array_equal(fused.y, a["label"])
+    assert fused.checksums == {"a": file_sha256(pa), "b": file_sha256(pb)}
+    # The manifest's order wins when one is given.
+    m = _manifest({k: v[perm[::-1]] for k, v in a.items()})
+    fused = load_features([pa, pb], backbones=["a", "b"], manifest=m)
+    np.testing.assert_array_equal(fused.sample_id, m.sample_id)
+    np.testing.assert_array_equal(fused.X[:, D:], b["embeddings"][perm[::-1]])
+    np.testing.assert_array_equal(fused.split, m.split)
+
+
+def test_checksums_refused_after_the_file_is_replaced(good, tmp_path):
+    path, data = good
+    fused = load_features([path])
+    _write(path, data, created="later")
+    with pytest.raises(CacheError, match="changed since"):
+        fused.checksums  # noqa: B018
+
+
+def test_exception_mid_write_keeps_the_old_cache_and_no_temp_file(good):
+    path, data = good
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="boom"):  # noqa: SIM117
+        with CacheWriter(path, N, D, C, attrs=_attrs()) as w:
+            w.write(0, *(data[k][:25] for k in ("embeddings", "logits", "sample_id", "label",
+                                                "split")))  # fmt: skip
+            assert w.tmp.exists()
+            raise RuntimeError("boom")
+    assert path.read_bytes() == before and read_cache(path).embeddings.shape == (N, D)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_writer_refuses_missing_rows_and_duplicate_ids(tmp_path):
+    data = _data()
+    with pytest.raises(CacheError, match="25 of 50 rows never written"):  # noqa: SIM117
+        with CacheWriter(tmp_path / "x.h5", N, D, C, attrs=_attrs()) as w:
+            w.write(0, *(data[k][:25] for k in ("embeddings", "logits", "sample_id", "label",
+                                                "split")))  # fmt: skip
+    data["sample_id"][3] = data["sample_id"][4]
+    with pytest.raises(CacheError, match=f"sample_id {data['sample_id'][4]} appears more"):
+        _write(tmp_path / "x.h5", data)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CacheError, match="missing attributes"):
+        CacheWriter(tmp_path / "x.h5", N, D, C, attrs={"backbone": "x"})
+    data = _data()
+    data["embeddings"][5, 0] = np.nan
+    with pytest.raises(CacheError, match=f"embeddings of sample {data['sample_id'][5]}"):
+        _write(tmp_path / "x.h5", data)
+
+
+def _corrupt_cases():
+    """name -> (damage(path, data, tmp_path), text the error must contain)."""
+    n2 = lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])  # noqa: E731
+    return {
+        "truncated": (lambda p, d, t: n2(p), "not a readable HDF5 file"),
+        "not hdf5": (lambda p, d, t: p.write_text("sample_id,label\n"), "not a readable HDF5"),
+        "schema": (lambda p, d, t: _edit(p, lambda f: f.attrs.__setitem__("schema", 7)),
+                   "schema version 7 is not supported (this defuse reads schema 1)"),
+        "duplicate id": (
+            lambda p, d, t: _edit(p, lambda f: f["sample_id"].__setitem__(9, d["sample_id"][8])),
+            f"sample_id {_data()['sample_id'][8]} appears more than once"),
+        "nan": (lambda p, d, t: _edit(p, lambda f: f["embeddings"].__setitem__((7, 2), np.nan)),
+                f"embeddings of sample {_data()['sample_id'][7]} (row 7) contain NaN or inf"),
+        "inf": (lambda p, d, t: _edit(p, lambda f: f["embeddings"].__setitem__((4, 0), np.inf)),
+                f"embeddings of sample {_data()['sample_id'][4]} (row 4)"),
+        "inf logit": (lambda p, d, t: _edit(p, lambda f: f["logits"].__setitem__((1, 0), -np.inf)),
+                      "logits of sample"),
+        "label": (lambda p, d, t: _edit(p, lambda f: f["label"].__setitem__(2, 3)),
+                  "label 3 of sample"),
+        "split": (lambda p, d, t: _edit(p, lambda f: f["split"].__setitem__(2, 9)),
+                  "split code 9 of sample"),
+        "dim": (lambda p, d, t: _edit(p, lambda f: f.attrs.__setitem__("dim", 17)),
+                "attribute dim=17 but the data say 16"),
+        "missing": (lambda p, d, t: _edit(p, lambda f: f.__delitem__("logits")),
+                    "missing attributes / datasets ['logits']"),
+        "rows": (lambda p, d, t: _edit(p, lambda f: (f.__delitem__("label"),
+                                                     f.create_dataset("label", data=np.zeros(49, int)))),
+                 "label has 49 rows but embeddings has 50"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_corrupt_cases()))
+def test_each_corruption_is_refused_by_reader_and_verify(good, tmp_path, case):
+    path, data = good
+    damage, message = _corrupt_cases()[case]
+    damage(path, data, tmp_path)
+    with pytest.raises(CacheError, match=str(path)) as err:
+        read_cache(path)
+    assert message in str(err.value)
+    problems = verify_cache(path)
+    assert len(problems) == 1 and message in problems[0]
+    assert reusable_cache(path, "c" * 64, PREP) is None  # corrupt: just no reuse
+    if case != "nan" and case != "inf":  # load_features checks embeddings only in X
+        with pytest.raises(CacheError, match=message[:20]):
+            load_features([path])
+
+
+def test_nan_is_found_by_load_features_naming_sample_and_row(good):
+    path, data = good
+    _edit(path, lambda f: f["embeddings"].__setitem__((7, 2), np.nan))
+    with pytest.raises(CacheError, match=rf"{data['sample_id'][7]} \(row 7\)"):
+        load_features([path])
+
+
+def test_caches_that_disagree_are_refused_naming_both(tmp_path):
+    a, b = _data(0), _data(1)
+    pa = _write(tmp_path / "a.h5", a, backbone="a")
+    b["label"][10] = (a["label"][10] + 1) % C
+    pb = _write(tmp_path / "b.h5", b, order=np.arange(N)[::-1], backbone="b")
+    with pytest.raises(CacheError, match=f"sample {a['sample_id'][10]} has label") as err:
+        load_features([pa, pb])
+    assert str(pa) in str(err.value) and str(pb) in str(err.value)
+
+    pb = _write(tmp_path / "b.h5", _data(1), backbone="b", manifest_sha256="f" * 64)
+    with pytest.raises(CacheError, match=f"{pb} was extracted from manifest f+ but {pa}"):
+        load_features([pa, pb])
+    with pytest.raises(CacheError, match="the manifest is manifest"):
+        load_features([pa], manifest=_manifest(a, sha="e" * 64))
+
+    short = {k: v[:-1] for k, v in _data(1).items()}
+    pb = _write(tmp_path / "b.h5", short, backbone="b")
+    with pytest.raises(CacheError, match=rf"1 of the 50 ids in {pa} are missing from {pb} "
+                                         rf"\(e.g. {a['sample_id'][-1]}\)"):  # fmt: skip
+        load_features([pa, pb])
+
+    pb = _write(tmp_path / "b.h5", _data(1), backbone="b", class_names=["x", "y", "z"])
+    with pytest.raises(CacheError, match="class_names differ"):
+        load_features([pa, pb])
+    with pytest.raises(CacheError, match="backbones"):
+        load_features([pa], backbones=["other"])
+
+
+def test_verify_against_manifest_and_checkpoint(good):
+    path, data = good
+    assert verify_cache(path, manifest=_manifest(data), checkpoint_sha256="c" * 64) == []
+    m = _manifest(data, sha="e" * 64)
+    m.label = data["label"].copy()
+    m.label[3] = (m.label[3] + 1) % C
+    m.sample_id = m.sample_id[:-1] + ["0" * 64]
+    m.split = m.split[:-1] + ["test"]
+    problems = verify_cache(path, manifest=m, checkpoint_sha256="d" * 64)
+    assert len(problems) == 3
+    assert "made by checkpoint" in problems[0] and "manifest eeee" in problems[1]
+    assert f"ids in the manifest are missing from {path} (e.g. {'0' * 64})" in problems[2]
+    m.sample_id, m.sha256 = list(data["sample_id"]), MANIFEST_SHA
+    (problem,) = verify_cache(path, manifest=m)
+    assert f"sample {data['sample_id'][3]} has label" in problem
+
+
+def test_reusable_cache_needs_same_checkpoint_and_preprocessing(good, tmp_path):
+    path, data = good
+    assert reusable_cache(path, "d" * 64, PREP) is None
+    assert reusable_cache(path, "c" * 64, PREP | {"input_size": 240}) is None
+    assert reusable_cache(path, "c" * 64, PREP | {"dtype": "float16"}) is None
+    assert reusable_cache(tmp_path / "absent.h5", "c" * 64, PREP) is None
+    old = reusable_cache(path, "c" * 64, PREP | {"mean": [0.485, 0.456, 0.406]})
+    assert old is not None
+    wanted = [data["sample_id"][7], "f" * 64, data["sample_id"][0]]
+    np.testing.assert_array_equal(old.rows_for(wanted), [7, -1, 0])
+    with pytest.raises(CacheError, match="preprocessing lacks"):
+        reusable_cache(path, "c" * 64, {"layer": "pre_logits"})
+
+
+def test_temp_file_sits_beside_the_target(tmp_path):
+    w = CacheWriter(tmp_path / "lite0.h5", N, D, C, attrs=_attrs())
+    assert w.tmp == tmp_path / f".lite0.h5.tmp-{os.getpid()}"
