@@ -1,0 +1,92 @@
+"""Fine-tuned checkpoints: safetensors weights plus a JSON sidecar that says what made them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.backbones import BackboneInfo, create_backbone
+from pipeline.cache import file_sha256
+from pipeline.errors import CheckpointError
+
+WEIGHTS = "model.safetensors"
+SIDECAR = "model.json"
+
+
+def save_checkpoint(model: torch.nn.Module, directory: Path, sidecar: dict) -> dict:
+    """Write weights + sidecar into a temp folder, then swap it into ``directory``.
+
+    An interrupted run leaves either the old checkpoint or the new one, never half of one.
+    Returns the sidecar as written (with ``weights_sha256`` added).
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, tmp / WEIGHTS)
+        sidecar = {**sidecar, "weights_sha256": file_sha256(tmp / WEIGHTS)}
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sidecar
+
+
+def read_sidecar(directory: Path) -> dict:
+    path = Path(directory) / SIDECAR
+    if not path.is_file():
+        raise CheckpointError(
+            f"No checkpoint at {directory}: {SIDECAR} is missing (run `defuse finetune`)."
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def load_checkpoint(directory: Path, verify: bool = True) -> tuple[torch.nn.Module, dict]:
+    """The fine-tuned model in eval mode and its sidecar; the weights' sha256 is checked."""
+    directory = Path(directory)
+    sidecar = read_sidecar(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing; the checkpoint at {directory} is incomplete.")
+    if verify and file_sha256(weights) != sidecar.get("weights_sha256"):
+        raise CheckpointError(
+            f"{weights} does not match the sha256 in {directory / SIDECAR}: the file was changed "
+            "or truncated. Re-run `defuse finetune` or pull it again."
+        )
+    model = create_backbone(
+        sidecar["backbone"], len(sidecar["class_names"]), pretrained=False, quiet=True
+    )
+    try:
+        model.load_state_dict(load_file(weights))
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{weights} does not fit backbone {sidecar['backbone']!r}: {exc}"
+        ) from exc
+    return model.eval(), sidecar
+
+
+def backbone_info_of(sidecar: dict) -> BackboneInfo:
+    """The eval preprocessing the checkpoint was trained with (travels with the weights)."""
+    return BackboneInfo(
+        sidecar["backbone"],
+        sidecar["input_size"],
+        tuple(sidecar["mean"]),
+        tuple(sidecar["std"]),
+        sidecar["interpolation"],
+        sidecar["dim"],
+    )

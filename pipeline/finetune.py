@@ -1,0 +1,245 @@
+"""Transfer learning of one backbone on the manifest, as the fusion paper does it.
+
+New n-class layer behind dropout, leading stages frozen, online augmentation, RMSprop (or
+SGD) with the learning rate decaying from ``lr`` to ``lr_final``, the best epoch chosen on
+the validation split. The test split is only scored, once, with the chosen weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import datetime as dt
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pipeline.backbones import backbone_info, create_backbone, embed, freeze_stages, set_train_mode
+from pipeline.checkpoint import save_checkpoint
+from pipeline.config import FinetuneParams, asdict
+from pipeline.data import Manifest
+from pipeline.errors import DataError
+from pipeline.metrics import classification_metrics
+from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device, to_device
+from pipeline.transforms import ImageDataset, eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    sidecar: dict  # what save_checkpoint wrote
+    history: list[dict]  # one row per epoch, HISTORY_FIELDS
+    val_metrics: dict
+    test_metrics: dict | None  # None when the manifest has no test rows
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, mean 1 over the samples, so the loss scale stays familiar."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _optimizer(params: FinetuneParams, trainable) -> torch.optim.Optimizer:
+    if params.optimizer == "rmsprop":  # Keras' RMSprop, which the paper used, has rho 0.9
+        return torch.optim.RMSprop(
+            trainable,
+            lr=params.lr,
+            alpha=0.9,
+            momentum=params.momentum,
+            weight_decay=params.weight_decay,
+        )
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(
+            trainable, lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay
+        )
+    return torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+
+
+def _cosine(step: int, total: int, lr: float, lr_final: float) -> float:
+    return lr_final + 0.5 * (lr - lr_final) * (
+        1 + math.cos(math.pi * min(step / max(total, 1), 1.0))
+    )
+
+
+def _loader(
+    dataset, batch_size: int, shuffle: bool, params: FinetuneParams, device, generator=None
+):
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=params.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=params.num_workers > 0,
+        drop_last=False,
+    )
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, loader: DataLoader, device, desc: str = "eval"):
+    """Logits ``(n, n_classes)`` and labels ``(n,)`` for every batch of ``loader``."""
+    model.eval()
+    logits, labels = [], []
+    for images, y, _ in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        with autocast(device):
+            logits.append(embed(model, to_device(images, device))[1].float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def finetune(
+    manifest: Manifest, backbone: str, params: FinetuneParams, out_dir: Path, progress: bool = True
+) -> FinetuneResult:
+    """Fine-tune ``backbone`` on the manifest's train split; write the checkpoint to ``out_dir``."""
+    train_idx, val_idx, test_idx = (manifest.indices(s) for s in ("train", "val", "test"))
+    for split, idx in (("train", train_idx), ("val", val_idx)):
+        if len(idx) == 0:
+            raise DataError(
+                f"{manifest.path}: the {split} split is empty; fine-tuning needs both train and val rows."
+            )
+    n_classes = len(manifest.class_names)
+    device = resolve_device(params.device)
+    info = backbone_info(backbone, params.input_size)
+
+    # A forked RNG keeps the seed local: head init, augmentation and shuffling follow it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)
+        model = create_backbone(
+            backbone,
+            n_classes,
+            pretrained=params.pretrained,
+            weights=params.weights,
+            drop_rate=params.dropout,
+        )
+        n_frozen = freeze_stages(model, params.frozen_stages)
+        log.info(
+            "%s: %d parameters frozen in %d leading stages",
+            backbone,
+            n_frozen,
+            params.frozen_stages,
+        )
+        model = prepare_model(model, device)
+
+        generator = torch.Generator().manual_seed(params.seed)
+        train_loader = _loader(
+            ImageDataset.from_manifest(
+                manifest, train_idx, train_transform(info, params), info.input_size
+            ),
+            params.batch_size,
+            True,
+            params,
+            device,
+            generator,
+        )
+
+        def eval_loader(rows: np.ndarray) -> DataLoader:
+            dataset = ImageDataset.from_manifest(
+                manifest, rows, eval_transform(info), info.input_size
+            )
+            return _loader(dataset, params.eval_batch_size, False, params, device)
+
+        val_loader = eval_loader(val_idx)
+
+        weight = (
+            class_weights(manifest.label[train_idx], n_classes) if params.class_weighted else None
+        )
+        criterion = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = _optimizer(params, trainable)
+        total_steps = params.epochs * len(train_loader)
+
+        history, best, best_state, step = [], None, None, 0
+        for epoch in range(1, params.epochs + 1):
+            set_train_mode(model)
+            seen, loss_sum, correct = 0, 0.0, 0
+            bar = tqdm(
+                train_loader,
+                desc=f"{backbone} epoch {epoch}/{params.epochs}",
+                unit="batch",
+                disable=not progress,
+            )
+            for images, labels, _ in bar:
+                for group in optimizer.param_groups:
+                    group["lr"] = _cosine(step, total_steps, params.lr, params.lr_final)
+                images, labels = to_device(images, device), labels.to(device)
+                with autocast(device):
+                    logits = model(images)
+                    loss = criterion(logits.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                seen += len(labels)
+                loss_sum += loss.item() * len(labels)
+                correct += (logits.argmax(1) == labels).sum().item()
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+
+            val_logits, val_labels = predict_logits(model, val_loader, device, "val")
+            val_loss = nn.functional.cross_entropy(val_logits, val_labels).item()
+            val_acc = (val_logits.argmax(1) == val_labels).float().mean().item()
+            history.append(
+                {
+                    "epoch": epoch,
+                    "lr": round(optimizer.param_groups[0]["lr"], 8),
+                    "train_loss": round(loss_sum / seen, 6),
+                    "train_acc": round(correct / seen, 6),
+                    "val_loss": round(val_loss, 6),
+                    "val_acc": round(val_acc, 6),
+                }
+            )
+            log.info("%s epoch %d: %s", backbone, epoch, history[-1])
+            # Best epoch: highest val accuracy, the papers' metric; lower val loss breaks ties.
+            key = (val_acc, -val_loss)
+            if best is None or key > best:
+                best, best_state = key, copy.deepcopy(model.state_dict())
+                best_epoch, best_val = epoch, (val_logits, val_labels)
+
+    model.load_state_dict(best_state)
+    names = list(manifest.class_names)
+    val_metrics = classification_metrics(best_val[1].numpy(), best_val[0].argmax(1).numpy(), names)
+    test_metrics = None
+    if len(test_idx):
+        test_logits, test_labels = predict_logits(model, eval_loader(test_idx), device, "test")
+        test_metrics = classification_metrics(
+            test_labels.numpy(), test_logits.argmax(1).numpy(), names
+        )
+
+    sidecar = {
+        "backbone": backbone,
+        "num_classes": n_classes,
+        "class_names": names,
+        "input_size": info.input_size,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "interpolation": info.interpolation,
+        "dim": info.dim,
+        "params": asdict(params),
+        "best_epoch": best_epoch,
+        "val_metrics": {k: val_metrics[k] for k in ("accuracy", "f1_macro", "n")},
+        "manifest_sha256": manifest.sha256,
+        "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        "versions": library_versions(),
+    }
+    sidecar = save_checkpoint(model.cpu(), out_dir, sidecar)
+    return FinetuneResult(sidecar, history, val_metrics, test_metrics)
+
+
+def write_history(history: list[dict], path: Path) -> None:
+    """Per-epoch CSV for `dvc plots` (the papers' accuracy and loss curves)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(history)

@@ -1,0 +1,53 @@
+"""`defuse extract BACKBONE`: the extract@<backbone> stage."""
+
+from pathlib import Path
+
+import click
+
+from pipeline import layout
+
+
+@click.command()
+@click.argument("backbone")
+@click.option(
+    "--manifest", type=click.Path(path_type=Path), default=layout.MANIFEST, show_default=True
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    help="Checkpoint folder [cache/models/BACKBONE].",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Feature cache [cache/features/BACKBONE.h5]."
+)
+@click.option(
+    "--params",
+    "params_path",
+    type=click.Path(path_type=Path),
+    default="params.yaml",
+    show_default=True,
+)
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), help="Override extract.dtype.")
+@click.option("--tta/--no-tta", default=None, help="Override extract.tta (mean over flips).")
+@click.option("--device", help="Override extract.device.")
+def extract(backbone, manifest, checkpoint, out, params_path, dtype, tta, device):
+    """Write BACKBONE's penultimate embeddings and logits for every manifest image.
+
+    Eval preprocessing of the checkpoint (resize, no crop, no augmentation). Samples whose
+    rows are already in the cache with the same checkpoint and preprocessing are reused.
+    The file is written under a temporary name and renamed only when complete.
+    """
+    from pipeline.config import ExtractParams, section
+    from pipeline.data import read_manifest
+    from pipeline.features import extract as run
+
+    params = section(ExtractParams, "extract", params_path, dtype=dtype, tta=tta, device=device)
+    result = run(
+        read_manifest(manifest),
+        checkpoint or layout.checkpoint_dir(backbone),
+        out or layout.feature_cache(backbone),
+        params,
+    )
+    click.echo(
+        f"{result.path}: {result.n_rows} rows ({result.n_computed} computed, {result.n_reused} reused)"
+    )

@@ -1,0 +1,110 @@
+"""`extract` on a tiny fine-tuned model: rows, determinism, incremental reuse, interruption."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_manifest, tinted_folder
+
+from pipeline.backbones import embed
+from pipeline.cache import read_cache
+from pipeline.checkpoint import backbone_info_of, load_checkpoint
+from pipeline.config import ExtractParams
+from pipeline.data import load_image
+from pipeline.errors import DataError
+from pipeline.features import extract
+from pipeline.transforms import eval_transform
+
+PARAMS = ExtractParams(batch_size=8, num_workers=0)
+
+
+def test_cache_holds_every_manifest_row_with_the_models_outputs(tiny_run, tmp_path):
+    manifest = tiny_run["manifest"]
+    result = extract(manifest, tiny_run["checkpoint"], tmp_path / "f.h5", PARAMS, progress=False)
+    assert (result.n_rows, result.n_computed, result.n_reused) == (len(manifest), len(manifest), 0)
+    cache = read_cache(tmp_path / "f.h5")
+    assert list(cache.sample_id) == list(manifest.sample_id)
+    assert cache.embeddings.shape == (len(manifest), 1280) and cache.logits.shape == (
+        len(manifest),
+        3,
+    )
+    assert list(cache.split) == list(manifest.split)
+    np.testing.assert_array_equal(cache.label, manifest.label)
+    assert cache.attrs["checkpoint_sha256"] == tiny_run["result"].sidecar["weights_sha256"]
+    assert cache.attrs["manifest_sha256"] == manifest.sha256
+
+    model, side = load_checkpoint(tiny_run["checkpoint"])
+    image = eval_transform(backbone_info_of(side))(load_image(manifest.image_path(5)))
+    with torch.inference_mode():
+        emb, logits = embed(model, image[None])
+    np.testing.assert_allclose(cache.embeddings[5], emb[0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cache.logits[5], logits[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_identical_inputs_give_identical_bytes(tiny_run, tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    extract(tiny_run["manifest"], tiny_run["checkpoint"], a, PARAMS, progress=False)
+    extract(tiny_run["manifest"], tiny_run["checkpoint"], b, PARAMS, progress=False)
+    assert a.read_bytes() == b.read_bytes()
+    again = extract(tiny_run["manifest"], tiny_run["checkpoint"], a, PARAMS, progress=False)
+    assert again.n_computed == 0 and a.read_bytes() == b.read_bytes()
+
+
+def test_grown_manifest_runs_only_new_rows_and_drops_removed_ones(tiny_run, tmp_path):
+    root = shutil.copytree(tiny_run["root"], tmp_path / "images")
+    manifest = make_manifest(root, tmp_path / "m1" / "manifest.csv")
+    out = tmp_path / "f.h5"
+    extract(manifest, tiny_run["checkpoint"], out, PARAMS, progress=False)
+
+    extra = tinted_folder(tmp_path / "extra", {"crack": 3, "scratch": 2}, seed=7)
+    for path in extra.rglob("*.png"):
+        shutil.copy(path, root / path.parent.name / f"new_{path.name}")
+    (root / "clean" / "000.png").unlink()
+    grown = make_manifest(root, tmp_path / "m2" / "manifest.csv")
+    result = extract(grown, tiny_run["checkpoint"], out, PARAMS, progress=False)
+    assert result.n_computed == 5
+    assert result.n_reused == len(manifest) - 1
+    assert set(read_cache(out).sample_id) == set(grown.sample_id)
+
+    fresh = tmp_path / "fresh.h5"
+    extract(grown, tiny_run["checkpoint"], fresh, PARAMS, progress=False)
+    np.testing.assert_allclose(
+        read_cache(out).embeddings, read_cache(fresh).embeddings, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_failed_extraction_leaves_the_previous_cache(tiny_run, tmp_path):
+    root = shutil.copytree(tiny_run["root"], tmp_path / "images")
+    manifest = make_manifest(root, tmp_path / "manifest.csv")
+    out = tmp_path / "f.h5"
+    extract(manifest, tiny_run["checkpoint"], out, PARAMS, progress=False)
+    before = out.read_bytes()
+    victim = manifest.image_path(len(manifest) - 1)
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated after prepare: decoding fails late
+    with pytest.raises(DataError, match=victim.name):
+        extract(
+            manifest,
+            tiny_run["checkpoint"],
+            out,
+            ExtractParams(batch_size=8, num_workers=0, tta=True),
+            progress=False,
+        )
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_tta_averages_flipped_views(tiny_run, tmp_path):
+    plain = extract(
+        tiny_run["manifest"], tiny_run["checkpoint"], tmp_path / "a.h5", PARAMS, progress=False
+    )
+    tta = extract(
+        tiny_run["manifest"],
+        tiny_run["checkpoint"],
+        tmp_path / "b.h5",
+        ExtractParams(batch_size=8, num_workers=0, tta=True),
+        progress=False,
+    )
+    a, b = read_cache(plain.path), read_cache(tta.path)
+    assert b.attrs["tta"] and not a.attrs["tta"]
+    assert not np.allclose(a.embeddings, b.embeddings)

@@ -1,0 +1,106 @@
+"""Fine-tuning and checkpoints on a tiny real image folder (random init, 32 px)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_FINETUNE
+from torch.utils.data import DataLoader
+
+from pipeline.checkpoint import SIDECAR, WEIGHTS, backbone_info_of, load_checkpoint, save_checkpoint
+from pipeline.config import FinetuneParams
+from pipeline.errors import CheckpointError, DataError
+from pipeline.finetune import class_weights, finetune, predict_logits
+from pipeline.transforms import ImageDataset, eval_transform
+
+
+def test_checkpoint_describes_itself(tiny_run):
+    side = json.loads((tiny_run["checkpoint"] / SIDECAR).read_text())
+    assert side["backbone"] == "tf_efficientnet_lite0"
+    assert side["class_names"] == list(tiny_run["manifest"].class_names)
+    assert side["input_size"] == 32 and side["dim"] == 1280 and len(side["mean"]) == 3
+    assert side["manifest_sha256"] == tiny_run["manifest"].sha256
+    assert side["params"]["epochs"] == 2 and 1 <= side["best_epoch"] <= 2
+    assert set(side["val_metrics"]) == {"accuracy", "f1_macro", "n"}
+
+
+def test_history_and_metrics(tiny_run):
+    result = tiny_run["result"]
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert all(np.isfinite(h["train_loss"]) and 0 <= h["val_acc"] <= 1 for h in result.history)
+    best = max(result.history, key=lambda h: (h["val_acc"], -h["val_loss"]))
+    assert result.sidecar["best_epoch"] == best["epoch"]  # chosen on val, never on test
+    assert result.val_metrics["n"] == len(tiny_run["manifest"].indices("val"))
+    assert result.test_metrics["n"] == len(tiny_run["manifest"].indices("test"))
+
+
+def test_loaded_checkpoint_reproduces_the_best_model(tiny_run):
+    model, side = load_checkpoint(tiny_run["checkpoint"])
+    assert not model.training
+    manifest = tiny_run["manifest"]
+    val = manifest.indices("val")
+    dataset = ImageDataset.from_manifest(manifest, val, eval_transform(backbone_info_of(side)), 32)
+    logits, labels = predict_logits(model, DataLoader(dataset, batch_size=16), torch.device("cpu"))
+    assert logits.shape == (len(val), 3)
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    assert accuracy == pytest.approx(tiny_run["result"].val_metrics["accuracy"], abs=1e-6)
+
+
+def test_same_seed_same_weights(tiny_run, tmp_path):
+    again = finetune(
+        tiny_run["manifest"],
+        "tf_efficientnet_lite0",
+        FinetuneParams(**TINY_FINETUNE),
+        tmp_path / "m",
+        progress=False,
+    )
+    assert again.sidecar["weights_sha256"] == tiny_run["result"].sidecar["weights_sha256"]
+
+
+def test_tampered_weights_are_refused(tiny_run, tmp_path):
+    ckpt = shutil.copytree(tiny_run["checkpoint"], tmp_path / "ckpt")
+    data = bytearray((ckpt / WEIGHTS).read_bytes())
+    data[-1] ^= 0xFF
+    (ckpt / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(ckpt)
+
+
+def test_interrupted_save_keeps_the_old_checkpoint(tiny_run, tmp_path):
+    ckpt = shutil.copytree(tiny_run["checkpoint"], tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    model, side = load_checkpoint(ckpt)
+
+    class Unserialisable:  # json.dumps fails after the weights were written to the temp folder
+        pass
+
+    with pytest.raises(TypeError):
+        save_checkpoint(model, ckpt, {**side, "bad": Unserialisable()})
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp folder left behind
+
+
+def test_class_weights_balance_the_loss():
+    w = class_weights(np.array([0, 0, 0, 1]), 3)
+    assert w[0] * 3 == pytest.approx(w[1] * 1)  # each present class gets the same total weight
+    assert w[2] == 0
+
+
+def test_empty_val_split_is_an_error(tiny_run):
+    manifest = tiny_run["manifest"]
+    no_val = type(manifest)(
+        **{
+            **manifest.__dict__,
+            "split": tuple("train" if s == "val" else s for s in manifest.split),
+        }
+    )
+    with pytest.raises(DataError, match="val split is empty"):
+        finetune(
+            no_val,
+            "tf_efficientnet_lite0",
+            FinetuneParams(**TINY_FINETUNE),
+            tiny_run["base"] / "x",
+            progress=False,
+        )
