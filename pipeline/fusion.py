@@ -1,0 +1,111 @@
+"""Stage two: fusion heads on the concatenated cached embeddings, and their evaluation.
+
+A head is trained on the train split, selects its epoch (where it has one) on val, and is
+scored once on test. Its sidecar pins the caches it was trained on, so a head whose caches
+have since changed is refused rather than silently reused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.cache import FusedFeatures
+from pipeline.errors import CheckpointError, DataError
+from pipeline.heads import load_head, make_head
+from pipeline.metrics import classification_metrics
+
+
+def head_input(features: FusedFeatures, head) -> np.ndarray:
+    """``(n_samples, n_features)``: concatenated embeddings, or concatenated logits for
+    score-level heads (``head.input == "logits"``)."""
+    return features.X if head.input == "embeddings" else np.concatenate(features.logits, axis=1)
+
+
+def _rows(features: FusedFeatures, split: str) -> np.ndarray:
+    rows = np.flatnonzero(features.split == split)
+    if len(rows) == 0:
+        raise DataError(
+            f"The {split} split is empty in the feature caches of {', '.join(features.backbones)}."
+        )
+    return rows
+
+
+def fit_head(features: FusedFeatures, name: str, params: dict, seed: int) -> tuple[object, dict]:
+    """Fit head ``name`` on train (val for model selection); return it and its sidecar."""
+    head = make_head(name, **params)
+    if "random_state" in head.get_params() and "random_state" not in params:
+        head.set_params(random_state=seed)
+    train, val = _rows(features, "train"), _rows(features, "val")
+    X, y = head_input(features, head), features.y
+    head.fit(X[train], y[train], X[val], y[val])
+    names = list(features.class_names)
+    val_metrics = classification_metrics(y[val], head.predict(X[val]), names)
+    sidecar = {
+        "head": name,
+        "params": {k: v for k, v in head.get_params().items() if _is_json(v)},
+        "backbones": list(features.backbones),
+        "dims": list(features.dims),
+        "input": head.input,
+        "cache_sha256": dict(features.checksums),
+        "class_names": names,
+        "n_train": len(train),
+        "n_val": len(val),
+        "val_metrics": {k: val_metrics[k] for k in ("accuracy", "f1_macro", "n")},
+    }
+    return head, sidecar
+
+
+def _is_json(value) -> bool:
+    return value is None or isinstance(value, bool | int | float | str | list | tuple)
+
+
+def check_head(sidecar: dict, features: FusedFeatures, where: Path | str) -> None:
+    """Refuse a head whose backbones, classes or caches differ from ``features``."""
+    if list(sidecar["backbones"]) != list(features.backbones):
+        raise CheckpointError(
+            f"Head {where} was trained on backbones {sidecar['backbones']} (in that order) but the "
+            f"caches given are {list(features.backbones)}; re-run `defuse fuse {sidecar['head']}`."
+        )
+    if list(sidecar["class_names"]) != list(features.class_names):
+        raise CheckpointError(
+            f"Head {where} predicts {len(sidecar['class_names'])} classes {sidecar['class_names']} but the "
+            f"caches have {len(features.class_names)}: {list(features.class_names)}."
+        )
+    changed = [
+        b for b in features.backbones if sidecar["cache_sha256"].get(b) != features.checksums[b]
+    ]
+    if changed:
+        raise CheckpointError(
+            f"Head {where} was trained on other versions of the caches of {changed} (sha256 differs); "
+            f"re-run `defuse fuse {sidecar['head']}` (or `dvc repro`)."
+        )
+
+
+def evaluate(features: FusedFeatures, head_dirs: dict[str, Path]) -> dict[str, dict]:
+    """Test-split predictions of every single fine-tuned model (its own classifier's logits,
+    from the cache) and of every fusion head.
+
+    Returns ``{name: {"kind": "single" | "fusion", "y_true": (n,), "y_pred": (n,), "metrics": dict}}``.
+    """
+    test = _rows(features, "test")
+    names = list(features.class_names)
+    y = features.y[test]
+    preds = {
+        b: ("single", logits[test].argmax(1))
+        for b, logits in zip(features.backbones, features.logits, strict=True)
+    }
+    for name, directory in head_dirs.items():
+        head, sidecar = load_head(directory)
+        check_head(sidecar, features, directory)
+        preds[name] = ("fusion", head.predict(head_input(features, head)[test]))
+    return {
+        name: {
+            "kind": kind,
+            "y_true": y,
+            "y_pred": y_pred,
+            "metrics": classification_metrics(y, y_pred, names),
+        }
+        for name, (kind, y_pred) in preds.items()
+    }

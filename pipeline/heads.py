@@ -1,0 +1,525 @@
+"""Fusion heads: classifiers over fused embeddings (or logits), one registered class each.
+
+Every head follows the scikit-learn estimator contract, so `clone`, `get_params` and the
+common tests in tests/test_heads.py work for a newly registered head without more code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import joblib
+import numpy as np
+import sklearn
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from pipeline.errors import CheckpointError, ConfigError, DataError
+from pipeline.metrics import write_json
+
+HEADS: dict[str, type[Head]] = {}
+HEAD_FILE, SIDECAR_FILE = "head.joblib", "head.json"
+
+
+def register_head(name: str):
+    """Class decorator: make ``cls`` available to `make_head(name)` and the common tests."""
+
+    def decorate(cls: type[Head]) -> type[Head]:
+        if name in HEADS:
+            raise ConfigError(f"Head {name!r} is registered twice ({HEADS[name].__name__}).")
+        cls.name = name
+        HEADS[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_heads() -> list[str]:
+    """Registered head names, in registration order."""
+    return list(HEADS)
+
+
+def make_head(name: str, **params) -> Head:
+    """An unfitted head ``name`` built with ``params``; unknown names and params raise ConfigError."""
+    if name not in HEADS:
+        raise ConfigError(f"Unknown head {name!r}; registered heads: {list_heads()}.")
+    allowed = sorted(HEADS[name]._get_param_names())
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ConfigError(f"Unknown parameter(s) {unknown} for head {name!r}; allowed: {allowed}.")
+    head = HEADS[name](**params)
+    head._validate_params()  # fail at configuration time, not after minutes of CV
+    return head
+
+
+# Parameter constraints: (predicate, what is allowed), checked by Head._validate_params.
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+
+
+def _is_real(v) -> bool:
+    return (_is_int(v) or isinstance(v, float | np.floating)) and math.isfinite(v)
+
+
+INT_GE0 = (lambda v: _is_int(v) and v >= 0, "an int >= 0")
+INT_GE1 = (lambda v: _is_int(v) and v >= 1, "an int >= 1")
+POSITIVE = (lambda v: _is_real(v) and v > 0, "a float in (0, inf)")
+NON_NEGATIVE = (lambda v: _is_real(v) and v >= 0, "a float in [0, inf)")
+UNIT_HALF_OPEN = (lambda v: _is_real(v) and 0 <= v < 1, "a float in [0, 1)")
+BOOL = (lambda v: isinstance(v, bool | np.bool_), "a bool")
+SEED = (lambda v: v is None or (_is_int(v) and v >= 0), "an int >= 0 or None")
+
+
+class Head(ClassifierMixin, BaseEstimator):
+    """Base of every head: input checks and label handling; subclasses write `_fit`/`_proba`.
+
+    ``input`` says which fused input the head expects: "embeddings" (concatenated
+    penultimate vectors) or "logits" (concatenated fine-tuned classifier outputs).
+    """
+
+    name: ClassVar[str] = "head"
+    input: ClassVar[str] = "embeddings"
+    _constraints: ClassVar[dict[str, tuple]] = {}
+
+    def fit(self, X, y, X_val=None, y_val=None) -> Head:
+        """Learn from ``X`` (n_samples, n_features) and ``y`` (n_samples,).
+
+        ``X_val``, ``y_val`` (n_val, n_features), (n_val,): optional validation data for
+        heads that select an epoch; the others ignore it.
+        """
+        self._validate_params()
+        X, y = self._check_xy(X, y, "X", "y")
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise DataError(
+                f"{self.name}: y holds a single class ({self.classes_.tolist()[0]!r}); "
+                "a classifier needs at least 2."
+            )
+        self.n_features_in_ = X.shape[1]
+        val = None
+        if (X_val is None) != (y_val is None):
+            raise ConfigError(f"{self.name}: give both X_val and y_val, or neither.")
+        if X_val is not None:
+            X_val, y_val = self._check_xy(X_val, y_val, "X_val", "y_val")
+            self._check_width(X_val, "X_val")
+            unseen = sorted(set(np.unique(y_val).tolist()) - set(self.classes_.tolist()))
+            if unseen:
+                raise DataError(f"{self.name}: y_val holds label(s) {unseen} absent from y.")
+            val = (X_val, np.searchsorted(self.classes_, y_val))
+        self._fit(X, y_idx, val)
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities (n_samples, n_classes), columns in ``classes_`` order."""
+        check_is_fitted(self, "classes_")
+        X = self._check_x(X, "X")
+        self._check_width(X, "X")
+        proba = self._proba(X).astype(np.float64)
+        return proba / proba.sum(axis=1, keepdims=True)  # float32 models sum to 1 +- 1e-7
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted labels (n_samples,), taken from ``classes_``."""
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+    def _fit(self, X: np.ndarray, y: np.ndarray, val: tuple | None) -> None:
+        raise NotImplementedError
+
+    def _proba(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _validate_params(self) -> None:
+        for param, (ok, allowed) in self._constraints.items():
+            value = getattr(self, param)
+            if not ok(value):
+                raise ConfigError(
+                    f"The {param!r} parameter of {self.name} must be {allowed}. "
+                    f"Got {value!r} instead."
+                )
+
+    def _check_x(self, X, what: str) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim != 2 or not np.issubdtype(X.dtype, np.number):
+            raise DataError(
+                f"{self.name}: {what} must be a 2-D numeric array (n_samples, n_features). "
+                f"Got shape {X.shape}, dtype {X.dtype}."
+            )
+        if X.shape[0] == 0 or X.shape[1] == 0:
+            raise DataError(f"{self.name}: {what} is empty (shape {X.shape}).")
+        X = X.astype(np.float32, copy=False)
+        bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
+        if bad.size:
+            raise DataError(
+                f"{self.name}: {what} has NaN or infinite values in {bad.size} row(s), "
+                f"first row {bad[0]}."
+            )
+        return X
+
+    def _check_xy(self, X, y, x_name: str, y_name: str) -> tuple[np.ndarray, np.ndarray]:
+        X, y = self._check_x(X, x_name), np.asarray(y)
+        if y.ndim != 1 or len(y) != len(X):
+            raise DataError(
+                f"{self.name}: {y_name} must be 1-D with one label per row of {x_name}: "
+                f"{x_name} has shape {X.shape}, {y_name} has shape {y.shape}."
+            )
+        return X, y
+
+    def _check_width(self, X: np.ndarray, what: str) -> None:
+        if X.shape[1] != self.n_features_in_:
+            raise DataError(
+                f"{self.name}: {what} has {X.shape[1]} features, "
+                f"but the head was fitted on {self.n_features_in_}."
+            )
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (n, C) scores; a binary (n,) decision function becomes (n, 2)."""
+    if scores.ndim == 1:
+        scores = np.column_stack([-scores, scores])
+    z = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def _balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Inverse-frequency weights n / (C * count_c), as scikit-learn's "balanced"."""
+    return len(y) / (n_classes * np.bincount(y, minlength=n_classes))
+
+
+def _keep_freed_memory() -> None:
+    """Have glibc keep freed blocks up to 31 MB for reuse instead of unmapping them.
+
+    A training step allocates about 40 MB of temporaries (weight casts, gradients, optimizer
+    scratch). A fresh process's glibc unmaps them and page-faults them in again every step:
+    2x slower fits here. Freeing one 31 MB block raises glibc's adaptive mmap threshold to
+    that size, the state a long-running process reaches by itself. Harmless elsewhere.
+    """
+    np.empty(31 << 20, dtype=np.uint8)
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def _resolve_precision(precision: str) -> str:
+    """Resolve "auto": bfloat16 where the CPU multiplies it natively, else float32."""
+    if precision != "auto":
+        return precision
+    native = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+    return "bfloat16" if native else "float32"
+
+
+@register_head("mlp")
+class MLPHead(Head):
+    """The fusion paper's classifier: standardize -> Linear -> ReLU -> Dropout -> Linear.
+
+    ``hidden=0`` drops the hidden layer (standardize -> Dropout -> Linear). RMSprop, learning
+    rate cosine-decayed from ``lr`` to ``lr_final`` over the epochs, inverse-frequency class
+    weights in the loss when ``class_weighted``. With validation data the kept weights are
+    those of the epoch with the lowest validation loss (the training loss's criterion, so
+    class-weighted too; it is smoother than accuracy on small validation sets), recorded as
+    ``best_epoch_``; without, the last epoch's. ``history_`` holds one dict per epoch.
+    Deterministic for an int ``random_state``: one torch.Generator drives init, shuffling
+    and dropout; global torch seeds are left alone.
+    """
+
+    _constraints: ClassVar = {
+        "hidden": INT_GE0,
+        "dropout": UNIT_HALF_OPEN,
+        "epochs": INT_GE1,
+        "batch_size": INT_GE1,
+        "lr": POSITIVE,
+        "lr_final": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "class_weighted": BOOL,
+        "random_state": SEED,
+        "precision": (lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"),
+    }
+
+    def __init__(
+        self,
+        hidden=512,
+        dropout=0.5,  # before the output layer, as in the paper
+        epochs=50,
+        batch_size=64,
+        lr=1e-3,
+        lr_final=1e-4,
+        weight_decay=0.0,
+        class_weighted=True,  # ELPV is imbalanced (1508 / 295 / 106 / 715)
+        random_state=0,
+        precision="auto",  # matmul dtype while training; weights and optimizer stay float32
+    ):
+        self.hidden = hidden
+        self.dropout = dropout
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.lr_final = lr_final
+        self.weight_decay = weight_decay
+        self.class_weighted = class_weighted
+        self.random_state = random_state
+        self.precision = precision
+
+    def _fit(self, X, y, val):
+        _keep_freed_memory()
+        gen = torch.Generator()
+        if self.random_state is None:
+            gen.seed()
+        else:
+            gen.manual_seed(self.random_state)
+        self.precision_ = _resolve_precision(self.precision)
+        self.scaler_ = StandardScaler().fit(X)
+        x, t = torch.from_numpy(self._scale(X)), torch.from_numpy(y.astype(np.int64))
+        if self.precision_ == "bfloat16":
+            x = x.to(torch.bfloat16)  # cast once, not once per batch
+        weight = None
+        if self.class_weighted:
+            weight = torch.tensor(_balanced_weights(y, len(self.classes_)), dtype=torch.float32)
+        self.net_ = self._build(x.shape[1], len(self.classes_), gen)
+        opt = torch.optim.RMSprop(
+            self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay
+        )
+        if val is not None:
+            val = torch.from_numpy(self._scale(val[0])), torch.from_numpy(val[1])
+        self.history_, best_loss, best_state = [], math.inf, None
+        for epoch in range(self.epochs):
+            for group in opt.param_groups:
+                group["lr"] = self._lr_at(epoch)
+            train_loss, train_acc = self._train_epoch(opt, x, t, weight, gen)
+            val_loss, val_acc = self._evaluate(*val, weight) if val is not None else (None, None)
+            self.history_.append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": train_loss,
+                    "train_acc": train_acc,
+                    "val_loss": val_loss,  # None without validation data: same keys for plots
+                    "val_acc": val_acc,
+                }
+            )
+            if val_loss is not None and val_loss < best_loss:
+                best_loss, self.best_epoch_ = val_loss, epoch + 1
+                best_state = {k: v.clone() for k, v in self.net_.state_dict().items()}
+        if best_state is None:
+            self.best_epoch_ = self.epochs
+        else:
+            self.net_.load_state_dict(best_state)
+        self.net_.eval()
+
+    def _train_epoch(self, opt, x, t, weight, gen) -> tuple[float, float]:
+        """One pass over shuffled mini-batches; (mean loss, accuracy) with dropout on."""
+        body, out = self.net_[:-2], self.net_[-1]  # dropout by hand, drawn from `gen`
+        self.net_.train()
+        total_loss, correct = 0.0, 0
+        for idx in torch.randperm(len(x), generator=gen).split(self.batch_size):
+            with torch.autocast("cpu", torch.bfloat16, enabled=self.precision_ == "bfloat16"):
+                h = body(x[idx])
+                if self.dropout > 0:
+                    keep = torch.rand(h.shape, generator=gen) >= self.dropout
+                    h = h * keep / (1.0 - self.dropout)
+                logits = out(h).float()
+            loss = F.cross_entropy(logits, t[idx], weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total_loss += loss.item() * len(idx)
+            correct += (logits.argmax(1) == t[idx]).sum().item()
+        return total_loss / len(x), correct / len(x)
+
+    def _evaluate(self, x, t, weight) -> tuple[float, float]:
+        """(loss, accuracy) in eval mode and float32, as `predict_proba` computes them."""
+        with torch.inference_mode():
+            logits = self.net_.eval()(x)
+            loss = F.cross_entropy(logits, t, weight=weight).item()
+            return loss, (logits.argmax(1) == t).double().mean().item()
+
+    def _proba(self, X):
+        with torch.inference_mode():
+            logits = self.net_.eval()(torch.from_numpy(self._scale(X)))
+        return torch.softmax(logits.double(), dim=1).numpy()
+
+    def _scale(self, X: np.ndarray) -> np.ndarray:
+        return self.scaler_.transform(X).astype(np.float32, copy=False)
+
+    def _lr_at(self, epoch: int) -> float:
+        """Cosine decay from lr (first epoch) to lr_final (last epoch)."""
+        frac = epoch / max(self.epochs - 1, 1)
+        return self.lr_final + 0.5 * (self.lr - self.lr_final) * (1 + math.cos(math.pi * frac))
+
+    def _build(self, dim: int, n_classes: int, gen: torch.Generator) -> nn.Sequential:
+        def linear(n_in, n_out):  # skip_init: nn.Linear would draw from the global RNG
+            return torch.nn.utils.skip_init(nn.Linear, n_in, n_out)
+
+        if self.hidden:
+            layers = [linear(dim, self.hidden), nn.ReLU(), nn.Dropout(self.dropout)]
+            layers.append(linear(self.hidden, n_classes))
+        else:
+            layers = [nn.Dropout(self.dropout), linear(dim, n_classes)]
+        net = nn.Sequential(*layers)
+        with torch.no_grad():  # torch's default Linear init, drawn from `gen`
+            for layer in net:
+                if isinstance(layer, nn.Linear):
+                    bound = 1.0 / math.sqrt(layer.in_features)
+                    layer.weight.uniform_(-bound, bound, generator=gen)
+                    layer.bias.uniform_(-bound, bound, generator=gen)
+        return net
+
+
+class _ScaledSklearnHead(Head):
+    """Standardize (scaler fitted on the training X only), then a scikit-learn estimator."""
+
+    def _estimator(self):
+        raise NotImplementedError
+
+    def _fit(self, X, y, val):
+        self.scaler_ = StandardScaler().fit(X)
+        self.model_ = self._estimator().fit(self.scaler_.transform(X), y)
+
+    def _proba(self, X):
+        Z = self.scaler_.transform(X)
+        if hasattr(self.model_, "predict_proba"):
+            return self.model_.predict_proba(Z)
+        return _softmax(self.model_.decision_function(Z))  # margins as scores: sums to 1
+
+
+@register_head("logreg")
+class LogRegHead(_ScaledSklearnHead):
+    """Multinomial logistic regression (lbfgs: about 1 s on 2,000 x 6,144 here)."""
+
+    _constraints: ClassVar = {
+        "C": POSITIVE,
+        "max_iter": INT_GE1,
+        "class_weighted": BOOL,
+        "random_state": SEED,
+    }
+
+    def __init__(self, C=1.0, max_iter=1000, class_weighted=True, random_state=0):
+        self.C = C
+        self.max_iter = max_iter
+        self.class_weighted = class_weighted
+        self.random_state = random_state
+
+    def _estimator(self):
+        return LogisticRegression(
+            C=self.C,
+            max_iter=self.max_iter,
+            class_weight="balanced" if self.class_weighted else None,
+            random_state=self.random_state,
+        )
+
+
+@register_head("ridge")
+class RidgeHead(_ScaledSklearnHead):
+    """Ridge classifier; probabilities are the softmax of its decision function."""
+
+    _constraints: ClassVar = {"alpha": POSITIVE, "class_weighted": BOOL}
+
+    def __init__(self, alpha=1.0, class_weighted=True):
+        self.alpha = alpha
+        self.class_weighted = class_weighted
+
+    def _estimator(self):
+        return RidgeClassifier(
+            alpha=self.alpha, class_weight="balanced" if self.class_weighted else None
+        )
+
+
+@register_head("late")
+class LateFusionHead(Head):
+    """Score-level fusion: the mean over K models of softmax(each model's logits).
+
+    Input (n_samples, K * n_classes): the K fine-tuned classifiers' logits side by side,
+    columns of each block in label order. Fitting learns only ``classes_`` and
+    ``n_models_`` (K); nothing is trained.
+    """
+
+    input: ClassVar[str] = "logits"
+
+    def _fit(self, X, y, val):
+        n_classes = len(self.classes_)
+        if X.shape[1] % n_classes:
+            raise DataError(
+                f"late: X has {X.shape[1]} columns, not a multiple of the {n_classes} classes "
+                "in y; expected K * n_classes logits for K models."
+            )
+        self.n_models_ = X.shape[1] // n_classes
+
+    def _proba(self, X):
+        blocks = X.astype(np.float64).reshape(len(X), self.n_models_, len(self.classes_))
+        z = np.exp(blocks - blocks.max(axis=2, keepdims=True))
+        return (z / z.sum(axis=2, keepdims=True)).mean(axis=1)
+
+
+def save_head(head: Head, directory: Path | str, sidecar: dict[str, Any]) -> Path:
+    """Write ``head`` to directory/head.joblib and ``sidecar`` + name + params to head.json.
+
+    Both files are written to temporary names first and renamed into place only when both
+    are complete, so an error leaves the previous head (if any) untouched.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {
+        **sidecar,
+        "head": head.name,
+        "params": head.get_params(),
+        "versions": {"sklearn": sklearn.__version__, "torch": torch.__version__},
+    }
+    temps = []
+    try:
+        for target, write in (
+            (HEAD_FILE, lambda p: joblib.dump(head, p)),
+            (SIDECAR_FILE, lambda p: write_json(p, meta)),
+        ):
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target}.", suffix=".tmp")
+            os.close(fd)
+            temps.append((tmp, directory / target))
+            write(tmp)
+        for tmp, target in temps:
+            os.replace(tmp, target)
+    finally:
+        for tmp, _ in temps:
+            Path(tmp).unlink(missing_ok=True)
+    return directory
+
+
+def load_head(directory: Path | str) -> tuple[Head, dict[str, Any]]:
+    """The head and its sidecar (the head.json mapping) saved by `save_head` in ``directory``.
+
+    head.joblib is a pickle: loading it runs code, so load only heads you (or your DVC
+    pipeline) trained. Feature caches, not heads, are what a team shares.
+    """
+    directory = Path(directory)
+    paths = directory / HEAD_FILE, directory / SIDECAR_FILE
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"Fitted head incomplete: missing {missing}.")
+    try:
+        meta = _read_json(paths[1])
+    except ValueError as exc:
+        raise CheckpointError(f"{paths[1]} is not valid JSON: {exc}") from exc
+    try:
+        head = joblib.load(paths[0])
+    except Exception as exc:
+        raise CheckpointError(f"{paths[0]} cannot be loaded: {exc}") from exc
+    if not isinstance(head, Head) or head.name != meta.get("head"):
+        raise CheckpointError(
+            f"{paths[0]} holds {type(head).__name__}, but {paths[1]} names head "
+            f"{meta.get('head')!r}."
+        )
+    return head, meta
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    meta = json.loads(path.read_text())
+    if not isinstance(meta, dict):
+        raise ValueError(f"expected an object, got {type(meta).__name__}")
+    return meta

@@ -1,0 +1,52 @@
+"""`defuse fuse HEAD`: the fuse@<head> stage."""
+
+from pathlib import Path
+
+import click
+
+from pipeline import layout
+
+
+@click.command()
+@click.argument("head")
+@click.option(
+    "--manifest", type=click.Path(path_type=Path), default=layout.MANIFEST, show_default=True
+)
+@click.option(
+    "--features",
+    "features_dir",
+    type=click.Path(path_type=Path),
+    default=layout.FEATURES,
+    show_default=True,
+)
+@click.option("--out", type=click.Path(path_type=Path), help="Head folder [cache/heads/HEAD].")
+@click.option(
+    "--params",
+    "params_path",
+    type=click.Path(path_type=Path),
+    default="params.yaml",
+    show_default=True,
+)
+def fuse(head, manifest, features_dir, out, params_path):
+    """Train fusion head HEAD on the concatenated feature caches.
+
+    The backbones (and their concatenation order) are `fuse.backbones`, or every entry of
+    `backbones`; the head's own parameters are `heads.HEAD` in params.yaml.
+    """
+    from pipeline.cache import load_features
+    from pipeline.config import FuseParams, backbone_names, head_params, section
+    from pipeline.data import read_manifest
+    from pipeline.fusion import fit_head
+    from pipeline.heads import save_head
+
+    params = section(FuseParams, "fuse", params_path)
+    backbones = list(params.backbones or backbone_names(params_path))
+    paths = [layout.feature_cache(b, features_dir) for b in backbones]
+    features = load_features(paths, backbones, manifest=read_manifest(manifest))
+    fitted, sidecar = fit_head(features, head, head_params(head, params_path), params.seed)
+    save_head(fitted, out or layout.head_dir(head), sidecar)
+    val = sidecar["val_metrics"]
+    click.echo(
+        f"{head} on {' + '.join(backbones)} ({features.X.shape[1]}-d): "
+        f"val accuracy {val['accuracy']:.4f}, macro F1 {val['f1_macro']:.4f}"
+    )

@@ -1,0 +1,158 @@
+"""Every registered head through the same contract checks, then head-specific behaviour."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+
+from pipeline.errors import CheckpointError, ConfigError, DataError
+from pipeline.heads import HEADS, list_heads, load_head, make_head, save_head
+
+N_CLASSES, N_MODELS = 3, 2
+FAST = {"mlp": {"epochs": 5, "hidden": 16}}  # keep the common checks quick
+
+
+def _data(name, n=120, d=24, seed=0):
+    """Learnable (n, d) features with class-dependent means; K * C logits for logits heads."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % N_CLASSES
+    if HEADS[name].input == "logits":
+        means = np.tile(2.0 * np.eye(N_CLASSES), N_MODELS)  # each model favours the true class
+    else:
+        means = rng.normal(0, 1.5, (N_CLASSES, d))
+    X = rng.normal(size=(n, means.shape[1])) + means[y]
+    return X.astype(np.float32), y
+
+
+def _head(name, **params):
+    return make_head(name, **{**FAST.get(name, {}), **params})
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_contract(name, tmp_path):
+    X, y = _data(name)
+    head = _head(name)
+    assert head.fit(X, y) is head
+    assert head.input in ("embeddings", "logits")
+    proba = head.predict_proba(X)
+    assert proba.shape == (len(X), N_CLASSES)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-9)
+    pred = head.predict(X)
+    assert set(pred) <= set(head.classes_)
+    assert (pred == y).mean() > 0.6, "chance is 1/3 on learnable data"
+
+    twin = clone(head)
+    assert not hasattr(twin, "classes_") and twin.get_params() == head.get_params()
+    np.testing.assert_array_equal(twin.fit(X, y).predict_proba(X), proba)  # reproducible
+    assert head.set_params(**head.get_params()) is head
+
+    save_head(head, tmp_path / name, {"backbones": ["a", "b"]})
+    loaded, sidecar = load_head(tmp_path / name)
+    np.testing.assert_array_equal(loaded.predict_proba(X), proba)
+    assert sidecar["head"] == name and sidecar["backbones"] == ["a", "b"]
+    assert sidecar["params"] == head.get_params()
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_bad_input_is_named(name):
+    X, y = _data(name)
+    head = _head(name)
+    with pytest.raises(DataError, match="shape"):
+        head.fit(X, y[:-1])
+    with pytest.raises(DataError, match="empty"):
+        head.fit(X[:0], y[:0])
+    with pytest.raises(DataError, match="single class"):
+        head.fit(X, np.zeros_like(y))
+    X_nan = X.copy()
+    X_nan[7, 1] = np.nan
+    with pytest.raises(DataError, match=r"NaN.*first row 7"):
+        head.fit(X_nan, y)
+    head.fit(X, y)
+    with pytest.raises(DataError, match="fitted on"):
+        head.predict_proba(X[:, :-1])
+
+
+def test_unknown_head_lists_registered():
+    with pytest.raises(ConfigError, match="registered heads") as err:
+        make_head("transformer")
+    assert all(name in str(err.value) for name in list_heads())
+
+
+def test_unknown_param_names_head_param_and_allowed():
+    with pytest.raises(ConfigError, match=r"\['hiden'\] for head 'mlp'.*'hidden'"):
+        make_head("mlp", hiden=256)
+
+
+def test_bad_param_value_message():
+    with pytest.raises(ConfigError) as err:
+        make_head("logreg", C=-1)
+    assert str(err.value) == (
+        "The 'C' parameter of logreg must be a float in (0, inf). Got -1 instead."
+    )
+    X, y = _data("mlp")
+    with pytest.raises(ConfigError, match="'epochs' parameter of mlp must be an int >= 1"):
+        make_head("mlp").set_params(epochs=0).fit(X, y)  # checked again at fit
+
+
+def test_mlp_keeps_the_best_val_epoch():
+    rng = np.random.default_rng(1)  # random labels: memorising them makes val loss climb
+    X, X_val = rng.normal(size=(60, 40)), rng.normal(size=(60, 40))
+    y, y_val = rng.integers(0, 3, 60), rng.integers(0, 3, 60)
+    head = make_head("mlp", hidden=64, epochs=15, lr=1e-2, lr_final=1e-3).fit(X, y, X_val, y_val)
+    assert [h["epoch"] for h in head.history_] == list(range(1, 16))
+    val_loss = [h["val_loss"] for h in head.history_]
+    assert head.best_epoch_ == int(np.argmin(val_loss)) + 1 < 15
+    weight = len(y) / (3 * np.bincount(y))[y_val]  # the class-weighted loss the head reports
+    proba = head.predict_proba(X_val)[np.arange(len(y_val)), y_val]
+    kept_loss = -(weight * np.log(proba)).sum() / weight.sum()
+    assert kept_loss == pytest.approx(val_loss[head.best_epoch_ - 1], rel=1e-4)
+    assert kept_loss < val_loss[-1]
+
+
+def test_mlp_without_val_keeps_last_epoch_and_leaves_global_rng():
+    X, y = _data("mlp")
+    state = torch.random.get_rng_state()
+    head = make_head("mlp", hidden=0, epochs=3).fit(X, y)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert head.best_epoch_ == 3 and head.history_[-1]["val_loss"] is None
+    assert [type(m).__name__ for m in head.net_] == ["Dropout", "Linear"]
+    other = make_head("mlp", hidden=0, epochs=3, random_state=1).fit(X, y)
+    assert not np.array_equal(other.predict_proba(X), head.predict_proba(X))
+
+
+def test_late_is_mean_of_softmax():
+    X = np.array([[1.0, 2.0, 3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 5.0, 2.0, 0.0, 0.0]])
+    softmax = lambda z: np.exp(z) / np.exp(z).sum()  # noqa: E731
+    expected = [
+        (softmax(np.array([1.0, 2, 3])) + 1 / 3) / 2,
+        (softmax(np.array([0.0, 0, 5])) + softmax(np.array([2.0, 0, 0]))) / 2,
+    ]
+    head = make_head("late").fit(np.tile(X, (2, 1)), np.array([0, 1, 2, 0]))
+    assert head.n_models_ == 2
+    np.testing.assert_allclose(head.predict_proba(X), expected, rtol=1e-6)
+    with pytest.raises(DataError, match="not a multiple of the 3 classes"):
+        make_head("late").fit(np.tile(X, (2, 1))[:, :5], np.array([0, 1, 2, 0]))
+
+
+def test_save_error_leaves_previous_head(tmp_path):
+    X, y = _data("logreg")
+    save_head(make_head("logreg").fit(X, y), tmp_path, {"run": 1})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(TypeError):
+        save_head(make_head("logreg", C=0.1).fit(X, y), tmp_path, {"run": {1, 2}})  # a set
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_load_names_the_broken_path(tmp_path):
+    with pytest.raises(CheckpointError, match=r"head\.joblib"):
+        load_head(tmp_path)
+    X, y = _data("ridge")
+    save_head(make_head("ridge").fit(X, y), tmp_path, {})
+    (tmp_path / "head.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"head\.json"):
+        load_head(tmp_path)
+    (tmp_path / "head.json").write_text(json.dumps({"head": "mlp"}))
+    with pytest.raises(CheckpointError, match="names head 'mlp'"):
+        load_head(tmp_path)
