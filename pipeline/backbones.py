@@ -78,7 +78,7 @@ def create_backbone(
             "Backbone %r: pretrained=False, random initialisation (no ImageNet weights).", name
         )
     try:
-        return entry(
+        model = entry(
             num_classes=num_classes, pretrained=pretrained, weights=weights, drop_rate=drop_rate
         )
     except _HubUnavailable as exc:
@@ -88,6 +88,12 @@ def create_backbone(
             f"backbones.{name}.weights in params.yaml to a local weights file{exc.hint}, "
             "or pretrained: false."
         ) from None
+    # A new n-class layer starts near uniform. timm scales its init by 1/sqrt(num_classes),
+    # which for a few classes gives logits of ~6 and a first loss of ~10 that wrecks fine-tuning.
+    head = model.get_classifier()
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    return model
 
 
 @dataclass(frozen=True)
