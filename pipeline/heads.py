@@ -393,7 +393,7 @@ class _ScaledSklearnHead(Head):
 
 @register_head("logreg")
 class LogRegHead(_ScaledSklearnHead):
-    """Multinomial logistic regression (lbfgs: about 1 s on 2,000 x 6,144 here)."""
+    """Multinomial logistic regression (lbfgs: under 1 s on 2,000 x 6,144 here)."""
 
     _constraints: ClassVar = {
         "C": POSITIVE,
@@ -462,7 +462,7 @@ class LateFusionHead(Head):
 def save_head(head: Head, directory: Path | str, sidecar: dict[str, Any]) -> Path:
     """Write ``head`` to directory/head.joblib and ``sidecar`` + name + params to head.json.
 
-    Both files are written to temporary names first and renamed into place only when both
+    Both files are written to a temporary folder first and renamed into place only when both
     are complete, so an error leaves the previous head (if any) untouched.
     """
     directory = Path(directory)
@@ -473,21 +473,11 @@ def save_head(head: Head, directory: Path | str, sidecar: dict[str, Any]) -> Pat
         "params": head.get_params(),
         "versions": {"sklearn": sklearn.__version__, "torch": torch.__version__},
     }
-    temps = []
-    try:
-        for target, write in (
-            (HEAD_FILE, lambda p: joblib.dump(head, p)),
-            (SIDECAR_FILE, lambda p: write_json(p, meta)),
-        ):
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target}.", suffix=".tmp")
-            os.close(fd)
-            temps.append((tmp, directory / target))
-            write(tmp)
-        for tmp, target in temps:
-            os.replace(tmp, target)
-    finally:
-        for tmp, _ in temps:
-            Path(tmp).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
+        joblib.dump(head, Path(tmp, HEAD_FILE))
+        write_json(Path(tmp, SIDECAR_FILE), meta)
+        for name in (HEAD_FILE, SIDECAR_FILE):
+            os.replace(Path(tmp, name), directory / name)
     return directory
 
 

@@ -1,0 +1,71 @@
+"""Does fine-tuning earn its keep? Each fine-tuned backbone's val accuracy against a frozen
+baseline: the same backbone's ImageNet embeddings + logistic regression (train -> val).
+
+    python bench/baseline_frozen.py [--backbones a,b] [--manifest cache/manifest.csv]
+
+Needs `dvc repro` (or `defuse finetune`) first; reads the fine-tuned figures from each
+checkpoint's sidecar. Prints `frozen_baseline_<B>: <fine-tuned> / <frozen> = <ratio>`
+(ratio > 1: fine-tuning wins) and the seconds each part took.
+"""
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch.utils.data import DataLoader
+
+from pipeline import layout
+from pipeline.backbones import backbone_info, create_backbone, embed
+from pipeline.checkpoint import read_sidecar
+from pipeline.config import backbone_names
+from pipeline.data import read_manifest
+from pipeline.runtime import prepare_model, resolve_device, to_device
+from pipeline.transforms import ImageDataset, eval_transform
+
+
+def imagenet_embeddings(
+    name: str, input_size: int, manifest, rows: np.ndarray, device
+) -> np.ndarray:
+    model = prepare_model(create_backbone(name, manifest.n_classes, pretrained=True).eval(), device)
+    info = backbone_info(name, input_size)
+    loader = DataLoader(
+        ImageDataset.from_manifest(manifest, rows, eval_transform(info), info.input_size),
+        batch_size=64,
+        num_workers=2,
+    )
+    with torch.inference_mode():
+        return torch.cat(
+            [embed(model, to_device(x, device))[0].float().cpu() for x, _, _ in loader]
+        ).numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", default=None)
+    parser.add_argument("--manifest", default=str(layout.MANIFEST))
+    args = parser.parse_args()
+    manifest = read_manifest(args.manifest)
+    train, val = manifest.indices("train"), manifest.indices("val")
+    device = resolve_device("auto")
+    for name in args.backbones.split(",") if args.backbones else backbone_names():
+        side = read_sidecar(layout.checkpoint_dir(name))
+        start = time.perf_counter()
+        x_train = imagenet_embeddings(name, side["input_size"], manifest, train, device)
+        x_val = imagenet_embeddings(name, side["input_size"], manifest, val, device)
+        probe = make_pipeline(
+            StandardScaler(), LogisticRegression(C=0.1, max_iter=3000, class_weight="balanced")
+        )
+        probe.fit(x_train, manifest.label[train])
+        frozen = float((probe.predict(x_val) == manifest.label[val]).mean())
+        tuned = side["val_metrics"]["accuracy"]
+        print(
+            f"frozen_baseline_{name}: {tuned:.4f} / {frozen:.4f} = {tuned / frozen:.3f}  ({time.perf_counter() - start:.0f} s for the baseline)"
+        )
+
+
+if __name__ == "__main__":
+    main()
