@@ -117,6 +117,7 @@ class CompareParams:
     folds: int = 5  # stratified k-fold on train+val; test is touched only for the pick
     min_subset: int = 1  # smallest backbone subset to try
     seed: int = 0
+    head_overrides: dict | None = None  # e.g. {mlp: {epochs: 20}}: cheaper CV fits, said openly
 
     def __post_init__(self):
         if self.folds < 2:

@@ -44,7 +44,6 @@ def fit_head(features: FusedFeatures, name: str, params: dict, seed: int) -> tup
     val_metrics = classification_metrics(y[val], head.predict(X[val]), names)
     sidecar = {
         "head": name,
-        "params": {k: v for k, v in head.get_params().items() if _is_json(v)},
         "backbones": list(features.backbones),
         "dims": list(features.dims),
         "input": head.input,
@@ -55,10 +54,6 @@ def fit_head(features: FusedFeatures, name: str, params: dict, seed: int) -> tup
         "val_metrics": {k: val_metrics[k] for k in ("accuracy", "f1_macro", "n")},
     }
     return head, sidecar
-
-
-def _is_json(value) -> bool:
-    return value is None or isinstance(value, bool | int | float | str | list | tuple)
 
 
 def check_head(sidecar: dict, features: FusedFeatures, where: Path | str) -> None:

@@ -70,7 +70,7 @@ def compare(manifest, features_dir, out, params_path, folds, head_names):
         blocks,
         features.y,
         features.split,
-        {h: head_params(h, params_path) for h in names},
+        {h: head_params(h, params_path) | (params.head_overrides or {}).get(h, {}) for h in names},
         folds=params.folds,
         min_subset=params.min_subset,
         seed=params.seed,
