@@ -11,10 +11,25 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache import FusedFeatures
+from pipeline import layout
+from pipeline.cache import FusedFeatures, load_features
+from pipeline.config import FuseParams, backbone_names, section
+from pipeline.data import Manifest
 from pipeline.errors import CheckpointError, DataError
 from pipeline.heads import load_head, make_head
 from pipeline.metrics import classification_metrics
+
+
+def fused_features(
+    manifest: Manifest, features_dir: Path, params_path: Path | str
+) -> FusedFeatures:
+    """The caches of `fuse.backbones` (default: every entry of `backbones`), aligned to
+    ``manifest`` and concatenated in that order: what fuse, evaluate and compare read."""
+    backbones = list(
+        section(FuseParams, "fuse", params_path).backbones or backbone_names(params_path)
+    )
+    paths = [layout.feature_cache(b, features_dir) for b in backbones]
+    return load_features(paths, backbones, manifest=manifest)
 
 
 def head_input(features: FusedFeatures, head) -> np.ndarray:

@@ -39,30 +39,17 @@ def compare(manifest, features_dir, out, params_path, folds, head_names):
     train+val; only the winner is scored on test. Answers "which models should be fused".
     Nothing is re-extracted: seconds to minutes on a CPU.
     """
-    from pipeline.cache import load_features
     from pipeline.compare import compare as run
-    from pipeline.config import (
-        CompareParams,
-        FuseParams,
-        backbone_names,
-        head_params,
-        load_params,
-        section,
-    )
+    from pipeline.config import CompareParams, head_params, load_params, section
     from pipeline.data import read_manifest
+    from pipeline.fusion import fused_features
 
     params = section(CompareParams, "compare", params_path, folds=folds)
-    backbones = list(
-        section(FuseParams, "fuse", params_path).backbones or backbone_names(params_path)
-    )
     names = (
         head_names.split(",") if head_names else list(load_params(params_path).get("heads") or {})
     )
-    features = load_features(
-        [layout.feature_cache(b, features_dir) for b in backbones],
-        backbones,
-        manifest=read_manifest(manifest),
-    )
+    features = fused_features(read_manifest(manifest), features_dir, params_path)
+    backbones = list(features.backbones)
     blocks, start = {}, 0
     for backbone, dim in zip(backbones, features.dims, strict=True):
         blocks[backbone], start = features.X[:, start : start + dim], start + dim

@@ -37,20 +37,16 @@ def evaluate(manifest, features_dir, heads_dir, reports, params_path):
     Writes reports/metrics/test.json (DVC metrics), per-class details, confusion data for
     `dvc plots`, PNG figures, and reports/summary.md with the papers' tables.
     """
-    from pipeline.cache import load_features
-    from pipeline.config import EvaluateParams, FuseParams, backbone_names, load_params, section
+    from pipeline.config import EvaluateParams, load_params, section
     from pipeline.data import read_manifest
     from pipeline.fusion import evaluate as run
+    from pipeline.fusion import fused_features
     from pipeline.report import write_reports
 
     final = section(EvaluateParams, "evaluate", params_path).final_head
-    backbones = list(
-        section(FuseParams, "fuse", params_path).backbones or backbone_names(params_path)
-    )
     man = read_manifest(manifest)
-    features = load_features(
-        [layout.feature_cache(b, features_dir) for b in backbones], backbones, manifest=man
-    )
+    features = fused_features(man, features_dir, params_path)
+    backbones = list(features.backbones)
     heads = {h: layout.head_dir(h, heads_dir) for h in load_params(params_path).get("heads") or {}}
     results = run(features, heads)
     context = {

@@ -33,20 +33,17 @@ def fuse(head, manifest, features_dir, out, params_path):
     The backbones (and their concatenation order) are `fuse.backbones`, or every entry of
     `backbones`; the head's own parameters are `heads.HEAD` in params.yaml.
     """
-    from pipeline.cache import load_features
-    from pipeline.config import FuseParams, backbone_names, head_params, section
+    from pipeline.config import FuseParams, head_params, section
     from pipeline.data import read_manifest
-    from pipeline.fusion import fit_head
+    from pipeline.fusion import fit_head, fused_features
     from pipeline.heads import save_head
 
     params = section(FuseParams, "fuse", params_path)
-    backbones = list(params.backbones or backbone_names(params_path))
-    paths = [layout.feature_cache(b, features_dir) for b in backbones]
-    features = load_features(paths, backbones, manifest=read_manifest(manifest))
+    features = fused_features(read_manifest(manifest), features_dir, params_path)
     fitted, sidecar = fit_head(features, head, head_params(head, params_path), params.seed)
     save_head(fitted, out or layout.head_dir(head), sidecar)
     val = sidecar["val_metrics"]
     click.echo(
-        f"{head} on {' + '.join(backbones)} ({features.X.shape[1]}-d): "
+        f"{head} on {' + '.join(features.backbones)} ({features.X.shape[1]}-d): "
         f"val accuracy {val['accuracy']:.4f}, macro F1 {val['f1_macro']:.4f}"
     )
