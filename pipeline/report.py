@@ -20,11 +20,6 @@ SUMMARY_COLUMNS = (
 )
 
 
-def read_history(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def plot_history(history: list[dict], path: Path, title: str) -> None:
     """Train and val accuracy and loss per epoch: the papers' curves."""
     epochs = [int(r["epoch"]) for r in history]

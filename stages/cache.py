@@ -6,21 +6,18 @@ from pathlib import Path
 import click
 
 from pipeline import layout
+from stages import options
 
 _paths = click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-_manifest = click.option(
+_manifest = options.path_option(
     "--manifest",
-    type=click.Path(path_type=Path),
-    default=layout.MANIFEST,
-    show_default=True,
-    help="Check consistency with this manifest (skipped when the file is absent).",
+    layout.MANIFEST,
+    "Check consistency with this manifest (skipped when the file is absent).",
 )
-_models = click.option(
+_models = options.path_option(
     "--models",
-    type=click.Path(path_type=Path),
-    default=layout.MODELS,
-    show_default=True,
-    help="Folder of checkpoints; each cache is checked against <models>/<backbone>/model.json.",
+    layout.MODELS,
+    "Folder of checkpoints; each cache is checked against <models>/<backbone>/model.json.",
 )
 
 

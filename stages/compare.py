@@ -5,19 +5,12 @@ from pathlib import Path
 import click
 
 from pipeline import layout
+from stages import options
 
 
 @click.command()
-@click.option(
-    "--manifest", type=click.Path(path_type=Path), default=layout.MANIFEST, show_default=True
-)
-@click.option(
-    "--features",
-    "features_dir",
-    type=click.Path(path_type=Path),
-    default=layout.FEATURES,
-    show_default=True,
-)
+@options.manifest
+@options.features
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
@@ -25,13 +18,7 @@ from pipeline import layout
     show_default=True,
     help="Folder for leaderboard.md and leaderboard.csv.",
 )
-@click.option(
-    "--params",
-    "params_path",
-    type=click.Path(path_type=Path),
-    default="params.yaml",
-    show_default=True,
-)
+@options.params
 @click.option("--folds", type=int, help="Override compare.folds.")
 @click.option("--heads", "head_names", help="Comma-separated heads [every entry of `heads`].")
 def compare(manifest, features_dir, out, params_path, folds, head_names):

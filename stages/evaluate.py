@@ -1,36 +1,18 @@
 """`defuse evaluate`: the evaluate stage."""
 
-from pathlib import Path
 
 import click
 
 from pipeline import layout
+from stages import options
 
 
 @click.command()
-@click.option(
-    "--manifest", type=click.Path(path_type=Path), default=layout.MANIFEST, show_default=True
-)
-@click.option(
-    "--features",
-    "features_dir",
-    type=click.Path(path_type=Path),
-    default=layout.FEATURES,
-    show_default=True,
-)
-@click.option(
-    "--heads", "heads_dir", type=click.Path(path_type=Path), default=layout.HEADS, show_default=True
-)
-@click.option(
-    "--reports", type=click.Path(path_type=Path), default=layout.REPORTS, show_default=True
-)
-@click.option(
-    "--params",
-    "params_path",
-    type=click.Path(path_type=Path),
-    default="params.yaml",
-    show_default=True,
-)
+@options.manifest
+@options.features
+@options.heads
+@options.reports
+@options.params
 def evaluate(manifest, features_dir, heads_dir, reports, params_path):
     """Score every fine-tuned model and every fusion head on the test split.
 

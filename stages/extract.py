@@ -5,13 +5,12 @@ from pathlib import Path
 import click
 
 from pipeline import layout
+from stages import options
 
 
 @click.command()
 @click.argument("backbone")
-@click.option(
-    "--manifest", type=click.Path(path_type=Path), default=layout.MANIFEST, show_default=True
-)
+@options.manifest
 @click.option(
     "--checkpoint",
     type=click.Path(path_type=Path),
@@ -20,13 +19,7 @@ from pipeline import layout
 @click.option(
     "--out", type=click.Path(path_type=Path), help="Feature cache [cache/features/BACKBONE.h5]."
 )
-@click.option(
-    "--params",
-    "params_path",
-    type=click.Path(path_type=Path),
-    default="params.yaml",
-    show_default=True,
-)
+@options.params
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), help="Override extract.dtype.")
 @click.option("--tta/--no-tta", default=None, help="Override extract.tta (mean over flips).")
 @click.option("--device", help="Override extract.device.")

@@ -5,26 +5,17 @@ from pathlib import Path
 import click
 
 from pipeline import layout
+from stages import options
 
 
 @click.command()
 @click.argument("backbone")
-@click.option(
-    "--manifest", type=click.Path(path_type=Path), default=layout.MANIFEST, show_default=True
-)
+@options.manifest
 @click.option(
     "--out", type=click.Path(path_type=Path), help="Checkpoint folder [cache/models/BACKBONE]."
 )
-@click.option(
-    "--reports", type=click.Path(path_type=Path), default=layout.REPORTS, show_default=True
-)
-@click.option(
-    "--params",
-    "params_path",
-    type=click.Path(path_type=Path),
-    default="params.yaml",
-    show_default=True,
-)
+@options.reports
+@options.params
 @click.option("--epochs", type=int, help="Override finetune.epochs.")
 @click.option("--batch-size", type=int, help="Override finetune.batch_size.")
 @click.option("--device", help="Override finetune.device (auto, cpu, cuda, cuda:1).")

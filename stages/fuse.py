@@ -5,28 +5,15 @@ from pathlib import Path
 import click
 
 from pipeline import layout
+from stages import options
 
 
 @click.command()
 @click.argument("head")
-@click.option(
-    "--manifest", type=click.Path(path_type=Path), default=layout.MANIFEST, show_default=True
-)
-@click.option(
-    "--features",
-    "features_dir",
-    type=click.Path(path_type=Path),
-    default=layout.FEATURES,
-    show_default=True,
-)
+@options.manifest
+@options.features
 @click.option("--out", type=click.Path(path_type=Path), help="Head folder [cache/heads/HEAD].")
-@click.option(
-    "--params",
-    "params_path",
-    type=click.Path(path_type=Path),
-    default="params.yaml",
-    show_default=True,
-)
+@options.params
 def fuse(head, manifest, features_dir, out, params_path):
     """Train fusion head HEAD on the concatenated feature caches.
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline import layout
+from stages import options
 
 
 @click.command()
@@ -14,10 +15,8 @@ from pipeline import layout
 @click.option(
     "--head", default=None, help="Fusion head to use [evaluate.final_head in params.yaml]."
 )
-@click.option(
-    "--heads", "heads_dir", type=click.Path(path_type=Path), default=layout.HEADS, show_default=True
-)
-@click.option("--models", type=click.Path(path_type=Path), default=layout.MODELS, show_default=True)
+@options.heads
+@options.models
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
@@ -25,13 +24,7 @@ from pipeline import layout
     show_default=True,
     help="A .csv or .json file.",
 )
-@click.option(
-    "--params",
-    "params_path",
-    type=click.Path(path_type=Path),
-    default="params.yaml",
-    show_default=True,
-)
+@options.params
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 def predict(inputs, head, heads_dir, models, out, params_path, batch_size, device):

@@ -84,3 +84,15 @@ def tiny_run(tmp_path_factory):
         "checkpoint": base / "models" / "lite0",
         "result": result,
     }
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP's spin-waiting makes
+    two threads several times slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,14 +15,7 @@ from pipeline.backbones import create_backbone, embed, num_stages
 SIZE = 75  # Inception-v4's smallest input
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP's spin-waiting makes
-    two threads several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
