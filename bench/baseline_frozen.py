@@ -23,8 +23,8 @@ from pipeline.backbones import backbone_info, create_backbone, embed
 from pipeline.checkpoint import read_sidecar
 from pipeline.config import backbone_names
 from pipeline.data import read_manifest
-from pipeline.runtime import prepare_model, resolve_device, to_device
-from pipeline.transforms import ImageDataset, eval_transform
+from pipeline.runtime import prepare_model, resolve_device
+from pipeline.transforms import ImageDataset, eval_transform, model_input
 
 
 def imagenet_embeddings(
@@ -39,7 +39,7 @@ def imagenet_embeddings(
     )
     with torch.inference_mode():
         return torch.cat(
-            [embed(model, to_device(x, device))[0].float().cpu() for x, _, _ in loader]
+            [embed(model, model_input(x, info, device))[0].float().cpu() for x, _, _ in loader]
         ).numpy()
 
 

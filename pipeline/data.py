@@ -108,7 +108,10 @@ class Manifest:
 
 
 def load_image(
-    path: Path | str, size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: Path | str,
+    size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    keep_gray: bool = False,
 ) -> Image.Image:
     """Decode ``path`` fully into an RGB image; raise DataError naming the path if it cannot.
 
@@ -125,16 +128,20 @@ def load_image(
       P -> its palette colours; P with transparency, RGBA, LA, PA -> composited on black,
       i.e. round(rgb * alpha / 255); CMYK -> Pillow's CMYK->RGB; other modes
       (YCbCr, ...) -> Pillow's convert("RGB"), a DataError where Pillow has none.
+    ``keep_gray``: single-channel sources (1, L, I, I;16, F) come back as the L image that
+    the policy would replicate: the loaders resize one channel, not three, and expand later.
     """
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read image file: {exc.strerror or exc}") from exc
-    return _decode(data, path, size, max_pixels)
+    return _decode(data, path, size, max_pixels, keep_gray)
 
 
-def _decode(data: bytes, name: Path | str, size: int | None, max_pixels: int) -> Image.Image:
+def _decode(
+    data: bytes, name: Path | str, size: int | None, max_pixels: int, keep_gray: bool = False
+) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
@@ -146,6 +153,9 @@ def _decode(data: bytes, name: Path | str, size: int | None, max_pixels: int) ->
             if size is not None:
                 im.draft("RGB", (size, size))  # a no-op for formats other than JPEG
             im.load()
+            if _is_gray(im.mode):
+                gray = _to_gray(im)
+                return gray if keep_gray else gray.convert("RGB")
             return _to_rgb(im)
     except DataError:
         raise
@@ -155,14 +165,22 @@ def _decode(data: bytes, name: Path | str, size: int | None, max_pixels: int) ->
         raise DataError(f"{name}: cannot decode image: {type(exc).__name__}: {exc}") from exc
 
 
+def _is_gray(mode: str) -> bool:
+    return mode in ("1", "L", "I", "F") or mode.startswith("I;16")
+
+
+def _to_gray(im: Image.Image) -> Image.Image:
+    """A single-channel image as 8-bit L, per `load_image`'s policy."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im)
+        return Image.fromarray((np.clip(a.astype(np.int64), 0, 65535) >> 8).astype(np.uint8), "L")
+    return im.copy() if im.mode == "L" else im.convert("L")
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     mode = im.mode
     if mode == "RGB":
         return im.copy()
-    if mode.startswith("I;16") or mode == "I":
-        a = np.asarray(im)
-        a = (np.clip(a.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
     if mode == "P" and "transparency" not in im.info:
         return im.convert("RGB")
     if mode in ("RGBA", "LA", "PA", "P", "RGBa", "La"):

@@ -18,8 +18,8 @@ from pipeline.checkpoint import backbone_info_of, load_checkpoint
 from pipeline.config import ExtractParams
 from pipeline.data import Manifest
 from pipeline.errors import CacheError
-from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device, to_device
-from pipeline.transforms import ImageDataset, eval_transform
+from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
+from pipeline.transforms import ImageDataset, eval_transform, model_input
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +107,18 @@ def extract(
         kept = np.flatnonzero(old_row >= 0)
         for chunk in np.array_split(kept, max(1, len(kept) // 4096)) if len(kept) else ():
             write(chunk, old.embeddings[old_row[chunk]], old.logits[old_row[chunk]])
-        for index, emb, logits in _batches(model, loader, device, params.tta, progress, info.name):
+        for index, emb, logits in _batches(model, loader, info, device, params.tta, progress):
             write(new_rows[index], emb, logits)
     return ExtractResult(out, len(manifest), len(manifest) - len(new_rows), len(new_rows))
 
 
 @torch.inference_mode()
-def _batches(model, loader, device, tta: bool, progress: bool, name: str):
+def _batches(model, loader, info, device, tta: bool, progress: bool):
     """Yield ``(rows, embeddings, logits)`` per batch, as float32 numpy arrays on the CPU."""
     model.eval()
     for images, _, index in tqdm(
-        loader, desc=f"extract {name}", unit="batch", disable=not progress
+        loader, desc=f"extract {info.name}", unit="batch", disable=not progress
     ):
         with autocast(device):
-            emb, logits = _tta_embed(model, to_device(images, device), tta)
+            emb, logits = _tta_embed(model, model_input(images, info, device), tta)
         yield index.numpy(), emb.float().cpu().numpy(), logits.float().cpu().numpy()

@@ -12,6 +12,7 @@ import csv
 import datetime as dt
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +28,12 @@ from pipeline.config import FinetuneParams, asdict
 from pipeline.data import Manifest
 from pipeline.errors import DataError
 from pipeline.metrics import classification_metrics
-from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device, to_device
-from pipeline.transforms import ImageDataset, eval_transform, train_transform
+from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
+from pipeline.transforms import ImageDataset, eval_transform, model_input, train_transform
 
 log = logging.getLogger(__name__)
 
-HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "train_s")
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,13 @@ def _loader(
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, loader: DataLoader, device, desc: str = "eval"):
+def predict_logits(model: nn.Module, loader: DataLoader, info, device, desc: str = "eval"):
     """Logits ``(n, n_classes)`` and labels ``(n,)`` for every batch of ``loader``."""
     model.eval()
     logits, labels = [], []
     for images, y, _ in tqdm(loader, desc=desc, leave=False, unit="batch"):
         with autocast(device):
-            logits.append(embed(model, to_device(images, device))[1].float().cpu())
+            logits.append(embed(model, model_input(images, info, device))[1].float().cpu())
         labels.append(y)
     return torch.cat(logits), torch.cat(labels)
 
@@ -164,6 +165,7 @@ def finetune(
         for epoch in range(1, params.epochs + 1):
             set_train_mode(model)
             seen, loss_sum, correct = 0, 0.0, 0
+            start = time.perf_counter()
             bar = tqdm(
                 train_loader,
                 desc=f"{backbone} epoch {epoch}/{params.epochs}",
@@ -173,7 +175,7 @@ def finetune(
             for images, labels, _ in bar:
                 for group in optimizer.param_groups:
                     group["lr"] = _cosine(step, total_steps, params.lr, params.lr_final)
-                images, labels = to_device(images, device), labels.to(device)
+                images, labels = model_input(images, info, device), labels.to(device)
                 with autocast(device):
                     logits = model(images)
                     loss = criterion(logits.float(), labels)
@@ -185,8 +187,9 @@ def finetune(
                 loss_sum += loss.item() * len(labels)
                 correct += (logits.argmax(1) == labels).sum().item()
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            train_s = time.perf_counter() - start
 
-            val_logits, val_labels = predict_logits(model, val_loader, device, "val")
+            val_logits, val_labels = predict_logits(model, val_loader, info, device, "val")
             val_loss = nn.functional.cross_entropy(val_logits, val_labels).item()
             val_acc = (val_logits.argmax(1) == val_labels).float().mean().item()
             history.append(
@@ -197,6 +200,7 @@ def finetune(
                     "train_acc": round(correct / seen, 6),
                     "val_loss": round(val_loss, 6),
                     "val_acc": round(val_acc, 6),
+                    "train_s": round(train_s, 2),  # wall time of the training pass
                 }
             )
             log.info("%s epoch %d: %s", backbone, epoch, history[-1])
@@ -211,7 +215,9 @@ def finetune(
     val_metrics = classification_metrics(best_val[1].numpy(), best_val[0].argmax(1).numpy(), names)
     test_metrics = None
     if len(test_idx):
-        test_logits, test_labels = predict_logits(model, eval_loader(test_idx), device, "test")
+        test_logits, test_labels = predict_logits(
+            model, eval_loader(test_idx), info, device, "test"
+        )
         test_metrics = classification_metrics(
             test_labels.numpy(), test_logits.argmax(1).numpy(), names
         )

@@ -18,8 +18,8 @@ from pipeline.checkpoint import backbone_info_of, load_checkpoint
 from pipeline.data import load_image
 from pipeline.errors import CheckpointError, DataError
 from pipeline.heads import load_head
-from pipeline.runtime import autocast, prepare_model, resolve_device, to_device
-from pipeline.transforms import ImageDataset, eval_transform
+from pipeline.runtime import autocast, prepare_model, resolve_device
+from pipeline.transforms import ImageDataset, eval_transform, model_input
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def predict(
                 loader, desc=f"embed {backbone}", unit="batch", disable=not progress
             ):
                 with autocast(run_on):
-                    emb, logits = embed(model, to_device(images, run_on))
+                    emb, logits = embed(model, model_input(images, info, run_on))
                 out.append((emb if head.input == "embeddings" else logits).float().cpu().numpy())
         blocks.append(np.concatenate(out))
     return Predictions(

@@ -36,10 +36,6 @@ def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     return model.to(device, memory_format=torch.channels_last)
 
 
-def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images.to(device, non_blocking=device.type == "cuda", memory_format=torch.channels_last)
-
-
 def library_versions() -> str:
     """JSON of the versions that shape numbers in an artifact."""
     names = ("defuse", "torch", "torchvision", "timm", "numpy", "h5py", "scikit-learn")

@@ -97,6 +97,23 @@ def test_grayscale_is_replicated(tmp_path):
     assert _pixels(tmp_path / "g.png").tolist() == [[[7, 7, 7], [250, 250, 250]]]
 
 
+def test_keep_gray_returns_the_channel_the_policy_replicates(tmp_path):
+    sources = {
+        "l.png": np.array([[7, 250]], dtype=np.uint8),
+        "one.png": np.array([[True, False]]),
+        "i16.png": np.array([[1000, 65535]], dtype=np.uint16),
+        "i32.tif": np.array([[-5, 70000]], dtype=np.int32),
+        "f.tif": np.array([[-3.2, 254.5]], dtype=np.float32),
+    }
+    for name, values in sources.items():
+        Image.fromarray(values).save(tmp_path / name)
+        gray = load_image(tmp_path / name, keep_gray=True)
+        assert gray.mode == "L", name
+        assert np.array_equal(np.asarray(gray.convert("RGB")), _pixels(tmp_path / name)), name
+    Image.new("RGB", (2, 2), (1, 2, 3)).save(tmp_path / "rgb.png")
+    assert load_image(tmp_path / "rgb.png", keep_gray=True).mode == "RGB"
+
+
 def test_jpeg_draft_decodes_at_reduced_scale_never_below_size(tmp_path):
     (tmp_path / "big.jpg").write_bytes(_jpeg_bytes((640, 480)))
     assert load_image(tmp_path / "big.jpg").size == (640, 480)

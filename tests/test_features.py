@@ -14,7 +14,7 @@ from pipeline.config import ExtractParams
 from pipeline.data import load_image
 from pipeline.errors import DataError
 from pipeline.features import extract
-from pipeline.transforms import eval_transform
+from pipeline.transforms import eval_transform, model_input
 
 PARAMS = ExtractParams(batch_size=8, num_workers=0)
 
@@ -35,9 +35,10 @@ def test_cache_holds_every_manifest_row_with_the_models_outputs(tiny_run, tmp_pa
     assert cache.attrs["manifest_sha256"] == manifest.sha256
 
     model, side = load_checkpoint(tiny_run["checkpoint"])
-    image = eval_transform(backbone_info_of(side))(load_image(manifest.image_path(5)))
+    info = backbone_info_of(side)
+    image = eval_transform(info)(load_image(manifest.image_path(5)))
     with torch.inference_mode():
-        emb, logits = embed(model, image[None])
+        emb, logits = embed(model, model_input(image[None], info, torch.device("cpu")))
     np.testing.assert_allclose(cache.embeddings[5], emb[0].numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(cache.logits[5], logits[0].numpy(), rtol=1e-4, atol=1e-5)
 

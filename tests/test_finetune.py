@@ -41,8 +41,10 @@ def test_loaded_checkpoint_reproduces_the_best_model(tiny_run):
     assert not model.training
     manifest = tiny_run["manifest"]
     val = manifest.indices("val")
-    dataset = ImageDataset.from_manifest(manifest, val, eval_transform(backbone_info_of(side)), 32)
-    logits, labels = predict_logits(model, DataLoader(dataset, batch_size=16), torch.device("cpu"))
+    info = backbone_info_of(side)
+    dataset = ImageDataset.from_manifest(manifest, val, eval_transform(info), 32)
+    loader = DataLoader(dataset, batch_size=16)
+    logits, labels = predict_logits(model, loader, info, torch.device("cpu"))
     assert logits.shape == (len(val), 3)
     accuracy = (logits.argmax(1) == labels).float().mean().item()
     assert accuracy == pytest.approx(tiny_run["result"].val_metrics["accuracy"], abs=1e-6)
