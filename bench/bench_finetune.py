@@ -1,0 +1,83 @@
+"""Fine-tuning's training pass against a bare forward + backward + step loop.
+
+Run: .venv/bin/python bench/bench_finetune.py [--backbone tf_efficientnet_lite0] [--source elpv]
+One epoch of `finetune()` with params.yaml's settings for the backbone (frozen stages,
+batch size, input size, augmentation, loader workers) on the default job's ELPV cells (or
+--source jpeg: synthetic 2560x1920 JPEGs), timed over its training pass (history's
+`train_s`), against the same model, frozen layers, optimizer and batch size stepping on
+random tensors already in memory. Target ratio >= 0.85. Prints `<what>: <measured> /
+<reference> = <ratio>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _datasets import manifest
+from torch import nn
+
+from pipeline.backbones import backbone_info, create_backbone, freeze_stages, set_train_mode
+from pipeline.config import finetune_params
+from pipeline.finetune import finetune
+from pipeline.runtime import prepare_model
+
+
+def bare_training(backbone: str, params, n_classes: int, n_images: int) -> float:
+    """Images/s of forward + backward + RMSprop step on in-memory tensors."""
+    model = create_backbone(backbone, n_classes, pretrained=False, drop_rate=params.dropout)
+    freeze_stages(model, params.frozen_stages)
+    model = set_train_mode(prepare_model(model, torch.device("cpu")))
+    optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    size, b = backbone_info(backbone, params.input_size).input_size, params.batch_size
+    images = torch.randn(b, 3, size, size).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, n_classes, (b,))
+
+    def step(n: int) -> None:
+        loss = nn.functional.cross_entropy(model(images[:n]), labels[:n])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step(2)  # warm-up
+    start = time.perf_counter()
+    for first in range(0, n_images, b):
+        step(min(b, n_images - first))
+    return n_images / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--source", choices=("elpv", "jpeg"), default="elpv")
+    parser.add_argument("--images", type=int, default=640, help="jpeg only: how many")
+    args = parser.parse_args()
+    params = finetune_params(args.backbone, epochs=1, pretrained=False, device="cpu")
+    print(
+        f"machine: {os.cpu_count()} cores, torch {torch.__version__} on "
+        f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}"
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
+        data = manifest(args.source, Path(tmp), args.images)
+        result = finetune(data, args.backbone, params, Path(tmp) / "model", progress=False)
+    n_train = len(data.indices("train"))
+    ours = n_train / result.history[0]["train_s"]
+    size = backbone_info(args.backbone, params.input_size).input_size
+    bare = bare_training(args.backbone, params, data.n_classes, n_train)
+    what = (
+        f"{args.backbone}, {n_train} {args.source} images at {size} px, batch "
+        f"{params.batch_size}, {params.frozen_stages} stages frozen, {params.num_workers} workers"
+    )
+    print(
+        f"finetune epoch images/s ({what}): {ours:.1f} / bare loop {bare:.1f} = {ours / bare:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
