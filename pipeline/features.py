@@ -1,19 +1,25 @@
 """Stage one's product: every manifest image's penultimate embedding and logits, streamed
-into an HDF5 feature cache. Rows of unchanged samples are reused from the previous cache."""
+into an HDF5 feature cache. Rows of unchanged samples are reused from the previous cache;
+under torchrun the new rows are shared out by whole batches and merged by rank 0."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pipeline import distributed
 from pipeline.backbones import embed
-from pipeline.cache import CacheWriter, reusable_cache
+from pipeline.cache import CacheWriter, FeatureCache, reusable_cache
 from pipeline.checkpoint import backbone_info_of, load_checkpoint
 from pipeline.config import ExtractParams
 from pipeline.data import Manifest
@@ -48,7 +54,12 @@ def extract(
     params: ExtractParams,
     progress: bool = True,
 ) -> ExtractResult:
-    """Write ``out`` for every manifest row, in manifest order, running only new samples."""
+    """Write ``out`` for every manifest row, in manifest order, running only new samples.
+
+    Under torchrun each process runs whole batches of the new samples (rank r: batches r,
+    r + N, ... of the single-process order) and rank 0 writes the cache from all of them, so
+    the file is byte-identical to a plain run's.
+    """
     model, sidecar = load_checkpoint(checkpoint_dir)
     if tuple(sidecar["class_names"]) != tuple(manifest.class_names):
         raise CacheError(
@@ -69,15 +80,6 @@ def extract(
     old_row = old.rows_for(manifest.sample_id) if old is not None else np.full(len(manifest), -1)
     new_rows = np.flatnonzero(old_row < 0)
     log.info("%s: %d rows reused, %d to compute", out, len(manifest) - len(new_rows), len(new_rows))
-
-    device = resolve_device(params.device)
-    model = prepare_model(model, device)
-    loader = DataLoader(
-        ImageDataset.from_manifest(manifest, new_rows, eval_transform(info), info.input_size),
-        batch_size=params.batch_size,
-        num_workers=params.num_workers,
-        pin_memory=device.type == "cuda",
-    )
     attrs = {
         **preprocessing,
         "backbone": info.name,
@@ -87,12 +89,40 @@ def extract(
         "versions": library_versions(),
         "created": sidecar["created"],  # the weights' time: identical inputs give identical bytes
     }
-    with CacheWriter(
-        out, len(manifest), info.dim, len(manifest.class_names), params.dtype, attrs
-    ) as writer:
 
-        def write(rows: np.ndarray, emb: np.ndarray, logits: np.ndarray) -> None:
-            # rows are sorted; write each run of consecutive rows as one slice
+    device = resolve_device(params.device)
+    with distributed.process_group(device) as here:
+        share = distributed.batch_shard(len(new_rows), params.batch_size, here.rank, here.size)
+        rows = new_rows[share]
+        loader = DataLoader(
+            ImageDataset.from_manifest(manifest, rows, eval_transform(info), info.input_size),
+            batch_size=params.batch_size,
+            num_workers=params.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        model = prepare_model(model, device)
+        progress = progress and here.is_main
+        batches = _batches(model, loader, rows, info, device, params.tta, progress)
+        with _merged(batches, out, new_rows, params.batch_size) as computed:
+            if here.is_main:
+                reused = _reused(old, old_row)
+                _write_cache(out, manifest, info.dim, attrs, itertools.chain(reused, computed))
+    return ExtractResult(out, len(manifest), len(manifest) - len(new_rows), len(new_rows))
+
+
+def _reused(old: FeatureCache | None, old_row: np.ndarray) -> Iterator[tuple]:
+    """``(manifest rows, embeddings, logits)`` taken from the previous cache, in chunks."""
+    kept = np.flatnonzero(old_row >= 0)
+    for chunk in np.array_split(kept, max(1, len(kept) // 4096)) if len(kept) else ():
+        yield chunk, old.embeddings[old_row[chunk]], old.logits[old_row[chunk]]
+
+
+def _write_cache(out: Path, manifest: Manifest, dim: int, attrs: dict, batches: Iterable) -> None:
+    """Stream ``batches`` of ``(sorted manifest rows, embeddings, logits)`` into the cache."""
+    n_classes = len(manifest.class_names)
+    with CacheWriter(out, len(manifest), dim, n_classes, attrs["dtype"], attrs) as writer:
+        for rows, emb, logits in batches:
+            # write each run of consecutive rows as one slice
             for run in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1):
                 a, b = int(rows[run[0]]), int(rows[run[-1]]) + 1
                 writer.write(
@@ -104,21 +134,72 @@ def extract(
                     manifest.split[a:b],
                 )
 
-        kept = np.flatnonzero(old_row >= 0)
-        for chunk in np.array_split(kept, max(1, len(kept) // 4096)) if len(kept) else ():
-            write(chunk, old.embeddings[old_row[chunk]], old.logits[old_row[chunk]])
-        for index, emb, logits in _batches(model, loader, info, device, params.tta, progress):
-            write(new_rows[index], emb, logits)
-    return ExtractResult(out, len(manifest), len(manifest) - len(new_rows), len(new_rows))
-
 
 @torch.inference_mode()
-def _batches(model, loader, info, device, tta: bool, progress: bool):
-    """Yield ``(rows, embeddings, logits)`` per batch, as float32 numpy arrays on the CPU."""
+def _batches(model, loader, rows: np.ndarray, info, device, tta: bool, progress: bool):
+    """Yield ``(manifest rows, embeddings, logits)`` per batch of ``loader``, which reads the
+    manifest ``rows``; float32 numpy arrays on the CPU."""
     model.eval()
     for images, _, index in tqdm(
         loader, desc=f"extract {info.name}", unit="batch", disable=not progress
     ):
         with autocast(device):
             emb, logits = _tta_embed(model, model_input(images, info, device), tta)
-        yield index.numpy(), emb.float().cpu().numpy(), logits.float().cpu().numpy()
+        yield rows[index.numpy()], emb.float().cpu().numpy(), logits.float().cpu().numpy()
+
+
+def _shard(out: Path, rank: int) -> Path:
+    return out.with_name(f".{out.name}.shard-{rank}")
+
+
+@contextlib.contextmanager
+def _merged(batches: Iterator[tuple], out: Path, new_rows: np.ndarray, batch_size: int):
+    """Every process's computed ``batches`` in the single-process order, for rank 0 to write.
+
+    A plain run streams its batches straight through. Under torchrun each process first
+    writes its own to a hidden shard beside ``out`` (one HDF5 group per batch), and rank 0
+    reads them back once all are complete; so on several nodes ``out`` must be on a
+    filesystem every node shares. A failure in any process stops all of them with an error
+    rather than a wait, and the shards are removed whatever happens.
+    """
+    here = distributed.world()
+    if here.size == 1:
+        yield batches
+        return
+    try:
+        error = None
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with h5py.File(_shard(out, here.rank), "w") as f:
+                for k, (_, emb, logits) in enumerate(batches):
+                    f[f"{k}/embeddings"], f[f"{k}/logits"] = emb, logits
+        except Exception as exc:  # tell the others before raising, so that none waits for us
+            error = exc
+        failed = distributed.failed_ranks(error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            raise CacheError(f"{out}: not written; rank(s) {failed} failed (see their error).")
+        yield _read_shards(out, new_rows, batch_size, here.size) if here.is_main else iter(())
+        distributed.barrier()  # the others end once rank 0 has written the cache
+    finally:
+        for rank in range(here.size) if here.is_main else [here.rank]:
+            _shard(out, rank).unlink(missing_ok=True)
+
+
+def _read_shards(out: Path, new_rows: np.ndarray, batch_size: int, size: int) -> Iterator[tuple]:
+    """Batch j of ``new_rows`` in the single-process order is batch j // size of rank
+    j % size: yield them in order as ``(manifest rows, embeddings, logits)``."""
+    with contextlib.ExitStack() as stack:
+        shards = []
+        for rank in range(size):
+            path = _shard(out, rank)
+            if not path.is_file():
+                raise CacheError(
+                    f"{path}: the shard of rank {rank} is missing; on several nodes the output "
+                    "folder must be on a filesystem that every node shares."
+                )
+            shards.append(stack.enter_context(h5py.File(path, "r")))
+        for j, start in enumerate(range(0, len(new_rows), batch_size)):
+            batch = shards[j % size][str(j // size)]
+            yield new_rows[start : start + batch_size], batch["embeddings"][()], batch["logits"][()]

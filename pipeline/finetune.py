@@ -19,14 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from pipeline import distributed
 from pipeline.backbones import backbone_info, create_backbone, embed, freeze_stages, set_train_mode
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import FinetuneParams, asdict
 from pipeline.data import Manifest
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import classification_metrics
 from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
 from pipeline.transforms import ImageDataset, eval_transform, model_input, train_transform
@@ -38,7 +40,7 @@ HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    sidecar: dict  # what save_checkpoint wrote
+    sidecar: dict  # what save_checkpoint wrote; on ranks > 0 without weights_sha256
     history: list[dict]  # one row per epoch, HISTORY_FIELDS
     val_metrics: dict
     test_metrics: dict | None  # None when the manifest has no test rows
@@ -73,14 +75,11 @@ def _cosine(step: int, total: int, lr: float, lr_final: float) -> float:
     )
 
 
-def _loader(
-    dataset, batch_size: int, shuffle: bool, params: FinetuneParams, device, generator=None
-):
+def _loader(dataset, batch_size: int, params: FinetuneParams, device, sampler=None):
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
+        sampler=sampler,
         num_workers=params.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=params.num_workers > 0,
@@ -88,12 +87,25 @@ def _loader(
     )
 
 
+def _rank_batch(batch_size: int, n_processes: int) -> int:
+    """Each process's share of the global batch ``finetune.batch_size``."""
+    if batch_size % n_processes:
+        raise ConfigError(
+            f"finetune.batch_size={batch_size} is the global batch and must divide evenly "
+            f"among the {n_processes} processes torchrun started (world size {n_processes}); "
+            f"use a multiple of {n_processes}."
+        )
+    return batch_size // n_processes
+
+
 @torch.inference_mode()
-def predict_logits(model: nn.Module, loader: DataLoader, info, device, desc: str = "eval"):
+def predict_logits(
+    model: nn.Module, loader: DataLoader, info, device, desc: str = "eval", progress: bool = True
+):
     """Logits ``(n, n_classes)`` and labels ``(n,)`` for every batch of ``loader``."""
     model.eval()
     logits, labels = [], []
-    for images, y, _ in tqdm(loader, desc=desc, leave=False, unit="batch"):
+    for images, y, _ in tqdm(loader, desc=desc, leave=False, unit="batch", disable=not progress):
         with autocast(device):
             logits.append(embed(model, model_input(images, info, device))[1].float().cpu())
         labels.append(y)
@@ -103,7 +115,12 @@ def predict_logits(model: nn.Module, loader: DataLoader, info, device, desc: str
 def finetune(
     manifest: Manifest, backbone: str, params: FinetuneParams, out_dir: Path, progress: bool = True
 ) -> FinetuneResult:
-    """Fine-tune ``backbone`` on the manifest's train split; write the checkpoint to ``out_dir``."""
+    """Fine-tune ``backbone`` on the manifest's train split; write the checkpoint to ``out_dir``.
+
+    Under torchrun every process runs this: DDP over the train rows with ``batch_size`` as the
+    global batch, the eval rows shared out and gathered so that every process picks the same
+    epoch, and rank 0 alone writes the checkpoint (the others return once it is written).
+    """
     train_idx, val_idx, test_idx = (manifest.indices(s) for s in ("train", "val", "test"))
     for split, idx in (("train", train_idx), ("val", val_idx)):
         if len(idx) == 0:
@@ -112,10 +129,12 @@ def finetune(
             )
     n_classes = len(manifest.class_names)
     device = resolve_device(params.device)
+    rank_batch = _rank_batch(params.batch_size, distributed.world().size)
     info = backbone_info(backbone, params.input_size)
 
-    # A forked RNG keeps the seed local: head init, augmentation and shuffling follow it.
-    with torch.random.fork_rng(devices=[]):
+    # A forked RNG keeps the seed local: head init, augmentation and dropout follow it.
+    with distributed.process_group(device) as here, torch.random.fork_rng(devices=[]):
+        progress = progress and here.is_main
         torch.manual_seed(params.seed)
         model = create_backbone(
             backbone,
@@ -132,27 +151,39 @@ def finetune(
             params.frozen_stages,
         )
         model = prepare_model(model, device)
-
-        generator = torch.Generator().manual_seed(params.seed)
-        train_loader = _loader(
-            ImageDataset.from_manifest(
-                manifest, train_idx, train_transform(info, params), info.input_size
-            ),
-            params.batch_size,
-            True,
-            params,
-            device,
-            generator,
-        )
-
-        def eval_loader(rows: np.ndarray) -> DataLoader:
-            dataset = ImageDataset.from_manifest(
-                manifest, rows, eval_transform(info), info.input_size
+        # DDP starts every process from rank 0's weights; augmentation and dropout draw per rank.
+        torch.manual_seed(params.seed + here.rank)
+        train_model = model  # under torchrun the DDP wrapper; `model` is evaluated and saved
+        if here.size > 1:
+            cuda = device.type == "cuda"
+            train_model = DistributedDataParallel(
+                model, device_ids=[device.index] if cuda else None
             )
-            return _loader(dataset, params.eval_batch_size, False, params, device)
 
-        val_loader = eval_loader(val_idx)
+        train_set = ImageDataset.from_manifest(
+            manifest, train_idx, train_transform(info, params), info.input_size
+        )
+        # One permutation per epoch whatever the world size; rank r takes every size-th sample
+        # of it, so a step's global batch holds the same samples as a single process's batch.
+        sampler = DistributedSampler(
+            train_set, here.size, here.rank, shuffle=True, seed=params.seed
+        )
+        train_loader = _loader(train_set, rank_batch, params, device, sampler)
 
+        def eval_logits(rows: np.ndarray, desc: str) -> torch.Tensor:
+            """(len(rows), n_classes) on every process; each runs whole batches of its share."""
+            size = params.eval_batch_size
+            mine = rows[distributed.batch_shard(len(rows), size, here.rank, here.size)]
+            logits = torch.empty(0, n_classes)
+            if len(mine):
+                dataset = ImageDataset.from_manifest(
+                    manifest, mine, eval_transform(info), info.input_size
+                )
+                loader = _loader(dataset, size, params, device)
+                logits = predict_logits(model, loader, info, device, desc, progress)[0]
+            return distributed.gather_rows(logits, len(rows), size)
+
+        val_labels = torch.as_tensor(manifest.label[val_idx], dtype=torch.long)
         weight = (
             class_weights(manifest.label[train_idx], n_classes) if params.class_weighted else None
         )
@@ -163,7 +194,8 @@ def finetune(
 
         history, best, best_state, step = [], None, None, 0
         for epoch in range(1, params.epochs + 1):
-            set_train_mode(model)
+            set_train_mode(train_model)
+            sampler.set_epoch(epoch)
             seen, loss_sum, correct = 0, 0.0, 0
             start = time.perf_counter()
             bar = tqdm(
@@ -177,7 +209,7 @@ def finetune(
                     group["lr"] = _cosine(step, total_steps, params.lr, params.lr_final)
                 images, labels = model_input(images, info, device), labels.to(device)
                 with autocast(device):
-                    logits = model(images)
+                    logits = train_model(images)
                     loss = criterion(logits.float(), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -188,8 +220,9 @@ def finetune(
                 correct += (logits.argmax(1) == labels).sum().item()
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
             train_s = time.perf_counter() - start
+            seen, loss_sum, correct = distributed.all_sum([seen, loss_sum, correct])
 
-            val_logits, val_labels = predict_logits(model, val_loader, info, device, "val")
+            val_logits = eval_logits(val_idx, "val")
             val_loss = nn.functional.cross_entropy(val_logits, val_labels).item()
             val_acc = (val_logits.argmax(1) == val_labels).float().mean().item()
             history.append(
@@ -208,37 +241,40 @@ def finetune(
             key = (val_acc, -val_loss)
             if best is None or key > best:
                 best, best_state = key, copy.deepcopy(model.state_dict())
-                best_epoch, best_val = epoch, (val_logits, val_labels)
+                best_epoch, best_val_logits = epoch, val_logits
 
-    model.load_state_dict(best_state)
-    names = list(manifest.class_names)
-    val_metrics = classification_metrics(best_val[1].numpy(), best_val[0].argmax(1).numpy(), names)
-    test_metrics = None
-    if len(test_idx):
-        test_logits, test_labels = predict_logits(
-            model, eval_loader(test_idx), info, device, "test"
+        model.load_state_dict(best_state)
+        names = list(manifest.class_names)
+        val_metrics = classification_metrics(
+            val_labels.numpy(), best_val_logits.argmax(1).numpy(), names
         )
-        test_metrics = classification_metrics(
-            test_labels.numpy(), test_logits.argmax(1).numpy(), names
-        )
+        test_metrics = None
+        if len(test_idx):
+            test_logits = eval_logits(test_idx, "test")
+            test_metrics = classification_metrics(
+                manifest.label[test_idx], test_logits.argmax(1).numpy(), names
+            )
 
-    sidecar = {
-        "backbone": backbone,
-        "num_classes": n_classes,
-        "class_names": names,
-        "input_size": info.input_size,
-        "mean": list(info.mean),
-        "std": list(info.std),
-        "interpolation": info.interpolation,
-        "dim": info.dim,
-        "params": asdict(params),
-        "best_epoch": best_epoch,
-        "val_metrics": {k: val_metrics[k] for k in ("accuracy", "f1_macro", "n")},
-        "manifest_sha256": manifest.sha256,
-        "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
-        "versions": library_versions(),
-    }
-    sidecar = save_checkpoint(model.cpu(), out_dir, sidecar)
+        sidecar = {
+            "backbone": backbone,
+            "num_classes": n_classes,
+            "class_names": names,
+            "input_size": info.input_size,
+            "mean": list(info.mean),
+            "std": list(info.std),
+            "interpolation": info.interpolation,
+            "dim": info.dim,
+            "params": asdict(params),
+            "world_size": here.size,  # BatchNorm statistics are per process: it shapes the weights
+            "best_epoch": best_epoch,
+            "val_metrics": {k: val_metrics[k] for k in ("accuracy", "f1_macro", "n")},
+            "manifest_sha256": manifest.sha256,
+            "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+            "versions": library_versions(),
+        }
+        if here.is_main:
+            sidecar = save_checkpoint(model.cpu(), out_dir, sidecar)
+        distributed.barrier()
     return FinetuneResult(sidecar, history, val_metrics, test_metrics)
 
 

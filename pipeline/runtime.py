@@ -8,14 +8,24 @@ import json
 
 import torch
 
+from pipeline.distributed import world
 from pipeline.errors import ConfigError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present; an explicit device that is absent is an error."""
+    """``"auto"`` picks CUDA when present; an explicit device that is absent is an error.
+    Under torchrun each process takes the GPU of its LOCAL_RANK."""
+    here = world()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if device.type == "cuda" and here.size > 1:
+        if device.index is not None:
+            raise ConfigError(
+                f"device {name!r} names one GPU for all {here.size} processes torchrun "
+                "started; use 'auto' or 'cuda', and each process takes cuda:LOCAL_RANK."
+            )
+        device = torch.device("cuda", here.local_rank)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"device {name!r} was asked for but CUDA is not available; use 'auto' or 'cpu'."

@@ -28,8 +28,11 @@ def extract(backbone, manifest, checkpoint, out, params_path, dtype, tta, device
 
     Eval preprocessing of the checkpoint (resize, no crop, no augmentation). Samples whose
     rows are already in the cache with the same checkpoint and preprocessing are reused.
-    The file is written under a temporary name and renamed only when complete.
+    The file is written under a temporary name and renamed only when complete. Under
+    torchrun the processes share the new samples by whole batches and rank 0 writes the file,
+    byte-identical to a single-process run's.
     """
+    from pipeline import distributed
     from pipeline.config import ExtractParams, section
     from pipeline.data import read_manifest
     from pipeline.features import extract as run
@@ -41,6 +44,7 @@ def extract(backbone, manifest, checkpoint, out, params_path, dtype, tta, device
         out or layout.feature_cache(backbone),
         params,
     )
-    click.echo(
-        f"{result.path}: {result.n_rows} rows ({result.n_computed} computed, {result.n_reused} reused)"
-    )
+    if distributed.world().is_main:
+        click.echo(
+            f"{result.path}: {result.n_rows} rows ({result.n_computed} computed, {result.n_reused} reused)"
+        )

@@ -26,29 +26,37 @@ def finetune(backbone, manifest, out, reports, params_path, epochs, batch_size, 
     checkpoint (model.safetensors + model.json), the per-epoch history CSV and its PNG, and
     the val and test metrics JSON.
     """
+    from pipeline import distributed
     from pipeline.config import finetune_params
     from pipeline.data import read_manifest
     from pipeline.finetune import finetune as run
     from pipeline.finetune import write_history
     from pipeline.metrics import write_json
     from pipeline.report import plot_history
+    from pipeline.runtime import resolve_device
 
     params = finetune_params(
         backbone, params_path, epochs=epochs, batch_size=batch_size, device=device
     )
-    result = run(read_manifest(manifest), backbone, params, out or layout.checkpoint_dir(backbone))
-    paths = layout.finetune_reports(backbone, reports)
-    write_history(result.history, paths["history"])
-    plot_history(result.history, paths["curves"], f"{backbone} fine-tuning")
-    write_json(
-        paths["metrics"],
-        {
-            "best_epoch": result.sidecar["best_epoch"],
-            "val": result.val_metrics,
-            "test": result.test_metrics,
-        },
-    )
-    val = result.val_metrics
-    click.echo(
-        f"{backbone}: best epoch {result.sidecar['best_epoch']}, val accuracy {val['accuracy']:.4f}, macro F1 {val['f1_macro']:.4f}"
-    )
+    # Under torchrun the process group spans the reports too: every process ends after them.
+    with distributed.process_group(resolve_device(params.device)) as here:
+        result = run(
+            read_manifest(manifest), backbone, params, out or layout.checkpoint_dir(backbone)
+        )
+        if here.is_main:  # rank 0 writes; the others wait at the barrier
+            paths = layout.finetune_reports(backbone, reports)
+            write_history(result.history, paths["history"])
+            plot_history(result.history, paths["curves"], f"{backbone} fine-tuning")
+            write_json(
+                paths["metrics"],
+                {
+                    "best_epoch": result.sidecar["best_epoch"],
+                    "val": result.val_metrics,
+                    "test": result.test_metrics,
+                },
+            )
+            val = result.val_metrics
+            click.echo(
+                f"{backbone}: best epoch {result.sidecar['best_epoch']}, val accuracy {val['accuracy']:.4f}, macro F1 {val['f1_macro']:.4f}"
+            )
+        distributed.barrier()
