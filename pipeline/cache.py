@@ -34,9 +34,9 @@ _JSON = ("class_names", "versions")  # stored as JSON text; everything else is n
 _ID = "S64"  # sample ids are sha256 hex digests: 64 ASCII bytes
 _PIECE_ROWS = 512  # rows read at a time: checked for NaN while still in the CPU cache
 _GAP_ROWS = 64  # unwanted rows between two wanted ones that are cheaper read through than skipped
-# A streamed block is held a few times over while a head trains on it (read, standardized,
-# cast, shuffled): a sixteenth of the memory budget keeps all of that well inside it.
-_BLOCK_SHARE = 16
+# A streamed block is held a few times over while a head trains on it (read, its float64
+# statistics, standardized, cast): a 32nd of the memory budget keeps all that well inside it.
+_BLOCK_SHARE = 32
 
 
 # ---------------------------------------------------------------------------- attributes
@@ -334,10 +334,10 @@ class _Header:
     def read_into(self, out: np.ndarray, cols=slice(None), src: np.ndarray | None = None):
         """Copy embeddings into out[:, cols]: file row src[i] to out row i (src None: every
         row in file order). Refuses NaN / inf; see `_read_rows`."""
-        _read_rows(self.path, self.embeddings, self.sample_id, out, cols, src)
+        _read_rows(self.path, self.embeddings, out, cols, src)
 
 
-def _read_rows(path: Path, ds: h5py.Dataset, ids: np.ndarray, out, cols, src) -> None:
+def _read_rows(path: Path, ds: h5py.Dataset, out, cols, src) -> None:
     """out[i, cols] = ds[src[i]] for every i (src None: out[:n, cols] = ds[:n]).
 
     Reads whole row ranges of up to _PIECE_ROWS rows, never a fancy index (slow in HDF5):
@@ -365,9 +365,9 @@ def _read_rows(path: Path, ds: h5py.Dataset, ids: np.ndarray, out, cols, src) ->
             _guard(path, ds.read_direct, piece, np.s_[s:e])
             bad = _first_nonfinite(piece)
             if bad is not None:
+                sample = ds.file["sample_id"][s + bad].decode()
                 raise CacheError(
-                    f"{path}: embeddings of sample {ids[s + bad].decode()} (row {s + bad}) "
-                    "contain NaN or inf"
+                    f"{path}: embeddings of sample {sample} (row {s + bad}) contain NaN or inf"
                 )
             if direct:
                 continue
@@ -636,7 +636,6 @@ class _Part:
 
     path: Path
     identity: tuple  # (size, mtime_ns, inode) when load_features opened it
-    sample_id: np.ndarray  # (N,) S64 in file order, to name a sample with NaN embeddings
     src: np.ndarray | None  # (N,) file row of each reference row; None: the same order
 
 
@@ -696,7 +695,7 @@ class LazyRows:
             src = rows if part.src is None else part.src[rows]
             with _reopen(part.path, part.identity) as f:
                 cols = slice(offset, offset + d)
-                _read_rows(part.path, f["embeddings"], part.sample_id, out, cols, src)
+                _read_rows(part.path, f["embeddings"], out, cols, src)
             offset += d
         return out
 
@@ -755,7 +754,7 @@ def load_features(
 
     When X would take more than `max_bytes` (float32; None: no limit), X is a LazyRows
     instead: only ids, labels, splits and logits are read now, embeddings block by block
-    when asked for (blocks of about max_bytes / 16), NaN / inf refused as they are read.
+    when asked for (blocks of about max_bytes / 32), NaN / inf refused as they are read.
     """
     if not paths:
         raise CacheError("load_features needs at least one cache path")
@@ -800,7 +799,7 @@ def _fuse(heads: list[_Header], backbones, manifest, max_bytes) -> FusedFeatures
             offset += d
     else:
         parts = [
-            _Part(h.path, ident, h.sample_id, rows)
+            _Part(h.path, ident, rows)
             for h, ident, rows in zip(heads, identities, all_rows, strict=True)
         ]
         X = LazyRows(parts, dims, np.arange(n), max(1, max_bytes // (_BLOCK_SHARE * row_bytes)))

@@ -395,8 +395,8 @@ class MLPHead(Head):
             logits = self.net_.eval()(torch.from_numpy(self._scale(X)))
         return torch.softmax(logits.double(), dim=1).numpy()
 
-    def _scale(self, X: np.ndarray) -> np.ndarray:
-        return self.scaler_.transform(X).astype(np.float32, copy=False)
+    def _scale(self, X: np.ndarray, copy: bool = True) -> np.ndarray:
+        return self.scaler_.transform(X, copy=copy).astype(np.float32, copy=False)
 
     def _lr_at(self, epoch: int) -> float:
         """Cosine decay from lr (first epoch) to lr_final (last epoch)."""
@@ -443,7 +443,8 @@ class _Blocks:
         return self._read(self._slices[block]) if self._kept is None else self._kept[block]
 
     def _read(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(self._scale(self._X[rows])).to(self._dtype)
+        lazy = isinstance(self._X, LazyRows)  # its rows are a fresh array: scale them in place
+        x = torch.from_numpy(self._scale(self._X[rows], copy=not lazy)).to(self._dtype)
         return x, torch.from_numpy(self._y[rows].astype(np.int64))
 
 

@@ -89,7 +89,7 @@ ROW_BYTES = 12 * 4  # a + b: 8 + 4 float32 columns
 
 def _lazy(features, block_rows):
     """The same caches as ``features``, left on disk and read ``block_rows`` at a time."""
-    lazy = load_features(features.paths, features.backbones, max_bytes=block_rows * 16 * ROW_BYTES)
+    lazy = load_features(features.paths, features.backbones, max_bytes=block_rows * 32 * ROW_BYTES)
     assert isinstance(lazy.X, LazyRows) and lazy.X.block_rows == block_rows
     return lazy
 
@@ -100,7 +100,7 @@ def test_mlp_streams_small_blocks_and_one_block_is_the_in_memory_fit(features):
     X, y, params = features.X, features.y, {"epochs": 5, "hidden": 8}
     dense = make_head("mlp", **params).fit(X[train], y[train], X[val], y[val])
 
-    lazy = _lazy(features, block_rows=5).X  # 36 train rows: 8 blocks
+    lazy = _lazy(features, block_rows=2).X  # 36 train rows: 18 blocks
     streamed = make_head("mlp", **params).fit(lazy.take(train), y[train], lazy.take(val), y[val])
     assert len(streamed.history_) == 5 and streamed.history_[-1]["val_acc"] > 0.6  # chance 1/3
     # Block by block equals all at once up to float32 rounding (matmul kernels differ by shape).
@@ -117,7 +117,7 @@ def test_mlp_streams_small_blocks_and_one_block_is_the_in_memory_fit(features):
 @pytest.mark.parametrize("name", [h for h in HEADS if HEADS[h].input == "embeddings"])
 def test_every_head_predicts_from_lazy_rows_and_only_streaming_heads_fit_them(features, name):
     X, y = features.X, features.y
-    lazy = _lazy(features, block_rows=4).X
+    lazy = _lazy(features, block_rows=2).X
     head = make_head(name, **({"epochs": 2, "hidden": 8} if name == "mlp" else {}))
     if HEADS[name].streams:
         head.fit(lazy, y)
@@ -136,7 +136,7 @@ def test_fit_head_streams_over_budget_and_names_heads_that_cannot(features, tmp_
         fit_head(lazy, "logreg", {}, seed=0)
     assert str(err.value) == (
         "Head 'logreg' needs 72 rows of the fused features in memory, 3,456 bytes as float32, "
-        "over the memory budget fuse.memory_gb (768 bytes); raise it, or use a head that "
+        "over the memory budget fuse.memory_gb (1,536 bytes); raise it, or use a head that "
         "streams: ['mlp']."
     )
     with pytest.raises(ConfigError, match="defuse compare needs 90 rows"):
