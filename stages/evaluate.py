@@ -1,6 +1,5 @@
 """`defuse evaluate`: the evaluate stage."""
 
-
 import click
 
 from pipeline import layout
