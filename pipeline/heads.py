@@ -99,7 +99,8 @@ class Head(ClassifierMixin, BaseEstimator):
         """Learn from ``X`` (n_samples, n_features) and ``y`` (n_samples,).
 
         ``X_val``, ``y_val`` (n_val, n_features), (n_val,): optional validation data for
-        heads that select an epoch; the others ignore it.
+        heads that select an epoch; the others ignore it. ``X`` and ``X_val`` may be
+        LazyRows for a head that ``streams``.
         """
         self._validate_params()
         if isinstance(X, LazyRows) and not self.streams:

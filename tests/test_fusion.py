@@ -1,6 +1,7 @@
 """Stage two on real HDF5 caches of synthetic embeddings: fit, refuse stale heads, evaluate,
 stream features over the memory budget, and the human-facing report."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -141,6 +142,9 @@ def test_fit_head_streams_over_budget_and_names_heads_that_cannot(features, tmp_
     )
     with pytest.raises(ConfigError, match="defuse compare needs 90 rows"):
         in_memory(lazy, "defuse compare")
+    np.testing.assert_array_equal(
+        in_memory(replace(lazy, max_bytes=N * ROW_BYTES), "c"), features.X
+    )
     fit_head(lazy, "late", {}, seed=0)  # logits are always in memory
 
     roomy = load_features(features.paths, features.backbones, max_bytes=80 * ROW_BYTES)
