@@ -33,6 +33,10 @@ _DERIVED = ("schema", "dim", "n_classes", "dtype")  # the writer fills these its
 _JSON = ("class_names", "versions")  # stored as JSON text; everything else is native
 _ID = "S64"  # sample ids are sha256 hex digests: 64 ASCII bytes
 _PIECE_ROWS = 512  # rows read at a time: checked for NaN while still in the CPU cache
+_GAP_ROWS = 64  # unwanted rows between two wanted ones that are cheaper read through than skipped
+# A streamed block is held a few times over while a head trains on it (read, its float64
+# statistics, standardized, cast): a 32nd of the memory budget keeps all that well inside it.
+_BLOCK_SHARE = 32
 
 
 # ---------------------------------------------------------------------------- attributes
@@ -327,25 +331,50 @@ class _Header:
     def embeddings(self) -> h5py.Dataset:
         return self.file["embeddings"]
 
-    def read_into(self, out: np.ndarray, cols=slice(None), dest: np.ndarray | None = None):
-        """Copy the embeddings (N, D) into out[:, cols], file row r to out row dest[r] (or r),
-        refusing NaN / inf. Reads whole row ranges, piece by piece, never a fancy index."""
-        ds = self.embeddings
-        n = ds.shape[0]
-        direct = dest is None and cols == slice(None) and out.dtype == ds.dtype
-        buf = None if direct else np.empty((min(_PIECE_ROWS, n), ds.shape[1]), ds.dtype)
-        for s in range(0, n, _PIECE_ROWS):
-            e = min(s + _PIECE_ROWS, n)
+    def read_into(self, out: np.ndarray, cols=slice(None), src: np.ndarray | None = None):
+        """Copy embeddings into out[:, cols]: file row src[i] to out row i (src None: every
+        row in file order). Refuses NaN / inf; see `_read_rows`."""
+        _read_rows(self.path, self.embeddings, out, cols, src)
+
+
+def _read_rows(path: Path, ds: h5py.Dataset, out, cols, src) -> None:
+    """out[i, cols] = ds[src[i]] for every i (src None: out[:n, cols] = ds[:n]).
+
+    Reads whole row ranges of up to _PIECE_ROWS rows, never a fancy index (slow in HDF5):
+    wanted rows less than _GAP_ROWS apart are read through, scattered ones one range each.
+    Every row read is checked for NaN / inf, named by sample id and file row.
+    """
+    n = ds.shape[0]
+    if src is None:
+        order, wanted = None, np.arange(n)
+    elif len(src) < 2 or (np.diff(src) > 0).all():
+        order, wanted = None, np.asarray(src)  # increasing: out rows follow file rows
+    else:
+        order = np.argsort(src, kind="stable")
+        wanted = src[order]
+    if not len(wanted):
+        return
+    direct = src is None and cols == slice(None) and out.dtype == ds.dtype
+    buf = None if direct else np.empty((min(_PIECE_ROWS, n), ds.shape[1]), ds.dtype)
+    cuts = np.flatnonzero(np.diff(wanted) > _GAP_ROWS) + 1
+    for first, last in zip([0, *cuts.tolist()], [*cuts.tolist(), len(wanted)], strict=True):
+        run = wanted[first:last]  # increasing file rows, each gap at most _GAP_ROWS
+        for s in range(int(run[0]), int(run[-1]) + 1, _PIECE_ROWS):
+            e = min(s + _PIECE_ROWS, int(run[-1]) + 1)
             piece = out[s:e] if direct else buf[: e - s]
-            _guard(self.path, ds.read_direct, piece, np.s_[s:e])
+            _guard(path, ds.read_direct, piece, np.s_[s:e])
             bad = _first_nonfinite(piece)
             if bad is not None:
+                sample = ds.file["sample_id"][s + bad].decode()
                 raise CacheError(
-                    f"{self.path}: embeddings of sample {self.sample_id[s + bad].decode()} "
-                    f"(row {s + bad}) contain NaN or inf"
+                    f"{path}: embeddings of sample {sample} (row {s + bad}) contain NaN or inf"
                 )
-            if not direct:  # a column block of X, float16 -> float32, or another row order
-                out[slice(s, e) if dest is None else dest[s:e], cols] = piece
+            if direct:
+                continue
+            i, j = first + np.searchsorted(run, [s, e])  # out rows i:j come from this piece
+            dest = slice(i, j) if order is None else order[i:j]
+            # a column block of X, float16 -> float32, another row order or a row subset
+            out[dest, cols] = piece if j - i == e - s else piece[run[i - first : j - first] - s]
 
 
 def _guard(path: Path, fn, *args):
@@ -576,7 +605,7 @@ class _Reference:
 class FusedFeatures:
     """Several caches aligned by sample id; X's columns are the backbones' blocks in order."""
 
-    X: np.ndarray  # (N, sum(dims)) float32
+    X: np.ndarray | LazyRows  # (N, sum(dims)) float32; LazyRows when over max_bytes
     logits: list[np.ndarray]  # per backbone, (N, n_classes) float32
     y: np.ndarray  # (N,) int64
     split: np.ndarray  # (N,) str
@@ -586,6 +615,7 @@ class FusedFeatures:
     class_names: tuple[str, ...]
     paths: tuple[Path, ...]
     _identity: tuple = field(repr=False)  # (size, mtime_ns, inode) of each file when read
+    max_bytes: int | None = None  # the memory budget X was loaded under; None: unlimited
     _sums: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -600,6 +630,107 @@ class FusedFeatures:
         return dict(self._sums)
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One cache as LazyRows reads it: reopened for every read, refused if replaced since."""
+
+    path: Path
+    identity: tuple  # (size, mtime_ns, inode) when load_features opened it
+    src: np.ndarray | None  # (N,) file row of each reference row; None: the same order
+
+
+class LazyRows:
+    """Fused embeddings (n_rows, sum(dims)) float32 left in the caches until asked for.
+
+    What load_features returns as X when the dense matrix would exceed its memory budget.
+    ``view[a:b]`` and ``view[rows]`` (increasing row indices) read just those rows of every
+    cache, by row ranges and refusing NaN / inf as load_features does, and return them
+    concatenated as an array; ``view.take(rows)`` is a lazy view of a row subset;
+    ``view.block_slices()`` cuts the rows into blocks of ``block_rows``, the unit a streaming
+    head reads. Never read whole behind the caller's back: ``np.asarray(view)`` raises.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, parts: Sequence[_Part], dims: Sequence[int], rows, block_rows: int):
+        self._parts, self.dims = tuple(parts), tuple(int(d) for d in dims)
+        self._rows = np.asarray(rows, np.int64)  # (n,) increasing reference rows
+        self.block_rows = int(block_rows)
+        self.shape = (len(self._rows), sum(self.dims))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        paths = [str(p.path) for p in self._parts]
+        return f"LazyRows(shape={self.shape}, block_rows={self.block_rows}, caches={paths})"
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError(
+            f"{self!r} is not read whole implicitly ({self.nbytes} bytes as float32); "
+            "read rows with view[a:b] or view[rows]"
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the dense float32 matrix: what reading every row at once would take."""
+        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    def block_slices(self) -> list[slice]:
+        """Consecutive row slices of at most ``block_rows`` rows covering the view."""
+        n, size = len(self), self.block_rows
+        return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+    def take(self, rows) -> LazyRows:
+        """A lazy view of ``rows`` (a slice or increasing indices) of this one."""
+        return LazyRows(self._parts, self.dims, self._rows[self._positions(rows)], self.block_rows)
+
+    def __getitem__(self, key) -> np.ndarray:
+        """(k, n_features) float32: the rows ``key`` (a slice or increasing indices) selects."""
+        rows = self._rows[self._positions(key)]
+        out = np.empty((len(rows), self.shape[1]), np.float32)
+        offset = 0
+        for part, d in zip(self._parts, self.dims, strict=True):
+            src = rows if part.src is None else part.src[rows]
+            with _reopen(part.path, part.identity) as f:
+                cols = slice(offset, offset + d)
+                _read_rows(part.path, f["embeddings"], out, cols, src)
+            offset += d
+        return out
+
+    def _positions(self, key) -> slice | np.ndarray:
+        if isinstance(key, slice):
+            if key.step not in (None, 1):
+                raise IndexError(f"LazyRows reads row ranges in order; got step {key.step}")
+            return key
+        idx = np.asarray(key)
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise IndexError(
+                "LazyRows selects rows only: view[a:b] or view[rows] with a 1-D array of "
+                f"increasing ints; got {key!r:.80}"
+            )
+        idx = idx.astype(np.int64)
+        if idx.size and (idx[0] < 0 or idx[-1] >= len(self) or (np.diff(idx) <= 0).any()):
+            raise IndexError(
+                f"LazyRows row indices must increase and lie in [0, {len(self)}); got "
+                f"{idx[:5].tolist()}{'...' if idx.size > 5 else ''}"
+            )
+        return idx
+
+
+def _reopen(path: Path, identity: tuple) -> h5py.File:
+    """The cache at ``path`` opened again, if it is still the file load_features read."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise CacheError(f"{path}: cannot be reopened to read rows ({e})") from None
+    if _identity(path, f) != identity:
+        f.close()
+        raise CacheError(f"{path}: changed since its features were loaded")
+    return f
+
+
 def _identity(path: Path, f: h5py.File | None = None) -> tuple:
     """(size, mtime_ns, inode) of `path`, or of the file `f` actually has open."""
     st = os.stat(path) if f is None else os.fstat(f.id.get_vfd_handle())
@@ -610,6 +741,7 @@ def load_features(
     paths: Sequence[str | os.PathLike],
     backbones: Sequence[str] | None = None,
     manifest=None,
+    max_bytes: int | None = None,
 ) -> FusedFeatures:
     """Read caches, align their rows by sample id and concatenate embeddings into X (N, sum D).
 
@@ -619,6 +751,10 @@ def load_features(
     differs, different class names, and anything read_cache refuses. X is preallocated and
     each cache is read by row ranges into its column block; the id permutation is skipped
     when a cache is already in the reference order (the usual case).
+
+    When X would take more than `max_bytes` (float32; None: no limit), X is a LazyRows
+    instead: only ids, labels, splits and logits are read now, embeddings block by block
+    when asked for (blocks of about max_bytes / 32), NaN / inf refused as they are read.
     """
     if not paths:
         raise CacheError("load_features needs at least one cache path")
@@ -626,13 +762,13 @@ def load_features(
     try:
         for p in paths:
             heads.append(_open(p, unique=False))
-        return _fuse(heads, backbones, manifest)
+        return _fuse(heads, backbones, manifest, max_bytes)
     finally:
         for h in heads:
             h.file.close()
 
 
-def _fuse(heads: list[_Header], backbones, manifest) -> FusedFeatures:
+def _fuse(heads: list[_Header], backbones, manifest, max_bytes) -> FusedFeatures:
     names = tuple(h.attrs["backbone"] for h in heads)
     if backbones is not None and tuple(backbones) != names:
         files = ", ".join(str(h.path) for h in heads)
@@ -653,15 +789,20 @@ def _fuse(heads: list[_Header], backbones, manifest) -> FusedFeatures:
         all_rows.append(rows)
 
     n, dims = len(ref.sample_id), tuple(h.embeddings.shape[1] for h in heads)
-    X = np.empty((n, sum(dims)), np.float32)
-    offset = 0
-    for h, rows, d in zip(heads, all_rows, dims, strict=True):
-        dest = None
-        if rows is not None:  # rows: file row of each X row; dest: X row of each file row
-            dest = np.empty_like(rows)
-            dest[rows] = np.arange(n)
-        h.read_into(X, slice(offset, offset + d), dest)
-        offset += d
+    identities = tuple(_identity(h.path, h.file) for h in heads)
+    row_bytes = sum(dims) * np.dtype(np.float32).itemsize
+    if max_bytes is None or n * row_bytes <= max_bytes:
+        X = np.empty((n, sum(dims)), np.float32)
+        offset = 0
+        for h, rows, d in zip(heads, all_rows, dims, strict=True):
+            h.read_into(X, slice(offset, offset + d), rows)  # rows: file row of each X row
+            offset += d
+    else:
+        parts = [
+            _Part(h.path, ident, rows)
+            for h, ident, rows in zip(heads, identities, all_rows, strict=True)
+        ]
+        X = LazyRows(parts, dims, np.arange(n), max(1, max_bytes // (_BLOCK_SHARE * row_bytes)))
     return FusedFeatures(
         X=X,
         logits=[
@@ -674,7 +815,8 @@ def _fuse(heads: list[_Header], backbones, manifest) -> FusedFeatures:
         dims=dims,
         class_names=tuple(first.attrs["class_names"]),
         paths=tuple(h.path for h in heads),
-        _identity=tuple(_identity(h.path, h.file) for h in heads),
+        _identity=identities,
+        max_bytes=max_bytes,
     )
 
 

@@ -105,6 +105,21 @@ class FuseParams:
         None  # concatenation order; None: every entry of `backbones`
     )
     seed: int = 0
+    # Fused features (all rows, float32) larger than this stay in the caches: heads that
+    # stream (mlp) read them block by block, the others stop with an error. A fixed size, not
+    # a share of RAM: streaming shuffles differently, and the same params must give the same
+    # head on every machine.
+    memory_gb: float = 2.0
+
+    def __post_init__(self):
+        if isinstance(self.memory_gb, bool) or not (
+            isinstance(self.memory_gb, int | float) and self.memory_gb > 0
+        ):
+            raise ConfigError(f"fuse.memory_gb must be a number > 0. Got {self.memory_gb!r}.")
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.memory_gb * 1e9)
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import layout
-from pipeline.cache import FusedFeatures, load_features
+from pipeline.cache import FusedFeatures, LazyRows, load_features
 from pipeline.config import FuseParams, backbone_names, section
 from pipeline.data import Manifest
-from pipeline.errors import CheckpointError, DataError
-from pipeline.heads import load_head, make_head
+from pipeline.errors import CheckpointError, ConfigError, DataError
+from pipeline.heads import load_head, make_head, streaming_heads
 from pipeline.metrics import classification_metrics
 
 
@@ -24,18 +24,43 @@ def fused_features(
     manifest: Manifest, features_dir: Path, params_path: Path | str
 ) -> FusedFeatures:
     """The caches of `fuse.backbones` (default: every entry of `backbones`), aligned to
-    ``manifest`` and concatenated in that order: what fuse, evaluate and compare read."""
-    backbones = list(
-        section(FuseParams, "fuse", params_path).backbones or backbone_names(params_path)
-    )
+    ``manifest`` and concatenated in that order: what fuse, evaluate and compare read. X
+    stays in the caches (a LazyRows) when it would take more than `fuse.memory_gb`."""
+    params = section(FuseParams, "fuse", params_path)
+    backbones = list(params.backbones or backbone_names(params_path))
     paths = [layout.feature_cache(b, features_dir) for b in backbones]
-    return load_features(paths, backbones, manifest=manifest)
+    return load_features(paths, backbones, manifest=manifest, max_bytes=params.max_bytes)
 
 
-def head_input(features: FusedFeatures, head) -> np.ndarray:
+def head_input(features: FusedFeatures, head) -> np.ndarray | LazyRows:
     """``(n_samples, n_features)``: concatenated embeddings, or concatenated logits for
     score-level heads (``head.input == "logits"``)."""
     return features.X if head.input == "embeddings" else np.concatenate(features.logits, axis=1)
+
+
+def in_memory(features: FusedFeatures, who: str) -> np.ndarray:
+    """``features.X`` as an array, read from the caches if load_features left it there;
+    ConfigError naming ``who`` when that exceeds the memory budget."""
+    if not isinstance(features.X, LazyRows):
+        return features.X
+    _check_budget(features, who, len(features.X))
+    return features.X[:]
+
+
+def _check_budget(features: FusedFeatures, who: str, n_rows: int) -> None:
+    """ConfigError naming ``who`` when ``n_rows`` fused rows exceed the memory budget."""
+    need = n_rows * features.X.shape[1] * features.X.dtype.itemsize
+    if need > features.max_bytes:
+        raise ConfigError(
+            f"{who} needs {n_rows} rows of the fused features in memory, {need:,} bytes as "
+            f"float32, over the memory budget fuse.memory_gb ({features.max_bytes:,} bytes); "
+            f"raise it, or use a head that streams: {streaming_heads()}."
+        )
+
+
+def _select(X: np.ndarray | LazyRows, rows: np.ndarray) -> np.ndarray | LazyRows:
+    """X[rows]; a lazy view for a LazyRows, which heads read block by block."""
+    return X.take(rows) if isinstance(X, LazyRows) else X[rows]
 
 
 def _rows(features: FusedFeatures, split: str) -> np.ndarray:
@@ -54,9 +79,14 @@ def fit_head(features: FusedFeatures, name: str, params: dict, seed: int) -> tup
         head.set_params(random_state=seed)
     train, val = _rows(features, "train"), _rows(features, "val")
     X, y = head_input(features, head), features.y
-    head.fit(X[train], y[train], X[val], y[val])
+    if isinstance(X, LazyRows) and not head.streams:  # X is over budget; train + val may fit
+        _check_budget(features, f"Head {name!r}", len(train) + len(val))
+        X_train, X_val = X[train], X[val]
+    else:
+        X_train, X_val = _select(X, train), _select(X, val)
+    head.fit(X_train, y[train], X_val, y[val])
     names = list(features.class_names)
-    val_metrics = classification_metrics(y[val], head.predict(X[val]), names)
+    val_metrics = classification_metrics(y[val], head.predict(X_val), names)
     sidecar = {
         "head": name,
         "backbones": list(features.backbones),
@@ -109,7 +139,7 @@ def evaluate(features: FusedFeatures, head_dirs: dict[str, Path]) -> dict[str, d
     for name, directory in head_dirs.items():
         head, sidecar = load_head(directory)
         check_head(sidecar, features, directory)
-        preds[name] = ("fusion", head.predict(head_input(features, head)[test]))
+        preds[name] = ("fusion", head.predict(_select(head_input(features, head), test)))
     return {
         name: {
             "kind": kind,

@@ -29,17 +29,17 @@ def compare(manifest, features_dir, out, params_path, folds, head_names):
     from pipeline.compare import compare as run
     from pipeline.config import CompareParams, head_params, load_params, section
     from pipeline.data import read_manifest
-    from pipeline.fusion import fused_features
+    from pipeline.fusion import fused_features, in_memory
 
     params = section(CompareParams, "compare", params_path, folds=folds)
     names = (
         head_names.split(",") if head_names else list(load_params(params_path).get("heads") or {})
     )
     features = fused_features(read_manifest(manifest), features_dir, params_path)
-    backbones = list(features.backbones)
+    backbones, X = list(features.backbones), in_memory(features, "defuse compare")
     blocks, start = {}, 0
     for backbone, dim in zip(backbones, features.dims, strict=True):
-        blocks[backbone], start = features.X[:, start : start + dim], start + dim
+        blocks[backbone], start = X[:, start : start + dim], start + dim
     board = run(
         blocks,
         features.y,

@@ -13,6 +13,7 @@ from pipeline.cache import (
     ATTRS,
     SPLITS,
     CacheWriter,
+    LazyRows,
     cache_info,
     file_sha256,
     load_features,
@@ -152,6 +153,66 @@ def test_caches_in_different_orders_align_by_sample_id(tmp_path):
     np.testing.assert_array_equal(fused.sample_id, m.sample_id)
     np.testing.assert_array_equal(fused.X[:, D:], b["embeddings"][perm[::-1]])
     np.testing.assert_array_equal(fused.split, m.split)
+
+
+def test_over_budget_features_stay_in_the_caches_and_read_the_same_rows(tmp_path):
+    a, b = _data(0), _data(1, dim=8)
+    b["label"], b["split"] = a["label"], a["split"]
+    perm = np.random.default_rng(2).permutation(N)
+    pa = _write(tmp_path / "a.h5", a, backbone="a", dtype="float16")
+    pb = _write(tmp_path / "b.h5", b, order=perm, backbone="b")  # read by scattered ranges
+    m = _manifest({k: v[perm[::-1]] for k, v in a.items()})
+    dense = load_features([pa, pb], manifest=m)
+    row_bytes = (D + 8) * 4
+    assert load_features([pa, pb], manifest=m, max_bytes=N * row_bytes).X.shape == (N, D + 8)
+    lazy = load_features([pa, pb], manifest=m, max_bytes=N * row_bytes - 1)
+    X = lazy.X
+    assert isinstance(X, LazyRows) and X.shape == dense.X.shape and X.nbytes == dense.X.nbytes
+    assert X.block_rows == max(1, (N * row_bytes - 1) // (32 * row_bytes)) == 1
+    np.testing.assert_array_equal(X[:], dense.X)
+    np.testing.assert_array_equal(X[7:31], dense.X[7:31])
+    rows = np.array([0, 3, 4, 40, N - 1])
+    np.testing.assert_array_equal(X[rows], dense.X[rows])
+    X.block_rows = 3
+    sub = X.take(rows[1:])  # a lazy subset, indexed from 0 again
+    np.testing.assert_array_equal(sub[1:3], dense.X[rows[2:4]])
+    blocks = sub.block_slices()
+    assert [(s.start, s.stop) for s in blocks] == [(0, 3), (3, 4)]
+    np.testing.assert_array_equal(np.concatenate([sub[s] for s in blocks]), dense.X[rows[1:]])
+    assert X[np.array([], int)].shape == (0, D + 8)
+    np.testing.assert_array_equal(lazy.y, dense.y)
+    np.testing.assert_array_equal(lazy.logits[1], dense.logits[1])
+    assert lazy.checksums == dense.checksums and lazy.max_bytes == N * row_bytes - 1
+
+
+def test_lazy_rows_refuse_misuse_naming_what_is_allowed(good):
+    path, _ = good
+    X = load_features([path], max_bytes=0).X
+    assert X.block_rows == 1
+    with pytest.raises(TypeError, match="not read whole implicitly"):
+        np.asarray(X)
+    with pytest.raises(IndexError, match="selects rows only"):
+        X[:, :4]
+    with pytest.raises(IndexError, match="selects rows only"):
+        X[3]
+    with pytest.raises(IndexError, match=r"must increase and lie in \[0, 50\); got \[4, 2\]"):
+        X[[4, 2]]
+    with pytest.raises(IndexError, match="must increase"):
+        X.take(np.array([0, N]))
+    with pytest.raises(IndexError, match="step 2"):
+        X[::2]
+
+
+def test_lazy_rows_check_values_and_files_as_they_read(good):
+    path, data = good
+    X = load_features([path], max_bytes=0).X
+    _edit(path, lambda f: f["embeddings"].__setitem__((7, 2), np.nan))  # same inode, new mtime
+    with pytest.raises(CacheError, match="changed since its features were loaded"):
+        X[0:2]
+    X = load_features([path], max_bytes=0).X  # the header reads no embedding values
+    np.testing.assert_array_equal(X[0:7], data["embeddings"][:7])
+    with pytest.raises(CacheError, match=rf"{data['sample_id'][7]} \(row 7\) contain NaN"):
+        X[5:9]
 
 
 def test_checksums_refused_after_the_file_is_replaced(good, tmp_path):

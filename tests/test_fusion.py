@@ -1,16 +1,21 @@
 """Stage two on real HDF5 caches of synthetic embeddings: fit, refuse stale heads, evaluate,
-and the human-facing report."""
+stream features over the memory budget, and the human-facing report."""
+
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 
 from pipeline import layout
-from pipeline.cache import CacheWriter, load_features
+from pipeline.cache import CacheWriter, LazyRows, load_features
 from pipeline.errors import CheckpointError, ConfigError, DataError
-from pipeline.fusion import check_head, evaluate, fit_head
-from pipeline.heads import save_head
+from pipeline.fusion import check_head, evaluate, fit_head, fused_features, in_memory
+from pipeline.heads import HEADS, make_head, save_head
 from pipeline.report import write_reports
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = ["crack", "scratch", "clean"]
 N = 90
 
@@ -78,6 +83,96 @@ def test_stale_or_foreign_heads_are_refused(tmp_path, features):
         check_head(side, load_features(features.paths, ["a", "b"]), "h")
     with pytest.raises(CheckpointError, match="classes"):
         check_head({**side, "class_names": ["x", "y"]}, features, "h")
+
+
+ROW_BYTES = 12 * 4  # a + b: 8 + 4 float32 columns
+
+
+def _lazy(features, block_rows):
+    """The same caches as ``features``, left on disk and read ``block_rows`` at a time."""
+    lazy = load_features(features.paths, features.backbones, max_bytes=block_rows * 32 * ROW_BYTES)
+    assert isinstance(lazy.X, LazyRows) and lazy.X.block_rows == block_rows
+    return lazy
+
+
+def test_mlp_streams_small_blocks_and_one_block_is_the_in_memory_fit(features):
+    split = features.split
+    train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+    X, y, params = features.X, features.y, {"epochs": 5, "hidden": 8}
+    dense = make_head("mlp", **params).fit(X[train], y[train], X[val], y[val])
+
+    lazy = _lazy(features, block_rows=2).X  # 36 train rows: 18 blocks
+    streamed = make_head("mlp", **params).fit(lazy.take(train), y[train], lazy.take(val), y[val])
+    assert len(streamed.history_) == 5 and streamed.history_[-1]["val_acc"] > 0.6  # chance 1/3
+    # Block by block equals all at once up to float32 rounding (matmul kernels differ by shape).
+    proba = streamed.predict_proba(lazy.take(val))
+    np.testing.assert_allclose(proba, streamed.predict_proba(X[val]), atol=1e-6)
+    assert streamed.history_ != dense.history_  # another shuffle: blocks, then rows in each
+
+    lazy.block_rows = len(lazy)  # one block: exactly the in-memory fit
+    single = make_head("mlp", **params).fit(lazy.take(train), y[train], lazy.take(val), y[val])
+    assert single.history_ == dense.history_ and single.best_epoch_ == dense.best_epoch_
+    np.testing.assert_array_equal(single.predict_proba(X), dense.predict_proba(X))
+
+
+@pytest.mark.parametrize("name", [h for h in HEADS if HEADS[h].input == "embeddings"])
+def test_every_head_predicts_from_lazy_rows_and_only_streaming_heads_fit_them(features, name):
+    X, y = features.X, features.y
+    lazy = _lazy(features, block_rows=2).X
+    head = make_head(name, **({"epochs": 2, "hidden": 8} if name == "mlp" else {}))
+    if HEADS[name].streams:
+        head.fit(lazy, y)
+    else:
+        with pytest.raises(DataError, match=rf"{name} learns from an in-memory array only.*mlp"):
+            head.fit(lazy, y)
+        head.fit(X, y)
+    np.testing.assert_allclose(head.predict_proba(lazy), head.predict_proba(X), atol=1e-6)
+
+
+def test_fit_head_streams_over_budget_and_names_heads_that_cannot(features, tmp_path):
+    lazy = _lazy(features, block_rows=1)  # X (90 rows) and train + val (72 rows) over budget
+    head, side = fit_head(lazy, "mlp", {"epochs": 5, "hidden": 8}, seed=0)
+    assert side["val_metrics"]["accuracy"] > 0.6 and side["cache_sha256"] == features.checksums
+    with pytest.raises(ConfigError) as err:
+        fit_head(lazy, "logreg", {}, seed=0)
+    assert str(err.value) == (
+        "Head 'logreg' needs 72 rows of the fused features in memory, 3,456 bytes as float32, "
+        "over the memory budget fuse.memory_gb (1,536 bytes); raise it, or use a head that "
+        "streams: ['mlp']."
+    )
+    with pytest.raises(ConfigError, match="defuse compare needs 90 rows"):
+        in_memory(lazy, "defuse compare")
+    np.testing.assert_array_equal(
+        in_memory(replace(lazy, max_bytes=N * ROW_BYTES), "c"), features.X
+    )
+    fit_head(lazy, "late", {}, seed=0)  # logits are always in memory
+
+    roomy = load_features(features.paths, features.backbones, max_bytes=80 * ROW_BYTES)
+    assert isinstance(roomy.X, LazyRows)  # X is over budget, but train + val fit
+    logreg, _ = fit_head(roomy, "logreg", {}, seed=0)
+    dense, _ = fit_head(features, "logreg", {}, seed=0)
+    np.testing.assert_array_equal(logreg.model_.coef_, dense.model_.coef_)
+
+    heads = {"mlp": save_head(head, tmp_path / "mlp", side)}
+    streamed, in_ram = evaluate(lazy, heads), evaluate(features, heads)
+    np.testing.assert_array_equal(streamed["mlp"]["y_pred"], in_ram["mlp"]["y_pred"])
+
+
+def test_fuse_params_memory_budget_switches_to_streaming(features, tmp_path):
+    ids = [f"{i:064x}" for i in range(N)]
+    manifest = SimpleNamespace(sample_id=ids, label=features.y, split=features.split,
+                               sha256="m" * 64)  # fmt: skip
+    params = tmp_path / "params.yaml"
+    folder = features.paths[0].parent
+    for memory_gb, lazy in ((2.0, False), (1e-9, True)):
+        params.write_text(
+            yaml.safe_dump({"fuse": {"backbones": ["a", "b"], "memory_gb": memory_gb}})
+        )
+        fused = fused_features(manifest, folder, params)
+        assert isinstance(fused.X, LazyRows) is lazy and fused.max_bytes == int(memory_gb * 1e9)
+    params.write_text(yaml.safe_dump({"fuse": {"memory_gb": 0}}))
+    with pytest.raises(ConfigError, match=r"fuse\.memory_gb must be a number > 0\. Got 0\."):
+        fused_features(manifest, folder, params)
 
 
 def test_evaluate_scores_singles_and_heads_and_writes_the_report(tmp_path, features):

@@ -1,0 +1,148 @@
+"""Peak memory of fusion training that streams a cache larger than its memory budget.
+
+    .venv/bin/python bench/bench_fusion_memory.py [--rows 200000] [--epochs 1] [--memory-gb 1]
+                                                 [--threads N] [--dense] [--dir /tmp]
+
+Writes three synthetic float16 caches of rows x 2048 with CacheWriter (200,000 rows: 3 x 0.8 GB
+on disk, 4.9 GB as the float32 matrix) with learnable labels and a 70 / 15 / 15 split, then in
+a fresh child process runs what `defuse fuse mlp` runs with `fuse.memory_gb: --memory-gb`:
+load_features with that budget and fit_head with the mlp defaults but --epochs (train split,
+best epoch on val, cache checksums). Its peak RSS (VmHWM) is set against the budget and the
+bytes of the whole float32 matrix; --dense also measures a whole load (load_features without a
+budget, nothing trained) in another child. A third child trains the same head on 256 random
+in-memory rows: the floor that torch and the network cost whatever the data. The caches are
+deleted at the end. Stdout holds only the result lines; details go to stderr.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.cache import SPLITS, CacheWriter, load_features
+from pipeline.fusion import fit_head
+from pipeline.heads import make_head
+
+BACKBONES = ("resnet50", "inception_v3", "legacy_xception")
+DIM, N_CLASSES, BATCH = 2048, 4, 8192
+
+
+def write_caches(root: Path, n: int) -> list[Path]:
+    """Three float16 caches of n x DIM: unit noise plus a class mean (0.05 apart per column)."""
+    rng = np.random.default_rng(0)
+    ids = np.array([hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)])
+    label = rng.integers(0, N_CLASSES, n)
+    split = np.asarray(SPLITS)[rng.choice(3, n, p=[0.7, 0.15, 0.15])]
+    paths = []
+    for name in BACKBONES:
+        means = rng.normal(0, 0.05, (N_CLASSES, DIM)).astype(np.float32)
+        attrs = dict(
+            backbone=name, class_names=list("abcd"), checkpoint_sha256="0" * 64,
+            manifest_sha256="1" * 64, input_size=299, mean=[0.5] * 3, std=[0.5] * 3,
+            layer="pre_logits", tta=False, versions={"numpy": np.__version__}, created="bench",
+        )  # fmt: skip
+        paths.append(root / f"{name}.h5")
+        with CacheWriter(paths[-1], n, DIM, N_CLASSES, dtype="float16", attrs=attrs) as w:
+            for s in range(0, n, BATCH):
+                rows = slice(s, min(s + BATCH, n))
+                emb = rng.standard_normal((len(label[rows]), DIM), dtype=np.float32)
+                emb += means[label[rows]]
+                logits = np.eye(N_CLASSES, dtype=np.float32)[label[rows]]
+                w.write(s, emb, logits, ids[rows], label[rows], split[rows])
+    return paths
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e6
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def child(mode: str, paths: list[str], args) -> dict:
+    """One measured job, in a process of its own; its figures."""
+    out = {"imports_mb": peak_rss_mb()}  # python, numpy, h5py, torch, sklearn
+    start = time.perf_counter()
+    if mode == "floor":
+        rng = np.random.default_rng(0)
+        X, y = rng.standard_normal((256, DIM * len(BACKBONES)), np.float32), np.arange(256) % 4
+        make_head("mlp", epochs=args.epochs).fit(X, y)
+    elif mode == "dense":
+        out["X"] = str(load_features(paths).X.shape)
+    else:
+        features = load_features(paths, max_bytes=int(args.memory_gb * 1e9))
+        _, sidecar = fit_head(features, "mlp", {"epochs": args.epochs}, seed=0)
+        out |= {"X": repr(features.X), "n_train": sidecar["n_train"]}
+        out["val_accuracy"] = sidecar["val_metrics"]["accuracy"]
+    return out | {"seconds": time.perf_counter() - start, "peak_mb": peak_rss_mb()}
+
+
+def run_child(mode: str, paths: list[Path], args) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--epochs", str(args.epochs),
+           "--memory-gb", str(args.memory_gb), "--threads", str(args.threads)]  # fmt: skip
+    result = subprocess.run([*cmd, *map(str, paths)], capture_output=True, text=True, check=False)
+    if result.returncode:
+        sys.exit(f"{mode} child failed:\n{result.stderr}")
+    figures = json.loads(result.stdout.splitlines()[-1])
+    print(f"{mode} child: {figures}", file=sys.stderr, flush=True)
+    return figures
+
+
+def report(what: str, measured_mb: float, reference_mb: float, note: str = "") -> None:
+    print(f"{what}: {measured_mb:.0f} MB / {reference_mb:.0f} MB{note} = "
+          f"{measured_mb / reference_mb:.2f}", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--epochs", type=int, default=1, help="mlp epochs (fuse trains 50)")
+    ap.add_argument("--memory-gb", type=float, default=1.0, help="the fuse.memory_gb budget")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--dense", action="store_true", help="also measure a whole float32 load")
+    ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--child", choices=["stream", "dense", "floor"], help=argparse.SUPPRESS)
+    ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child(args.child, args.paths, args)))
+        return
+
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    root = Path(tempfile.mkdtemp(prefix="bench_fusion_memory_", dir=args.dir))
+    try:
+        start = time.perf_counter()
+        paths = write_caches(root, args.rows)
+        whole_mb = args.rows * DIM * len(BACKBONES) * 4 / 1e6
+        log(f"wrote {sum(p.stat().st_size for p in paths) / 1e9:.2f} GB of caches in "
+            f"{time.perf_counter() - start:.0f} s; the float32 matrix is {whole_mb:.0f} MB")  # fmt: skip
+        log(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
+            f"{args.epochs} epoch(s), torch threads {torch.get_num_threads()}")  # fmt: skip
+        peak = run_child("stream", paths, args)["peak_mb"]
+        floor = run_child("floor", paths, args)["peak_mb"]
+        report("fusion_stream_peak_rss", peak, args.memory_gb * 1e3)
+        report("fusion_stream_peak_rss_above_floor", peak - floor, args.memory_gb * 1e3,
+               f" (floor: the head on 256 rows, {floor:.0f} MB)")  # fmt: skip
+        report("fusion_stream_vs_whole_load", peak, whole_mb, " (computed)")
+        if args.dense:
+            report("fusion_stream_vs_whole_load", peak, run_child("dense", paths, args)["peak_mb"],
+                   " (measured, load only)")  # fmt: skip
+        log(f"load average after: {os.getloadavg()[0]:.2f}")
+    finally:
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()
