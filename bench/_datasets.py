@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.config import PrepareParams
+from pipeline.config import PrepareParams, section
 from pipeline.data import Manifest, build_manifest, read_manifest, write_manifest
 
 JPEG_SIZE = (2560, 1920)
@@ -33,7 +33,7 @@ def manifest(source: str, tmp: Path, n_jpegs: int = 0) -> Manifest:
     """A manifest of ELPV (``source="elpv"``, 2,624 cells, 4 classes) or of ``n_jpegs``
     synthetic JPEGs (``source="jpeg"``, 2 classes), written under ``tmp``."""
     if source == "elpv":
-        params = PrepareParams(source="elpv")
+        params = section(PrepareParams, "prepare", source="elpv")  # the default job's splits
     else:
         root = write_jpegs(tmp / "images", n_jpegs)
         params = PrepareParams(source="folder", root=str(root), test_fraction=0.2, val_fraction=0.2)

@@ -57,8 +57,11 @@ def main() -> None:
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--source", choices=("elpv", "jpeg"), default="elpv")
     parser.add_argument("--images", type=int, default=640, help="jpeg only: how many")
+    parser.add_argument("--num-workers", type=int, default=None, help="default: params.yaml")
     args = parser.parse_args()
-    params = finetune_params(args.backbone, epochs=1, pretrained=False, device="cpu")
+    params = finetune_params(
+        args.backbone, epochs=1, pretrained=False, device="cpu", num_workers=args.num_workers
+    )
     print(
         f"machine: {os.cpu_count()} cores, torch {torch.__version__} on "
         f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}"
