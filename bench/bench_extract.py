@@ -29,7 +29,7 @@ from _datasets import manifest
 
 from pipeline.backbones import backbone_info, create_backbone, embed
 from pipeline.checkpoint import save_checkpoint
-from pipeline.config import ExtractParams
+from pipeline.config import ExtractParams, section
 from pipeline.data import manifest_json_path, read_manifest
 from pipeline.features import extract
 from pipeline.runtime import prepare_model
@@ -104,8 +104,9 @@ def main() -> None:
     parser.add_argument("--source", choices=("jpeg", "elpv"), default="jpeg")
     parser.add_argument("--images", type=int, default=128, help="jpeg: the 1x image count")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--batch-size", type=int, default=ExtractParams.batch_size)
-    parser.add_argument("--num-workers", type=int, default=ExtractParams.num_workers)
+    defaults = section(ExtractParams, "extract")  # what `defuse extract` runs with
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
     parser.add_argument("--repeat", type=int, default=2, help="best of N timings")
     args = parser.parse_args()
     params = ExtractParams(batch_size=args.batch_size, num_workers=args.num_workers, device="cpu")
