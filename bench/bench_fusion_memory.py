@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import SPLITS, CacheWriter, load_features
+from pipeline.config import FuseParams, section
 from pipeline.fusion import fit_head
 from pipeline.heads import make_head
 
@@ -81,7 +82,8 @@ def child(mode: str, paths: list[str], args) -> dict:
         out["X"] = str(load_features(paths).X.shape)
     else:
         features = load_features(paths, max_bytes=int(args.memory_gb * 1e9))
-        _, sidecar = fit_head(features, "mlp", {"epochs": args.epochs}, seed=0)
+        fuse = section(FuseParams, "fuse")  # what `defuse fuse` runs with, one mlp candidate
+        _, sidecar = fit_head(features, "mlp", {"epochs": args.epochs}, fuse)
         out |= {"X": repr(features.X), "n_train": sidecar["n_train"]}
         out["val_accuracy"] = sidecar["val_metrics"]["accuracy"]
     return out | {"seconds": time.perf_counter() - start, "peak_mb": peak_rss_mb()}

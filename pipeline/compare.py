@@ -1,10 +1,15 @@
-"""Which heads on which backbone subsets: k-fold CV on train+val, test only for the pick."""
+"""Which heads on which backbone subsets, ranked on rows the backbones never trained on.
+
+Every (head, subset) is fitted as `defuse fuse` fits it: its candidates on train, the same
+block treatment and epoch selection. Its score is nested over k folds of the val rows: the
+candidate chosen on the other folds is scored on each fold, so no row both picks and
+grades. Test rows are read once, by the refitted pick.
+"""
 
 from __future__ import annotations
 
 import csv
 import itertools
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,7 @@ from tqdm.auto import tqdm
 from pipeline.errors import ConfigError, DataError
 from pipeline.heads import HEADS, make_head
 from pipeline.metrics import classification_metrics
+from pipeline.selection import candidate_params, choose, fit_many, grid, score
 
 COLUMNS = (
     "head",
@@ -38,7 +44,7 @@ class Leaderboard:
     rows: list[dict[str, Any]]
     pick: dict[str, Any]  # the top row + "test": classification_metrics on the test rows
     folds: int
-    n_cv: int  # train+val rows the folds were drawn from
+    n_cv: int  # val rows the folds were drawn from
 
     def to_csv(self, path: Path | str) -> Path:
         """One line per (head, subset), ranked; backbones joined by '+'."""
@@ -56,10 +62,12 @@ class Leaderboard:
         lines = [
             "## Fusion heads x backbone subsets",
             "",
-            f"{self.folds}-fold stratified CV on train+val ({self.n_cv} rows); "
-            "test only for the pick. Mean ± std over folds.",
+            f"Heads fitted on train as `defuse fuse` fits them; scored by {self.folds}-fold "
+            f"nested CV on the {self.n_cv} val rows, which no backbone trained on (each fold "
+            "scores the candidate chosen on the other folds); test only for the pick. "
+            "Mean ± std over folds.",
             "",
-            "| rank | head | backbones | dim | CV macro-F1 | CV accuracy | fit s |",
+            "| rank | head | backbones | dim | CV macro-F1 | CV accuracy | fit s (all candidates) |",
             "|---:|---|---|---:|---|---|---:|",
         ]
         for rank, r in enumerate(self.rows, 1):
@@ -129,15 +137,20 @@ def compare(
     logit_blocks: dict[str, np.ndarray] | None = None,
     progress: bool = True,
     class_names=None,
+    block_norm: str = "l2",
+    select_by: str = "log_loss",
+    refit: bool = True,
+    n_jobs: int = 1,
 ) -> Leaderboard:
-    """Cross-validate every head on every backbone subset; refit the best, test it once.
+    """Rank every head on every backbone subset by nested CV on val; refit the best, test it.
 
     ``blocks``: backbone -> (n_samples, dim_b) embeddings, rows aligned; subsets keep this
     order. ``logit_blocks``: backbone -> (n_samples, n_classes) logits, for heads whose
     ``input`` is "logits". ``y``: (n_samples,) int labels 0..n_classes-1. ``split``:
-    (n_samples,) "train" / "val" / "test". ``heads``: head name -> constructor params, used
-    as given. Folds are drawn from train+val rows only; test rows are sliced off before any
-    fit and used once, by the pick. ``fit_seconds`` is the mean per fold (fit + predict).
+    (n_samples,) "train" / "val" / "test". ``heads``: head name -> params.yaml entry (lists
+    are grids). ``block_norm``, ``select_by``, ``refit`` as in `fuse` (`FuseParams`);
+    ``n_jobs`` processes share the fits. ``fit_seconds``: wall time of a (head, subset)'s
+    candidates, fitted one after another.
     """
     y, split = np.asarray(y), np.asarray(split).astype(str)
     names = list(blocks)
@@ -146,53 +159,83 @@ def compare(
         raise ConfigError(f"min_subset must be in [1, {len(names)}]. Got {min_subset!r}.")
     if folds < 2:
         raise ConfigError(f"folds must be >= 2. Got {folds!r}.")
-    cv, test = np.isin(split, ("train", "val")), split == "test"
+    train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+    test = np.flatnonzero(split == "test")
+    if len(train) == 0 or len(val) < folds:
+        raise DataError(
+            f"compare needs train rows and at least {folds} val rows (one per fold). "
+            f"Got {len(train)} train and {len(val)} val rows."
+        )
     sources = {"embeddings": blocks, "logits": logit_blocks or {}}
     subsets = [
         s for k in range(min_subset, len(names) + 1) for s in itertools.combinations(names, k)
     ]
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    fold_idx = list(splitter.split(np.zeros((cv.sum(), 1)), y[cv]))
+    val_folds = [held for _, held in splitter.split(np.zeros((len(val), 1)), y[val])]
     labels = list(range(n_classes))
 
     def features(head: str, subset: tuple, rows: np.ndarray) -> np.ndarray:
         source = sources[HEADS[head].input]
         return np.concatenate([np.asarray(source[b])[rows] for b in subset], axis=1)
 
-    rows = []
-    bar = tqdm(total=len(heads) * len(subsets), desc="compare", disable=not progress)
-    for head, subset in itertools.product(heads, subsets):
-        bar.set_postfix_str(f"{head} on {'+'.join(subset)}")
-        X, y_cv = features(head, subset, cv), y[cv]
-        acc, f1, start = [], [], time.perf_counter()
-        for train, val in fold_idx:
-            pred = make_head(head, **heads[head]).fit(X[train], y_cv[train]).predict(X[val])
-            acc.append(accuracy_score(y_cv[val], pred))
-            f1.append(f1_score(y_cv[val], pred, labels=labels, average="macro", zero_division=0))
+    def dims(head: str, subset: tuple) -> list[int]:
+        return [np.shape(sources[HEADS[head].input][b])[1] for b in subset]
+
+    pairs = list(itertools.product(heads, subsets))
+    grids = {(h, s): candidate_params(h, heads[h], dims(h, s), block_norm, seed) for h, s in pairs}
+    data = {(h, s): (features(h, s, train), features(h, s, val)) for h, s in pairs}
+    jobs = [
+        (h, p, data[h, s][0], y[train], data[h, s][1], y[val])
+        for h, s in pairs
+        for p in grids[h, s]
+    ]
+    bar = tqdm(total=len(jobs), desc="compare", unit="fit", disable=not progress)
+    fitted = iter(fit_many(jobs, n_jobs, bar))
+    bar.close()
+
+    rows, y_val = [], y[val]
+    for head, subset in pairs:
+        candidates = [next(fitted) for _ in grids[head, subset]]
+        acc, f1 = [], []
+        for k, held in enumerate(val_folds):
+            rest = np.concatenate([f for j, f in enumerate(val_folds) if j != k])
+            pick = max(candidates, key=lambda c: score(y_val[rest], c.val_proba[rest], select_by))
+            pred = pick.val_proba[held].argmax(1)
+            acc.append(accuracy_score(y_val[held], pred))
+            f1.append(f1_score(y_val[held], pred, labels=labels, average="macro", zero_division=0))
         rows.append(
             {
                 "head": head,
                 "backbones": subset,
                 "n_backbones": len(subset),
-                "dim": X.shape[1],
+                "dim": sum(dims(head, subset)),
                 "cv_accuracy_mean": round(float(np.mean(acc)), 6),
                 "cv_accuracy_std": round(float(np.std(acc)), 6),
                 "cv_f1_macro_mean": round(float(np.mean(f1)), 6),
                 "cv_f1_macro_std": round(float(np.std(f1)), 6),
-                "fit_seconds": round((time.perf_counter() - start) / folds, 3),
+                "fit_seconds": round(sum(c.seconds for c in candidates), 3),
+                "_candidates": candidates,
             }
         )
-        bar.update()
-    bar.close()
     rows.sort(key=_rank_key)
     best = rows[0]
-    pick = {**best, "test": None}
-    if test.any():
-        model = make_head(best["head"], **heads[best["head"]])
-        model.fit(features(best["head"], best["backbones"], cv), y[cv])
-        pred = model.predict(features(best["head"], best["backbones"], test))
+    pick = {k: v for k, v in best.items() if k != "_candidates"}
+    pick["test"] = None
+    if len(test):
+        head, subset = best["head"], best["backbones"]
+        both = np.sort(np.concatenate([train, val]))
+        model, _ = choose(
+            best["_candidates"],
+            y_val,
+            select_by,
+            refit,
+            lambda: (features(head, subset, both), y[both]),
+        )
+        pred = model.predict(features(head, subset, test))
         pick["test"] = classification_metrics(y[test], pred, class_names)
-    return Leaderboard(rows=rows, pick=pick, folds=folds, n_cv=int(cv.sum()))
+    for row in rows:
+        del row["_candidates"]
+    return Leaderboard(rows=rows, pick=pick, folds=folds, n_cv=len(val))
 
 
 def _check_inputs(blocks, logit_blocks, y, split, heads, class_names) -> tuple[int, list[str]]:
@@ -213,7 +256,7 @@ def _check_inputs(blocks, logit_blocks, y, split, heads, class_names) -> tuple[i
     n_classes = len(class_names) if class_names is not None else int(y.max()) + 1
     if y.max() >= n_classes:
         raise DataError(f"y holds label {int(y.max())} but there are {n_classes} class names.")
-    inputs = {make_head(h, **p).input for h, p in heads.items()}  # validates names and params
+    inputs = {make_head(h, **grid(p)[0]).input for h, p in heads.items()}  # checks names, params
     sources = [("blocks", blocks)]
     if "logits" in inputs:
         if logit_blocks is None or list(logit_blocks) != list(blocks):

@@ -110,12 +110,23 @@ class FuseParams:
     # a share of RAM: streaming shuffles differently, and the same params must give the same
     # head on every machine.
     memory_gb: float = 2.0
+    block_norm: str = "l2"  # per-backbone block treatment: none | standardize | l2 (+ standardize)
+    select_by: str = "log_loss"  # val score that picks among a head's candidates
+    refit: bool = True  # refit the chosen candidate on train + val
+    n_jobs: int = 1  # processes fitting a head's candidates
 
     def __post_init__(self):
         if isinstance(self.memory_gb, bool) or not (
             isinstance(self.memory_gb, int | float) and self.memory_gb > 0
         ):
             raise ConfigError(f"fuse.memory_gb must be a number > 0. Got {self.memory_gb!r}.")
+        _choice("fuse.block_norm", self.block_norm, ("none", "standardize", "l2"))
+        _choice("fuse.select_by", self.select_by, ("log_loss", "accuracy", "f1_macro"))
+        _choice("fuse.refit", self.refit, (True, False))
+        if isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, int) or self.n_jobs == 0:
+            raise ConfigError(
+                f"fuse.n_jobs must be an int >= 1, or -1 for every core. Got {self.n_jobs!r}."
+            )
 
     @property
     def max_bytes(self) -> int:
@@ -125,18 +136,39 @@ class FuseParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     final_head: str = "mlp"  # the head `predict` uses and the summary headlines
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # each head refitted per seed: mean +- std on test
+    bootstrap_draws: int = 10_000  # paired-bootstrap resamplings of the test images
+    bootstrap_seed: int = 0
+
+    def __post_init__(self):
+        if not self.seeds or not all(_is_count(s, 0) for s in self.seeds):
+            raise ConfigError(
+                f"evaluate.seeds must be a non-empty list of ints >= 0. Got {self.seeds!r}."
+            )
+        if not _is_count(self.bootstrap_draws, 1):
+            raise ConfigError(
+                f"evaluate.bootstrap_draws must be an int >= 1. Got {self.bootstrap_draws!r}."
+            )
+
+
+def _is_count(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 @dataclass(frozen=True)
 class CompareParams:
-    folds: int = 5  # stratified k-fold on train+val; test is touched only for the pick
+    folds: int = 5  # nested k-fold over the val rows; test is touched only for the pick
     min_subset: int = 1  # smallest backbone subset to try
     seed: int = 0
-    head_overrides: dict | None = None  # e.g. {mlp: {epochs: 20}}: cheaper CV fits, said openly
+    n_jobs: int = 2  # processes sharing the fits (one per core here)
 
     def __post_init__(self):
         if self.folds < 2:
             raise ConfigError(f"compare.folds must be >= 2. Got {self.folds!r}.")
+        if isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, int) or self.n_jobs == 0:
+            raise ConfigError(
+                f"compare.n_jobs must be an int >= 1, or -1 for every core. Got {self.n_jobs!r}."
+            )
 
 
 def backbone_names(path: Path | str = PARAMS_FILE) -> list[str]:

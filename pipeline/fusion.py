@@ -16,8 +16,9 @@ from pipeline.cache import FusedFeatures, LazyRows, load_features
 from pipeline.config import FuseParams, backbone_names, section
 from pipeline.data import Manifest
 from pipeline.errors import CheckpointError, ConfigError, DataError
-from pipeline.heads import load_head, make_head, streaming_heads
+from pipeline.heads import HEADS, Head, load_head, make_head, streaming_heads
 from pipeline.metrics import classification_metrics
+from pipeline.selection import FIXED, candidate_params, choose, fit_many, grid, grid_axes
 
 
 def fused_features(
@@ -72,21 +73,34 @@ def _rows(features: FusedFeatures, split: str) -> np.ndarray:
     return rows
 
 
-def fit_head(features: FusedFeatures, name: str, params: dict, seed: int) -> tuple[object, dict]:
-    """Fit head ``name`` on train (val for model selection); return it and its sidecar."""
-    head = make_head(name, **params)
-    if "random_state" in head.get_params() and "random_state" not in params:
-        head.set_params(random_state=seed)
+def fit_head(
+    features: FusedFeatures, name: str, params: dict, fuse: FuseParams, seed: int | None = None
+) -> tuple[Head, dict]:
+    """Fit head ``name`` on train, choosing among its candidates on val; return it and its
+    sidecar.
+
+    ``params`` are the head's params.yaml entry: a list value is a grid axis, every
+    combination a candidate (`pipeline.selection.grid`). Embedding heads get
+    ``fuse.block_norm`` (unless their entry sets one) and the backbones' widths. Each
+    candidate is fitted on the train rows (an MLP also picks its epoch on val); the best on
+    val by ``fuse.select_by`` wins and, with ``fuse.refit``, is fitted again on train + val
+    with what val chose (`Head.refit_params`). Test rows are never read. ``seed`` (default
+    ``fuse.seed``) seeds heads that draw random numbers.
+    """
+    seed = fuse.seed if seed is None else seed
+    cands = candidate_params(name, params, list(features.dims), fuse.block_norm, seed)
     train, val = _rows(features, "train"), _rows(features, "val")
-    X, y = head_input(features, head), features.y
-    if isinstance(X, LazyRows) and not head.streams:  # X is over budget; train + val may fit
-        _check_budget(features, f"Head {name!r}", len(train) + len(val))
-        X_train, X_val = X[train], X[val]
-    else:
-        X_train, X_val = _select(X, train), _select(X, val)
-    head.fit(X_train, y[train], X_val, y[val])
+    X, y = head_input(features, HEADS[name]), features.y
+    X_train, X_val = _split_rows(features, X, name, train, val)
+    candidates = fit_many([(name, p, X_train, y[train], X_val, y[val]) for p in cands], fuse.n_jobs)
+
+    def both():
+        rows = np.sort(np.concatenate([train, val]))
+        return _split_rows(features, X, name, rows)[0], y[rows]
+
+    head, chosen = choose(candidates, y[val], fuse.select_by, fuse.refit, both)
     names = list(features.class_names)
-    val_metrics = classification_metrics(y[val], head.predict(X_val), names)
+    val_metrics = classification_metrics(y[val], chosen.val_proba.argmax(1), names)
     sidecar = {
         "head": name,
         "backbones": list(features.backbones),
@@ -97,8 +111,26 @@ def fit_head(features: FusedFeatures, name: str, params: dict, seed: int) -> tup
         "n_train": len(train),
         "n_val": len(val),
         "val_metrics": {k: val_metrics[k] for k in ("accuracy", "f1_macro", "n")},
+        "selection": {
+            "select_by": fuse.select_by,
+            "refit_on_train_val": fuse.refit,
+            "chosen": {k: v for k, v in chosen.params.items() if k not in FIXED},
+            "candidates": [
+                {k: c.params[k] for k in grid_axes(params)} | {"val": c.scores(y[val])}
+                for c in candidates
+            ],
+        },
     }
     return head, sidecar
+
+
+def _split_rows(features: FusedFeatures, X, name: str, *row_sets: np.ndarray) -> list:
+    """X at each of ``row_sets``: lazy views for a streaming head, arrays otherwise (within
+    the memory budget)."""
+    if isinstance(X, LazyRows) and not HEADS[name].streams:  # X is over budget; rows may fit
+        _check_budget(features, f"Head {name!r}", sum(len(r) for r in row_sets))
+        return [X[rows] for rows in row_sets]
+    return [_select(X, rows) for rows in row_sets]
 
 
 def check_head(sidecar: dict, features: FusedFeatures, where: Path | str) -> None:
@@ -127,25 +159,50 @@ def evaluate(features: FusedFeatures, head_dirs: dict[str, Path]) -> dict[str, d
     """Test-split predictions of every single fine-tuned model (its own classifier's logits,
     from the cache) and of every fusion head.
 
-    Returns ``{name: {"kind": "single" | "fusion", "y_true": (n,), "y_pred": (n,), "metrics": dict}}``.
+    Returns ``{name: {"kind": "single" | "fusion", "y_true": (n,), "y_pred": (n,),
+    "metrics": dict, "sidecar": the head's sidecar, or None for a single model}}``.
     """
     test = _rows(features, "test")
     names = list(features.class_names)
     y = features.y[test]
     preds = {
-        b: ("single", logits[test].argmax(1))
+        b: ("single", logits[test].argmax(1), None)
         for b, logits in zip(features.backbones, features.logits, strict=True)
     }
     for name, directory in head_dirs.items():
         head, sidecar = load_head(directory)
         check_head(sidecar, features, directory)
-        preds[name] = ("fusion", head.predict(_select(head_input(features, head), test)))
+        preds[name] = ("fusion", head.predict(_select(head_input(features, head), test)), sidecar)
     return {
         name: {
             "kind": kind,
             "y_true": y,
             "y_pred": y_pred,
             "metrics": classification_metrics(y, y_pred, names),
+            "sidecar": sidecar,
         }
-        for name, (kind, y_pred) in preds.items()
+        for name, (kind, y_pred, sidecar) in preds.items()
     }
+
+
+def seed_study(
+    features: FusedFeatures, heads: dict[str, dict], fuse: FuseParams, seeds: list[int]
+) -> dict[str, dict]:
+    """Test accuracy and macro F1 of each head refitted, selection included, with each seed.
+
+    ``heads``: head name -> its params.yaml entry. A head with no random state is fitted
+    once. Returns ``{head: {"seeds": [...], "accuracy": [...], "f1_macro": [...]}}``.
+    """
+    test = _rows(features, "test")
+    names, out = list(features.class_names), {}
+    for name, params in heads.items():
+        seeded = "random_state" in make_head(name, **grid(params)[0]).get_params()
+        runs = {"seeds": list(seeds if seeded else seeds[:1]), "accuracy": [], "f1_macro": []}
+        for seed in runs["seeds"]:
+            head, _ = fit_head(features, name, params, fuse, seed=seed)
+            pred = head.predict(_select(head_input(features, head), test))
+            metrics = classification_metrics(features.y[test], pred, names)
+            runs["accuracy"].append(metrics["accuracy"])
+            runs["f1_macro"].append(metrics["f1_macro"])
+        out[name] = runs
+    return out

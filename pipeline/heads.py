@@ -1,35 +1,37 @@
 """Fusion heads: classifiers over fused embeddings (or logits), one registered class each.
 
 Every head follows the scikit-learn estimator contract, so `clone`, `get_params` and the
-common tests in tests/test_heads.py work for a newly registered head without more code.
+common tests in tests/test_heads.py work for a newly registered head without more code. A
+fitted head is saved as JSON (params, classes, history) + safetensors (its arrays): loading
+one, pulled from a team's DVC remote, never unpickles anything.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
-import joblib
 import numpy as np
 import sklearn
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from pipeline.atomic import atomic_dir
 from pipeline.cache import LazyRows
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.metrics import write_json
 
 HEADS: dict[str, type[Head]] = {}
-HEAD_FILE, SIDECAR_FILE = "head.joblib", "head.json"
+HEAD_FILE, SIDECAR_FILE = "head.safetensors", "head.json"
 
 
 def register_head(name: str):
@@ -79,6 +81,76 @@ NON_NEGATIVE = (lambda v: _is_real(v) and v >= 0, "a float in [0, inf)")
 UNIT_HALF_OPEN = (lambda v: _is_real(v) and 0 <= v < 1, "a float in [0, 1)")
 BOOL = (lambda v: isinstance(v, bool | np.bool_), "a bool")
 SEED = (lambda v: v is None or (_is_int(v) and v >= 0), "an int >= 0 or None")
+BLOCK_NORMS = ("none", "standardize", "l2")
+BLOCK_NORM = (lambda v: v in BLOCK_NORMS, f"one of {list(BLOCK_NORMS)}")
+DIMS = (
+    lambda v: (
+        v is None or (isinstance(v, list | tuple) and len(v) > 0 and all(INT_GE1[0](d) for d in v))
+    ),
+    "None or a non-empty list of ints >= 1 (each backbone's embedding width)",
+)
+
+
+class BlockScaler:
+    """Per-backbone block treatment of fused rows (n, sum(dims)), fitted on training rows.
+
+    "none" leaves rows as they are; "standardize" gives every feature zero mean and unit
+    variance; "l2" first divides each row's block by its L2 norm (backbones differ in
+    activation scale), then standardizes, then weights each block by sqrt(mean dim / its
+    dim) so that a 4096-d block does not outvote a 1280-d one (equal widths: weight 1).
+    ``dims=None`` is one block. Fitting streams: `partial_fit` block of rows by block.
+    """
+
+    def __init__(self, norm: str, dims: list[int] | None):
+        self.norm, self.dims = norm, dims
+        self._n, self._sum, self._sumsq = 0, 0.0, 0.0
+
+    def partial_fit(self, X: np.ndarray) -> BlockScaler:
+        if self.norm != "none":
+            Z = self._normalize(X).astype(np.float64)
+            self._n += len(Z)
+            self._sum = self._sum + Z.sum(axis=0)
+            self._sumsq = self._sumsq + np.square(Z).sum(axis=0)
+            mean = self._sum / self._n
+            std = np.sqrt(np.maximum(self._sumsq / self._n - np.square(mean), 0.0))
+            std[std < 1e-12] = 1.0  # a constant feature stays at 0, as in StandardScaler
+            self.mean_, self.scale_ = mean, std / self._block_weights(len(mean))
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """(n, D) float32 rows, treated as fitted."""
+        if self.norm == "none":
+            return np.asarray(X, dtype=np.float32)
+        return ((self._normalize(X) - self.mean_) / self.scale_).astype(np.float32)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {} if self.norm == "none" else {"mean": self.mean_, "scale": self.scale_}
+
+    def set_arrays(self, arrays: dict[str, np.ndarray]) -> BlockScaler:
+        if self.norm != "none":
+            self.mean_, self.scale_ = arrays["mean"], arrays["scale"]
+        return self
+
+    def _bounds(self, width: int) -> list[tuple[int, int]]:
+        edges = np.cumsum([0, *(self.dims or [width])]).tolist()
+        return list(itertools.pairwise(edges))
+
+    def _normalize(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float32)
+        if self.norm != "l2":
+            return X
+        out = np.empty_like(X)
+        for a, b in self._bounds(X.shape[1]):
+            norm = np.linalg.norm(X[:, a:b], axis=1, keepdims=True)
+            out[:, a:b] = X[:, a:b] / np.maximum(norm, 1e-12)
+        return out
+
+    def _block_weights(self, width: int) -> np.ndarray:
+        if self.norm != "l2":
+            return np.ones(width)
+        bounds = self._bounds(width)
+        mean_dim = width / len(bounds)
+        return np.concatenate([np.full(b - a, math.sqrt(mean_dim / (b - a))) for a, b in bounds])
 
 
 class Head(ClassifierMixin, BaseEstimator):
@@ -94,6 +166,7 @@ class Head(ClassifierMixin, BaseEstimator):
     input: ClassVar[str] = "embeddings"
     streams: ClassVar[bool] = False
     _constraints: ClassVar[dict[str, tuple]] = {}
+    _fitted_json: ClassVar[tuple[str, ...]] = ()  # learned state saved as JSON, besides arrays
 
     def fit(self, X, y, X_val=None, y_val=None) -> Head:
         """Learn from ``X`` (n_samples, n_features) and ``y`` (n_samples,).
@@ -116,6 +189,12 @@ class Head(ClassifierMixin, BaseEstimator):
                 "a classifier needs at least 2."
             )
         self.n_features_in_ = X.shape[1]
+        dims = getattr(self, "block_dims", None)
+        if dims is not None and sum(dims) != X.shape[1]:
+            raise DataError(
+                f"{self.name}: block_dims {list(dims)} add up to {sum(dims)} features, "
+                f"but X has {X.shape[1]}."
+            )
         val = None
         if (X_val is None) != (y_val is None):
             raise ConfigError(f"{self.name}: give both X_val and y_val, or neither.")
@@ -143,11 +222,23 @@ class Head(ClassifierMixin, BaseEstimator):
         """Predicted labels (n_samples,), taken from ``classes_``."""
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
+    def refit_params(self) -> dict[str, Any]:
+        """Params that repeat, without validation data, what validation chose in this fit
+        (the MLP's best epoch); used to refit on train + val."""
+        return {}
+
     def _fit(self, X: np.ndarray, y: np.ndarray, val: tuple | None) -> None:
         raise NotImplementedError
 
     def _proba(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        """Learned arrays, saved as safetensors; `_set_arrays` restores them."""
+        return {}
+
+    def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        pass
 
     def _validate_params(self) -> None:
         for param, (ok, allowed) in self._constraints.items():
@@ -269,29 +360,37 @@ class MLPHead(Head):
         "hidden": INT_GE0,
         "dropout": UNIT_HALF_OPEN,
         "epochs": INT_GE1,
+        "patience": (lambda v: v is None or INT_GE1[0](v), "an int >= 1 or None"),
         "batch_size": INT_GE1,
         "lr": POSITIVE,
         "lr_final": POSITIVE,
         "weight_decay": NON_NEGATIVE,
         "class_weighted": BOOL,
+        "block_norm": BLOCK_NORM,
+        "block_dims": DIMS,
         "random_state": SEED,
         "precision": (lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"),
     }
+    _fitted_json: ClassVar = ("best_epoch_", "history_", "precision_")
 
     def __init__(
         self,
         hidden=512,
         dropout=0.5,  # before the output layer, as in the paper
         epochs=50,
+        patience=None,  # stop after this many epochs without a better val loss; None: never
         batch_size=128,  # 64 took 1.5x as long (an update costs more than a batch), ELPV no better
         lr=1e-3,
         lr_final=1e-4,
         weight_decay=0.0,
-        class_weighted=True,  # ELPV is imbalanced (1508 / 295 / 106 / 715)
+        class_weighted=False,  # cost accuracy on ELPV; the papers use none
+        block_norm="standardize",
+        block_dims=None,
         random_state=0,
         precision="auto",  # matmul dtype while training; weights and optimizer stay float32
     ):
         self.hidden = hidden
+        self.patience = patience
         self.dropout = dropout
         self.epochs = epochs
         self.batch_size = batch_size
@@ -299,6 +398,8 @@ class MLPHead(Head):
         self.lr_final = lr_final
         self.weight_decay = weight_decay
         self.class_weighted = class_weighted
+        self.block_norm = block_norm
+        self.block_dims = block_dims
         self.random_state = random_state
         self.precision = precision
 
@@ -310,8 +411,8 @@ class MLPHead(Head):
         else:
             gen.manual_seed(self.random_state)
         self.precision_ = _resolve_precision(self.precision)
-        self.scaler_ = StandardScaler()
-        for rows in _row_blocks(X):  # one pass; with a single block, exactly fit(X)
+        self.scaler_ = BlockScaler(self.block_norm, self.block_dims)
+        for rows in _row_blocks(X):  # one pass over the rows, block by block
             self.scaler_.partial_fit(X[rows])
         dtype = torch.bfloat16 if self.precision_ == "bfloat16" else torch.float32
         train = _Blocks(X, y, self._scale, dtype)  # cast once per block, not once per batch
@@ -342,6 +443,12 @@ class MLPHead(Head):
             if val_loss is not None and val_loss < best_loss:
                 best_loss, self.best_epoch_ = val_loss, epoch + 1
                 best_state = {k: v.clone() for k, v in self.net_.state_dict().items()}
+            elif (
+                self.patience
+                and val_loss is not None
+                and epoch + 1 - self.best_epoch_ >= self.patience
+            ):
+                break  # the cosine schedule is the full run's; stopping only cuts it short
         if best_state is None:
             self.best_epoch_ = self.epochs
         else:
@@ -397,15 +504,38 @@ class MLPHead(Head):
             logits = self.net_.eval()(torch.from_numpy(self._scale(X)))
         return torch.softmax(logits.double(), dim=1).numpy()
 
-    def _scale(self, X: np.ndarray, copy: bool = True) -> np.ndarray:
-        return self.scaler_.transform(X, copy=copy).astype(np.float32, copy=False)
+    def _scale(self, X: np.ndarray) -> np.ndarray:
+        return self.scaler_.transform(X)
+
+    def refit_params(self) -> dict[str, Any]:
+        return {"epochs": self.best_epoch_, "patience": None}
+
+    def _arrays(self):
+        net = {f"net.{k}": v.numpy() for k, v in self.net_.state_dict().items()}
+        return net | {f"scaler.{k}": v for k, v in self.scaler_.arrays().items()}
+
+    def _set_arrays(self, arrays):
+        self.scaler_ = BlockScaler(self.block_norm, self.block_dims).set_arrays(
+            {k[len("scaler.") :]: v for k, v in arrays.items() if k.startswith("scaler.")}
+        )
+        self.net_ = self._build(self.n_features_in_, len(self.classes_))
+        self.net_.load_state_dict(
+            {
+                k[len("net.") :]: torch.from_numpy(v)
+                for k, v in arrays.items()
+                if k.startswith("net.")
+            }
+        )
+        self.net_.eval()
 
     def _lr_at(self, epoch: int) -> float:
         """Cosine decay from lr (first epoch) to lr_final (last epoch)."""
         frac = epoch / max(self.epochs - 1, 1)
         return self.lr_final + 0.5 * (self.lr - self.lr_final) * (1 + math.cos(math.pi * frac))
 
-    def _build(self, dim: int, n_classes: int, gen: torch.Generator) -> nn.Sequential:
+    def _build(self, dim: int, n_classes: int, gen: torch.Generator | None = None) -> nn.Sequential:
+        """The network; weights drawn from ``gen``, or left for a state dict when None."""
+
         def linear(n_in, n_out):  # skip_init: nn.Linear would draw from the global RNG
             return torch.nn.utils.skip_init(nn.Linear, n_in, n_out)
 
@@ -415,6 +545,8 @@ class MLPHead(Head):
         else:
             layers = [nn.Dropout(self.dropout), linear(dim, n_classes)]
         net = nn.Sequential(*layers)
+        if gen is None:
+            return net
         with torch.no_grad():  # torch's default Linear init, drawn from `gen`
             for layer in net:
                 if isinstance(layer, nn.Linear):
@@ -445,43 +577,71 @@ class _Blocks:
         return self._read(self._slices[block]) if self._kept is None else self._kept[block]
 
     def _read(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        lazy = isinstance(self._X, LazyRows)  # its rows are a fresh array: scale them in place
-        x = torch.from_numpy(self._scale(self._X[rows], copy=not lazy)).to(self._dtype)
+        x = torch.from_numpy(self._scale(self._X[rows])).to(self._dtype)
         return x, torch.from_numpy(self._y[rows].astype(np.int64))
 
 
-class _ScaledSklearnHead(Head):
-    """Standardize (scaler fitted on the training X only), then a scikit-learn estimator."""
+class _LinearHead(Head):
+    """Block treatment (fitted on the training X only), then a linear scikit-learn model.
+
+    Only the model's coefficients are kept (``coef_`` (n_classes or 1, D), ``intercept_``),
+    so the head saves as plain arrays; `_scores_to_proba` turns its scores into
+    probabilities the way the scikit-learn model does.
+    """
 
     def _estimator(self):
         raise NotImplementedError
 
+    def _scores_to_proba(self, scores: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
     def _fit(self, X, y, val):
-        self.scaler_ = StandardScaler().fit(X)
-        self.model_ = self._estimator().fit(self.scaler_.transform(X), y)
+        self.scaler_ = BlockScaler(self.block_norm, self.block_dims).partial_fit(X)
+        model = self._estimator().fit(self.scaler_.transform(X), y)
+        self.coef_, self.intercept_ = model.coef_, np.atleast_1d(model.intercept_)
 
     def _proba(self, X):
-        Z = self.scaler_.transform(X)
-        if hasattr(self.model_, "predict_proba"):
-            return self.model_.predict_proba(Z)
-        return _softmax(self.model_.decision_function(Z))  # margins as scores: sums to 1
+        return self._scores_to_proba(self.scaler_.transform(X) @ self.coef_.T + self.intercept_)
+
+    def _arrays(self):
+        arrays = {"coef": self.coef_, "intercept": self.intercept_}
+        return arrays | {f"scaler.{k}": v for k, v in self.scaler_.arrays().items()}
+
+    def _set_arrays(self, arrays):
+        self.coef_, self.intercept_ = arrays["coef"], arrays["intercept"]
+        self.scaler_ = BlockScaler(self.block_norm, self.block_dims).set_arrays(
+            {k[len("scaler.") :]: v for k, v in arrays.items() if k.startswith("scaler.")}
+        )
+
+
+LINEAR_CONSTRAINTS = {"class_weighted": BOOL, "block_norm": BLOCK_NORM, "block_dims": DIMS}
 
 
 @register_head("logreg")
-class LogRegHead(_ScaledSklearnHead):
+class LogRegHead(_LinearHead):
     """Multinomial logistic regression (lbfgs: under 1 s on 2,000 x 6,144 here)."""
 
     _constraints: ClassVar = {
         "C": POSITIVE,
         "max_iter": INT_GE1,
-        "class_weighted": BOOL,
+        **LINEAR_CONSTRAINTS,
         "random_state": SEED,
     }
 
-    def __init__(self, C=1.0, max_iter=1000, class_weighted=True, random_state=0):
+    def __init__(
+        self,
+        C=1.0,
+        max_iter=1000,
+        class_weighted=False,
+        block_norm="standardize",
+        block_dims=None,
+        random_state=0,
+    ):
         self.C = C
         self.max_iter = max_iter
         self.class_weighted = class_weighted
+        self.block_norm = block_norm
+        self.block_dims = block_dims
         self.random_state = random_state
 
     def _estimator(self):
@@ -492,21 +652,31 @@ class LogRegHead(_ScaledSklearnHead):
             random_state=self.random_state,
         )
 
+    def _scores_to_proba(self, scores):
+        if scores.shape[1] == 1:  # binary: one logit for the second class
+            return _softmax(np.column_stack([np.zeros(len(scores)), scores[:, 0]]))
+        return _softmax(scores)
+
 
 @register_head("ridge")
-class RidgeHead(_ScaledSklearnHead):
+class RidgeHead(_LinearHead):
     """Ridge classifier; probabilities are the softmax of its decision function."""
 
-    _constraints: ClassVar = {"alpha": POSITIVE, "class_weighted": BOOL}
+    _constraints: ClassVar = {"alpha": POSITIVE, **LINEAR_CONSTRAINTS}
 
-    def __init__(self, alpha=1.0, class_weighted=True):
+    def __init__(self, alpha=1.0, class_weighted=False, block_norm="standardize", block_dims=None):
         self.alpha = alpha
         self.class_weighted = class_weighted
+        self.block_norm = block_norm
+        self.block_dims = block_dims
 
     def _estimator(self):
         return RidgeClassifier(
             alpha=self.alpha, class_weight="balanced" if self.class_weighted else None
         )
+
+    def _scores_to_proba(self, scores):
+        return _softmax(scores[:, 0] if scores.shape[1] == 1 else scores)  # margins as scores
 
 
 @register_head("late")
@@ -519,6 +689,7 @@ class LateFusionHead(Head):
     """
 
     input: ClassVar[str] = "logits"
+    _fitted_json: ClassVar = ("n_models_",)
 
     def _fit(self, X, y, val):
         n_classes = len(self.classes_)
@@ -536,51 +707,65 @@ class LateFusionHead(Head):
 
 
 def save_head(head: Head, directory: Path | str, sidecar: dict[str, Any]) -> Path:
-    """Write ``head`` to directory/head.joblib and ``sidecar`` + name + params to head.json.
+    """Write ``head`` to ``directory``: head.json (``sidecar``, the head's name, params and
+    learned JSON state) and head.safetensors (its learned arrays).
 
-    Both files are written to a temporary folder first and renamed into place only when both
-    are complete, so an error leaves the previous head (if any) untouched.
+    Both are written to a temporary folder beside it, which then replaces ``directory``
+    whole: an error or a kill leaves the previous head (if any) untouched.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    check_is_fitted(head, "classes_")
+    fitted = {k: getattr(head, k) for k in ("n_features_in_", *head._fitted_json)}
     meta = {
         **sidecar,
         "head": head.name,
         "params": head.get_params(),
+        "classes": head.classes_.tolist(),
+        "fitted": fitted,
         "versions": {"sklearn": sklearn.__version__, "torch": torch.__version__},
     }
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
-        joblib.dump(head, Path(tmp, HEAD_FILE))
-        write_json(Path(tmp, SIDECAR_FILE), meta)
-        for name in (HEAD_FILE, SIDECAR_FILE):
-            os.replace(Path(tmp, name), directory / name)
-    return directory
+    arrays = {k: np.ascontiguousarray(v) for k, v in head._arrays().items()}
+    with atomic_dir(directory) as tmp:
+        write_json(tmp / SIDECAR_FILE, meta)
+        save_file(arrays, str(tmp / HEAD_FILE))
+    return Path(directory)
 
 
 def load_head(directory: Path | str) -> tuple[Head, dict[str, Any]]:
     """The head and its sidecar (the head.json mapping) saved by `save_head` in ``directory``.
 
-    head.joblib is a pickle: loading it runs code, so load only heads you (or your DVC
-    pipeline) trained. Feature caches, not heads, are what a team shares.
+    Nothing is unpickled: the head is rebuilt from its registered class, its params and
+    classes in head.json, and the arrays in head.safetensors.
     """
     directory = Path(directory)
     paths = directory / HEAD_FILE, directory / SIDECAR_FILE
+    if (directory / "head.joblib").exists() and not paths[0].exists():
+        raise CheckpointError(
+            f"{directory / 'head.joblib'} is a pickled head from an older defuse; pickles are "
+            f"not loaded (they can run code). Re-run `defuse fuse {directory.name}`."
+        )
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise CheckpointError(f"Fitted head incomplete: missing {missing}.")
     try:
         meta = _read_json(paths[1])
-    except ValueError as exc:
-        raise CheckpointError(f"{paths[1]} is not valid JSON: {exc}") from exc
+        name, params, classes = meta["head"], meta["params"], meta["classes"]
+        fitted = meta["fitted"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{paths[1]} is not a head sidecar: {exc!r}") from exc
     try:
-        head = joblib.load(paths[0])
-    except Exception as exc:
-        raise CheckpointError(f"{paths[0]} cannot be loaded: {exc}") from exc
-    if not isinstance(head, Head) or head.name != meta.get("head"):
+        arrays = load_file(str(paths[0]))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{paths[0]} is not a safetensors file: {exc}") from exc
+    try:
+        head = make_head(name, **params)
+        head.classes_ = np.asarray(classes)
+        for key, value in fitted.items():
+            setattr(head, key, value)
+        head._set_arrays(arrays)
+    except (ConfigError, KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(
-            f"{paths[0]} holds {type(head).__name__}, but {paths[1]} names head "
-            f"{meta.get('head')!r}."
-        )
+            f"{directory}: head.json and head.safetensors do not make a {name!r} head: {exc}"
+        ) from exc
     return head, meta
 
 

@@ -6,7 +6,7 @@ CACHE = Path("cache")
 MANIFEST = CACHE / "manifest.csv"  # + manifest.json (source, root, classes) + skipped.csv
 MODELS = CACHE / "models"  # <backbone>/model.safetensors + model.json
 FEATURES = CACHE / "features"  # <backbone>.h5
-HEADS = CACHE / "heads"  # <head>/head.joblib + head.json
+HEADS = CACHE / "heads"  # <head>/head.safetensors + head.json
 REPORTS = Path("reports")
 
 
@@ -37,6 +37,7 @@ def evaluate_reports(root: Path = REPORTS) -> dict[str, Path]:
         "summary": root / "summary.md",
         "metrics": root / "metrics" / "test.json",
         "details": root / "metrics" / "test_details.json",
+        "evidence": root / "metrics" / "fusion_vs_single.json",  # intervals, p-values, seeds
         "confusion": root / "plots" / "confusion",  # <model>.csv: actual,predicted per test image
         "figures": root / "figures",
     }

@@ -92,9 +92,15 @@ def summary_markdown(
     final: str,
     context: dict,
     figures: list[str],
+    evidence: dict | None = None,
+    seeds: dict[str, dict] | None = None,
+    selections: dict[str, dict] | None = None,
 ) -> str:
-    """`reports/summary.md`: single models vs fusion (the fusion paper's Tables 2-3) and the
-    per-class table of the final head (its Table 4). ``figures`` are paths relative to it."""
+    """`reports/summary.md`: single models vs fusion (the fusion paper's Tables 2-3), whether
+    and how surely fusion beats the best single model (``evidence`` from `fusion_evidence`,
+    ``seeds`` from `pipeline.fusion.seed_study`), the hyper-parameters each head chose on
+    val (``selections``: head -> its sidecar's "selection"), and the per-class table of the
+    final head (its Table 4). ``figures`` are paths relative to it."""
     header = "| Model | Kind | " + " | ".join(label for _, label in SUMMARY_COLUMNS) + " |"
     lines = [
         "# defuse results",
@@ -110,13 +116,12 @@ def summary_markdown(
         *(_row(n, "single (fine-tuned)", m) for n, m in singles.items()),
         *(_row(n, "fusion head", m) for n, m in fusions.items()),
     ]
-    best_single = max(singles, key=lambda n: singles[n]["accuracy"]) if singles else None
-    if best_single and final in fusions:
-        delta = 100 * (fusions[final]["accuracy"] - singles[best_single]["accuracy"])
-        lines += [
-            "",
-            f"Final head `{final}` vs best single model `{best_single}`: {delta:+.2f} accuracy points.",
-        ]
+    if evidence:
+        lines += _evidence_lines(evidence, final)
+    if seeds:
+        lines += _seed_lines(seeds, singles, evidence)
+    if selections:
+        lines += _selection_lines(selections)
     if final in fusions:
         per_class = fusions[final]["per_class"]
         lines += [
@@ -133,6 +138,126 @@ def summary_markdown(
     if figures:
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def fusion_evidence(results: dict[str, dict], draws: int, seed: int) -> dict | None:
+    """Each fusion head against the best single model on test (highest accuracy: the
+    strictest baseline), as `pipeline.stats.paired_comparison` dicts; None without both."""
+    from pipeline.stats import paired_comparison
+
+    singles = [n for n, r in results.items() if r["kind"] == "single"]
+    fusions = [n for n, r in results.items() if r["kind"] == "fusion"]
+    if not singles or not fusions:
+        return None
+    best = max(singles, key=lambda n: results[n]["metrics"]["accuracy"])
+    y, base = results[best]["y_true"], results[best]["y_pred"]
+    n_classes = len(results[best]["metrics"]["class_names"])
+    return {
+        "best_single": best,
+        "baseline_rule": "the single model with the highest test accuracy",
+        "heads": {
+            n: paired_comparison(y, results[n]["y_pred"], base, n_classes, draws, seed).to_dict()
+            for n in fusions
+        },
+    }
+
+
+def verdict(evidence: dict, final: str) -> str:
+    """One sentence: did the final head beat the best single model, and how sure is that."""
+    e, best = evidence["heads"][final], evidence["best_single"]
+    acc, f1 = 100 * e["accuracy_diff"], 100 * e["f1_macro_diff"]
+    sure = [
+        k for k, ci in (("accuracy", e["accuracy_ci"]), ("macro F1", e["f1_macro_ci"])) if ci[0] > 0
+    ]
+    if acc > 0 and f1 > 0:
+        head = f"The final head `{final}` beat the best single model `{best}` on both test accuracy ({acc:+.2f} points) and macro F1 ({f1:+.2f})"
+    elif acc > 0 or f1 > 0:
+        won, lost = ("accuracy", "macro F1") if acc > 0 else ("macro F1", "accuracy")
+        head = f"The final head `{final}` beat the best single model `{best}` on test {won} but not on {lost} ({acc:+.2f} accuracy points, {f1:+.2f} macro F1)"
+    else:
+        head = f"The final head `{final}` did not beat the best single model `{best}` ({acc:+.2f} accuracy points, {f1:+.2f} macro F1)"
+    if sure:
+        how = f"the paired-bootstrap 95 % interval excludes zero for {' and '.join(sure)}"
+    else:
+        how = "both paired-bootstrap 95 % intervals include zero, so this test split cannot tell them apart"
+    return f"{head}; {how} (McNemar p = {e['mcnemar_p']:.3g})."
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.2f}"
+
+
+def _evidence_lines(evidence: dict, final: str) -> list[str]:
+    e0 = next(iter(evidence["heads"].values()))
+    lines = [
+        "",
+        f"## Fusion vs the best single model (`{evidence['best_single']}`, test split)",
+        "",
+        f"Differences in points (head - `{evidence['best_single']}`), paired-bootstrap 95 % "
+        f"intervals over {e0['draws']:,} resamplings of the {e0['n']} test images; McNemar's "
+        "exact test on the images exactly one of the two gets right.",
+        "",
+        "| Head | Δ accuracy [95 % CI] | Δ macro F1 [95 % CI] | McNemar p | only head right | only single right |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, e in evidence["heads"].items():
+        lo, hi = e["accuracy_ci"]
+        flo, fhi = e["f1_macro_ci"]
+        lines.append(
+            f"| {name} | {_pts(e['accuracy_diff'])} [{_pts(lo)}, {_pts(hi)}] "
+            f"| {_pts(e['f1_macro_diff'])} [{_pts(flo)}, {_pts(fhi)}] | {e['mcnemar_p']:.3g} "
+            f"| {e['only_a_right']} | {e['only_b_right']} |"
+        )
+    if final in evidence["heads"]:
+        lines += ["", f"**{verdict(evidence, final)}**"]
+    return lines
+
+
+def _seed_lines(seeds: dict, singles: dict, evidence: dict | None) -> list[str]:
+    n = max(len(r["seeds"]) for r in seeds.values())
+    lines = [
+        "",
+        f"## Over head seeds (test split, %, mean ± std over {n} refits, selection included)",
+        "",
+        "A head without random state is fitted once (std 0).",
+        "",
+        "| Head | seeds | Accuracy | Macro F1 | Δ accuracy vs best single | Δ macro F1 vs best single |",
+        "|---|---|---|---|---|---|",
+    ]
+    best = singles[evidence["best_single"]] if evidence else None
+    for name, r in seeds.items():
+        acc, f1 = np.asarray(r["accuracy"]), np.asarray(r["f1_macro"])
+        delta = (
+            f"{_pts(acc.mean() - best['accuracy'])} | {_pts(f1.mean() - best['f1_macro'])}"
+            if best
+            else "- | -"
+        )
+        lines.append(
+            f"| {name} | {','.join(map(str, r['seeds']))} | {100 * acc.mean():.2f} ± {100 * acc.std():.2f} "
+            f"| {100 * f1.mean():.2f} ± {100 * f1.std():.2f} | {delta} |"
+        )
+    return lines
+
+
+def _selection_lines(selections: dict[str, dict]) -> list[str]:
+    lines = [
+        "",
+        "## Hyper-parameters chosen on val (never on test)",
+        "",
+        "| Head | chosen | picked by | refit on train + val | candidates: val accuracy / macro F1 / log loss |",
+        "|---|---|---|---|---|",
+    ]
+    for name, sel in selections.items():
+        chosen = ", ".join(f"{k}={v}" for k, v in sel["chosen"].items()) or "(no params)"
+        tried = "; ".join(
+            (", ".join(f"{k}={v}" for k, v in c.items() if k != "val") or "-")
+            + f": {c['val']['accuracy']:.3f} / {c['val']['f1_macro']:.3f} / {-c['val']['log_loss']:.3f}"
+            for c in sel["candidates"]
+        )
+        lines.append(
+            f"| {name} | {chosen} | val {sel['select_by']} | {'yes' if sel['refit_on_train_val'] else 'no'} | {tried} |"
+        )
+    return lines
 
 
 HEADLINE = (
@@ -152,16 +277,32 @@ def write_reports(
     context: dict,
     paths: dict[str, Path],
     curves: dict[str, Path],
-) -> None:
-    """Everything `defuse evaluate` leaves for people and for DVC.
+    seeds: dict[str, dict] | None = None,
+    draws: int = 10_000,
+    seed: int = 0,
+) -> dict | None:
+    """Everything `defuse evaluate` leaves for people and for DVC; returns the evidence.
 
     ``results`` as returned by :func:`pipeline.fusion.evaluate`; ``paths`` from
     :func:`pipeline.layout.evaluate_reports`; ``curves`` maps a backbone to its fine-tuning
-    curves PNG (linked from the summary when it exists).
+    curves PNG (linked from the summary when it exists); ``seeds`` from
+    :func:`pipeline.fusion.seed_study`; ``draws`` and ``seed`` drive the paired bootstrap.
     """
     from pipeline.metrics import write_json
 
     metrics = {name: r["metrics"] for name, r in results.items()}
+    evidence = fusion_evidence(results, draws, seed)
+    selections = {n: r["sidecar"]["selection"] for n, r in results.items() if r.get("sidecar")}
+    write_json(
+        paths["evidence"],
+        {
+            "vs_best_single": evidence,
+            "seeds": seeds,
+            "verdict": verdict(evidence, final)
+            if evidence and final in evidence["heads"]
+            else None,
+        },
+    )
     write_json(paths["metrics"], {name: {k: m[k] for k in HEADLINE} for name, m in metrics.items()})
     write_json(paths["details"], metrics)
     paths["confusion"].mkdir(parents=True, exist_ok=True)
@@ -186,6 +327,14 @@ def write_reports(
     singles = {n: m for n, m in metrics.items() if results[n]["kind"] == "single"}
     fusions = {n: m for n, m in metrics.items() if results[n]["kind"] == "fusion"}
     text = summary_markdown(
-        singles, fusions, final, context, [str(p.relative_to(summary_dir)) for p in linked]
+        singles,
+        fusions,
+        final,
+        context,
+        [str(p.relative_to(summary_dir)) for p in linked],
+        evidence,
+        seeds,
+        selections,
     )
     paths["summary"].write_text(text)
+    return evidence

@@ -22,16 +22,19 @@ from stages import options
 @click.option("--folds", type=int, help="Override compare.folds.")
 @click.option("--heads", "head_names", help="Comma-separated heads [every entry of `heads`].")
 def compare(manifest, features_dir, out, params_path, folds, head_names):
-    """Rank every head on every subset of the backbones by stratified k-fold CV on
-    train+val; only the winner is scored on test. Answers "which models should be fused".
-    Nothing is re-extracted: seconds to minutes on a CPU.
+    """Rank every head on every subset of the backbones: each fitted on train as `defuse
+    fuse` fits it (its grid, `fuse.block_norm`, `fuse.select_by`), scored by nested k-fold
+    CV on the val rows, which no backbone trained on; only the winner is scored on test.
+    Answers "which models should be fused". Nothing is re-extracted; `compare.n_jobs`
+    processes share the fits.
     """
     from pipeline.compare import compare as run
-    from pipeline.config import CompareParams, head_params, load_params, section
+    from pipeline.config import CompareParams, FuseParams, head_params, load_params, section
     from pipeline.data import read_manifest
     from pipeline.fusion import fused_features, in_memory
 
     params = section(CompareParams, "compare", params_path, folds=folds)
+    fuse = section(FuseParams, "fuse", params_path)
     names = (
         head_names.split(",") if head_names else list(load_params(params_path).get("heads") or {})
     )
@@ -44,12 +47,16 @@ def compare(manifest, features_dir, out, params_path, folds, head_names):
         blocks,
         features.y,
         features.split,
-        {h: head_params(h, params_path) | (params.head_overrides or {}).get(h, {}) for h in names},
+        {h: head_params(h, params_path) for h in names},
         folds=params.folds,
         min_subset=params.min_subset,
         seed=params.seed,
         logit_blocks=dict(zip(backbones, features.logits, strict=True)),
         class_names=list(features.class_names),
+        block_norm=fuse.block_norm,
+        select_by=fuse.select_by,
+        refit=fuse.refit,
+        n_jobs=params.n_jobs,
     )
     out.mkdir(parents=True, exist_ok=True)
     board.to_csv(out / "leaderboard.csv")

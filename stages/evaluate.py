@@ -6,30 +6,60 @@ from pipeline import layout
 from stages import options
 
 
+def _seed_list(ctx, param, value):
+    """'0-4' or '0,2,5' -> [0, 1, 2, 3, 4] / [0, 2, 5]; None keeps evaluate.seeds."""
+    if value is None:
+        return None
+    try:
+        seeds = []
+        for part in value.split(","):
+            low, _, high = part.partition("-")
+            seeds += list(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise click.BadParameter(f"expected e.g. '0-4' or '0,2,5', got {value!r}.") from None
+    if not seeds or min(seeds) < 0:
+        raise click.BadParameter(f"expected seeds >= 0, e.g. '0-4'; got {value!r}.")
+    return seeds
+
+
 @click.command()
 @options.manifest
 @options.features
 @options.heads
 @options.reports
 @options.params
-def evaluate(manifest, features_dir, heads_dir, reports, params_path):
+@click.option(
+    "--seeds",
+    callback=_seed_list,
+    help="Head seeds to refit for mean ± std, e.g. '0-4' [evaluate.seeds].",
+)
+def evaluate(manifest, features_dir, heads_dir, reports, params_path, seeds):
     """Score every fine-tuned model and every fusion head on the test split.
 
-    Writes reports/metrics/test.json (DVC metrics), per-class details, confusion data for
-    `dvc plots`, PNG figures, and reports/summary.md with the papers' tables.
+    Each head is set against the best single model with paired-bootstrap 95 % intervals and
+    McNemar's test, and refitted with every seed in `evaluate.seeds` for mean ± std.
+    Writes reports/metrics/test.json (DVC metrics), per-class details, the evidence in
+    reports/metrics/fusion_vs_single.json, confusion data for `dvc plots`, PNG figures, and
+    reports/summary.md with the papers' tables and a one-sentence verdict.
     """
-    from pipeline.config import EvaluateParams, load_params, section
+    from pipeline.config import EvaluateParams, FuseParams, head_params, load_params, section
     from pipeline.data import read_manifest
     from pipeline.fusion import evaluate as run
-    from pipeline.fusion import fused_features
-    from pipeline.report import write_reports
+    from pipeline.fusion import fused_features, seed_study
+    from pipeline.report import verdict, write_reports
 
-    final = section(EvaluateParams, "evaluate", params_path).final_head
+    params = section(EvaluateParams, "evaluate", params_path, seeds=seeds)
     man = read_manifest(manifest)
     features = fused_features(man, features_dir, params_path)
     backbones = list(features.backbones)
-    heads = {h: layout.head_dir(h, heads_dir) for h in load_params(params_path).get("heads") or {}}
-    results = run(features, heads)
+    names = list(load_params(params_path).get("heads") or {})
+    results = run(features, {h: layout.head_dir(h, heads_dir) for h in names})
+    study = seed_study(
+        features,
+        {h: head_params(h, params_path) for h in names},
+        section(FuseParams, "fuse", params_path),
+        list(params.seeds),
+    )
     context = {
         "dataset": "ELPV solar cells" if man.source == "elpv" else str(man.root),
         "n_test": int((features.split == "test").sum()),
@@ -39,10 +69,21 @@ def evaluate(manifest, features_dir, heads_dir, reports, params_path):
     }
     paths = layout.evaluate_reports(reports)
     curves = {b: layout.finetune_reports(b, reports)["curves"] for b in backbones}
-    write_reports(results, final, context, paths, curves)
+    evidence = write_reports(
+        results,
+        params.final_head,
+        context,
+        paths,
+        curves,
+        study,
+        params.bootstrap_draws,
+        params.bootstrap_seed,
+    )
     click.echo(f"Report: {paths['summary']}")
     for name, r in results.items():
         m = r["metrics"]
         click.echo(
             f"  {name:<24} {r['kind']:<7} accuracy {m['accuracy']:.4f}  macro F1 {m['f1_macro']:.4f}"
         )
+    if evidence and params.final_head in evidence["heads"]:
+        click.echo(verdict(evidence, params.final_head))

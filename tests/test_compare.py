@@ -22,7 +22,7 @@ def _data(n=150, seed=0):
     """'good' separates the classes, 'weak' a little, 'noise' not at all; 30 test rows."""
     rng = np.random.default_rng(seed)
     y = np.arange(n) % N_CLASSES
-    split = np.array(["train", "train", "val"] * (n // 3))
+    split = np.array(["train", "train", "val", "train", "val"] * (n // 5))  # every class in each
     split[-30:] = "test"
     onehot = np.eye(N_CLASSES)[y]
     blocks = {
@@ -37,8 +37,9 @@ def _data(n=150, seed=0):
 
 def test_rows_ranking_pick_and_reports(tmp_path):
     blocks, y, split, logits = _data()
-    board = compare(blocks, y, split, HEADS_FAST, folds=3, logit_blocks=logits, progress=False)
-    assert len(board.rows) == len(HEADS_FAST) * 7
+    heads = HEADS_FAST | {"logreg": {"C": [0.01, 1.0]}}  # a grid, chosen per fold
+    board = compare(blocks, y, split, heads, folds=3, logit_blocks=logits, progress=False)
+    assert len(board.rows) == len(heads) * 7
     assert {(r["head"], r["backbones"]) for r in board.rows} >= {("late", ("good",))}
     f1 = [r["cv_f1_macro_mean"] for r in board.rows]
     assert f1 == sorted(f1, reverse=True)
@@ -47,11 +48,23 @@ def test_rows_ranking_pick_and_reports(tmp_path):
     assert board.rows[-1]["backbones"] in {("noise",), ("weak",), ("weak", "noise")}
 
     text = board.to_markdown()
-    assert "3-fold stratified CV on train+val (120 rows); test only for the pick" in text
+    assert "3-fold nested CV on the 48 val rows" in text and "test only for the pick" in text
     assert "### Best subset per head" in text and "### Which models should be fused" in text
     with board.to_csv(tmp_path / "board.csv").open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(board.rows) and table[0]["head"] == board.pick["head"]
+
+
+def test_parallel_fits_rank_as_serial_ones():
+    blocks, y, split, logits = _data()
+    heads = {"logreg": {"C": [0.01, 1.0]}, "late": {}}
+    serial = compare(blocks, y, split, heads, folds=3, logit_blocks=logits, progress=False)
+    parallel = compare(
+        blocks, y, split, heads, folds=3, logit_blocks=logits, progress=False, n_jobs=2
+    )
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "fit_seconds"} for r in rows]  # noqa: E731
+    assert strip(parallel.rows) == strip(serial.rows)
+    assert parallel.pick["test"] == serial.pick["test"]
 
 
 def test_min_subset_and_logits_required():
@@ -86,8 +99,8 @@ def test_test_rows_only_reach_the_final_evaluation(monkeypatch):
     CALLS.clear()
     ids = np.arange(len(y), dtype=float)[:, None]
     compare({"ids": ids}, y, split, {"spy": {}}, folds=4, progress=False)
-    test, dev = set(np.flatnonzero(split == "test")), set(np.flatnonzero(split != "test"))
-    *cv_calls, (_, refit), (_, final) = CALLS
-    assert len(cv_calls) == 8 and all(not rows & test for _, rows in cv_calls)
-    assert set().union(*(rows for kind, rows in cv_calls if kind == "predict")) == dev
-    assert refit == dev and final == test
+    train, val = set(np.flatnonzero(split == "train")), set(np.flatnonzero(split == "val"))
+    test = set(np.flatnonzero(split == "test"))
+    (_, fit), (_, graded), (_, refit), (_, final) = CALLS
+    assert fit == train and graded == val  # ranked on val rows: the backbones never saw them
+    assert refit == train | val and final == test

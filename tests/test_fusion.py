@@ -1,6 +1,7 @@
 """Stage two on real HDF5 caches of synthetic embeddings: fit, refuse stale heads, evaluate,
 stream features over the memory budget, and the human-facing report."""
 
+import json
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -10,20 +11,38 @@ import yaml
 
 from pipeline import layout
 from pipeline.cache import CacheWriter, LazyRows, load_features
+from pipeline.config import FuseParams
 from pipeline.errors import CheckpointError, ConfigError, DataError
-from pipeline.fusion import check_head, evaluate, fit_head, fused_features, in_memory
+from pipeline.fusion import (
+    check_head,
+    evaluate,
+    fit_head,
+    fused_features,
+    in_memory,
+    seed_study,
+)
 from pipeline.heads import HEADS, make_head, save_head
 from pipeline.report import write_reports
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = ["crack", "scratch", "clean"]
 N = 90
+FUSE = FuseParams(
+    backbones=None,
+    seed=0,
+    memory_gb=2.0,
+    block_norm="l2",
+    select_by="log_loss",
+    refit=False,
+    n_jobs=1,
+)
 
 
 def write_cache(path, backbone, dim, seed, split=None, manifest_sha="m" * 64):
     rng = np.random.default_rng(seed)
     y = np.arange(N) % 3
-    emb = rng.normal(size=(N, dim)).astype(np.float32) + y[:, None]  # learnable
+    means = 1.5 * rng.normal(size=(3, dim))  # learnable: one direction per class
+    emb = (rng.normal(size=(N, dim)) + means[y]).astype(np.float32)
     logits = rng.normal(size=(N, 3)).astype(np.float32) + 2 * np.eye(3)[y]
     split = split if split is not None else np.array(["train", "val", "test"])[np.arange(N) % 5 % 3]
     attrs = {
@@ -53,7 +72,7 @@ def features(tmp_path):
 @pytest.mark.parametrize("name", ["mlp", "logreg", "late"])
 def test_fit_head_learns_and_pins_its_caches(features, name):
     params = {"epochs": 5, "hidden": 8} if name == "mlp" else {}
-    head, side = fit_head(features, name, params, seed=0)
+    head, side = fit_head(features, name, params, FUSE)
     assert side["backbones"] == ["a", "b"] and side["dims"] == [8, 4]
     assert side["cache_sha256"] == features.checksums
     assert side["input"] == head.input
@@ -63,18 +82,18 @@ def test_fit_head_learns_and_pins_its_caches(features, name):
 
 def test_unknown_head_lists_the_registered_ones(features):
     with pytest.raises(ConfigError, match="logreg"):
-        fit_head(features, "nope", {}, seed=0)
+        fit_head(features, "nope", {}, FUSE)
 
 
 def test_empty_split_is_named(tmp_path):
     split = np.array(["train", "test"])[np.arange(N) % 2]
     feats = load_features([write_cache(tmp_path / "a.h5", "a", 4, 0, split=split)], ["a"])
     with pytest.raises(DataError, match="val split is empty"):
-        fit_head(feats, "logreg", {}, seed=0)
+        fit_head(feats, "logreg", {}, FUSE)
 
 
 def test_stale_or_foreign_heads_are_refused(tmp_path, features):
-    _, side = fit_head(features, "logreg", {}, seed=0)
+    _, side = fit_head(features, "logreg", {}, FUSE)
     check_head(side, features, "h")  # the caches it was trained on: accepted
     with pytest.raises(CheckpointError, match="backbones"):
         check_head(side, load_features([features.paths[1], features.paths[0]], ["b", "a"]), "h")
@@ -131,10 +150,10 @@ def test_every_head_predicts_from_lazy_rows_and_only_streaming_heads_fit_them(fe
 
 def test_fit_head_streams_over_budget_and_names_heads_that_cannot(features, tmp_path):
     lazy = _lazy(features, block_rows=1)  # X (90 rows) and train + val (72 rows) over budget
-    head, side = fit_head(lazy, "mlp", {"epochs": 5, "hidden": 8}, seed=0)
+    head, side = fit_head(lazy, "mlp", {"epochs": 5, "hidden": 8}, FUSE)
     assert side["val_metrics"]["accuracy"] > 0.6 and side["cache_sha256"] == features.checksums
     with pytest.raises(ConfigError) as err:
-        fit_head(lazy, "logreg", {}, seed=0)
+        fit_head(lazy, "logreg", {}, FUSE)
     assert str(err.value) == (
         "Head 'logreg' needs 72 rows of the fused features in memory, 3,456 bytes as float32, "
         "over the memory budget fuse.memory_gb (1,536 bytes); raise it, or use a head that "
@@ -145,13 +164,13 @@ def test_fit_head_streams_over_budget_and_names_heads_that_cannot(features, tmp_
     np.testing.assert_array_equal(
         in_memory(replace(lazy, max_bytes=N * ROW_BYTES), "c"), features.X
     )
-    fit_head(lazy, "late", {}, seed=0)  # logits are always in memory
+    fit_head(lazy, "late", {}, FUSE)  # logits are always in memory
 
     roomy = load_features(features.paths, features.backbones, max_bytes=80 * ROW_BYTES)
     assert isinstance(roomy.X, LazyRows)  # X is over budget, but train + val fit
-    logreg, _ = fit_head(roomy, "logreg", {}, seed=0)
-    dense, _ = fit_head(features, "logreg", {}, seed=0)
-    np.testing.assert_array_equal(logreg.model_.coef_, dense.model_.coef_)
+    logreg, _ = fit_head(roomy, "logreg", {}, FUSE)
+    dense, _ = fit_head(features, "logreg", {}, FUSE)
+    np.testing.assert_array_equal(logreg.coef_, dense.coef_)
 
     heads = {"mlp": save_head(head, tmp_path / "mlp", side)}
     streamed, in_ram = evaluate(lazy, heads), evaluate(features, heads)
@@ -178,7 +197,7 @@ def test_fuse_params_memory_budget_switches_to_streaming(features, tmp_path):
 def test_evaluate_scores_singles_and_heads_and_writes_the_report(tmp_path, features):
     heads = {}
     for name in ("logreg", "late"):
-        head, side = fit_head(features, name, {}, seed=0)
+        head, side = fit_head(features, name, {}, FUSE)
         heads[name] = save_head(head, tmp_path / "heads" / name, side)
     results = evaluate(features, heads)
     assert list(results) == ["a", "b", "logreg", "late"]
@@ -196,8 +215,18 @@ def test_evaluate_scores_singles_and_heads_and_writes_the_report(tmp_path, featu
         "backbones": ["a", "b"],
         "fused_dim": 12,
     }
-    write_reports(results, "logreg", context, paths, curves={})
+    study = seed_study(features, {"logreg": {}, "late": {}}, FUSE, [0, 1])
+    evidence = write_reports(results, "logreg", context, paths, {}, study, draws=500)
     summary = paths["summary"].read_text()
+    best = max("ab", key=lambda b: results[b]["metrics"]["accuracy"])
+    assert evidence["best_single"] == best and set(evidence["heads"]) == {"logreg", "late"}
+    saved = json.loads(paths["evidence"].read_text())
+    assert saved["vs_best_single"]["heads"]["logreg"]["draws"] == 500
+    assert saved["seeds"]["logreg"]["seeds"] == [0, 1]
+    assert f"## Fusion vs the best single model (`{best}`, test split)" in summary
+    assert saved["verdict"].startswith("The final head `logreg` ") and saved["verdict"] in summary
+    assert "| logreg | 0,1 |" in summary and "| late | 0 |" in summary  # late: no random state
+    assert "## Hyper-parameters chosen on val (never on test)" in summary
     assert "| logreg | fusion head |" in summary and "| a | single (fine-tuned) |" in summary
     assert "Per-class results of the `logreg` fusion head" in summary
     for name in CLASSES:
@@ -206,3 +235,64 @@ def test_evaluate_scores_singles_and_heads_and_writes_the_report(tmp_path, featu
     assert (paths["figures"] / "comparison.png").is_file()
     rows = (paths["confusion"] / "late.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == n_test + 1
+
+
+def _shuffled_test_labels(features, seed=0):
+    """``features`` with the test rows' labels permuted: what a peek at test would notice."""
+    y, test = features.y.copy(), np.flatnonzero(features.split == "test")
+    y[test] = np.random.default_rng(seed).permutation(y[test])
+    assert (y != features.y).any()
+    return replace(features, y=y)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("logreg", {"C": [1e-4, 0.01, 1.0]}),
+        ("mlp", {"epochs": 4, "hidden": [4, 16], "weight_decay": [0.0, 0.1]}),
+        ("ridge", {"alpha": [0.1, 1000.0]}),
+    ],
+)
+def test_grid_is_chosen_on_val_and_never_looks_at_test(features, name, params):
+    head, side = fit_head(features, name, params, FUSE)
+    sel = side["selection"]
+    n = int(np.prod([len(v) for v in params.values() if isinstance(v, list)]))
+    assert len(sel["candidates"]) == n and sel["select_by"] == "log_loss"
+    best = max(sel["candidates"], key=lambda c: c["val"]["log_loss"])
+    assert all(sel["chosen"][k] == best[k] for k in best if k != "val")
+    assert sel["chosen"]["block_norm"] == "l2" and head.block_dims == [8, 4]
+
+    peeked, peeked_side = fit_head(_shuffled_test_labels(features), name, params, FUSE)
+    assert peeked_side["selection"] == sel
+    np.testing.assert_array_equal(peeked.predict_proba(features.X), head.predict_proba(features.X))
+
+
+def test_select_by_accuracy_and_a_head_entry_overriding_block_norm(features):
+    fuse = replace(FUSE, select_by="accuracy")
+    _, side = fit_head(features, "logreg", {"C": [1e-4, 1.0], "block_norm": "none"}, fuse)
+    sel = side["selection"]
+    best = max(sel["candidates"], key=lambda c: c["val"]["accuracy"])
+    assert sel["chosen"]["C"] == best["C"] and sel["chosen"]["block_norm"] == "none"
+    with pytest.raises(ConfigError, match=r"\['C'\] hold an empty list"):
+        fit_head(features, "logreg", {"C": []}, FUSE)
+
+
+def test_refit_on_train_and_val_repeats_the_chosen_epoch(features):
+    params = {"epochs": 6, "hidden": 8}
+    chosen, side = fit_head(features, "mlp", params, FUSE)
+    refit, refit_side = fit_head(features, "mlp", params, replace(FUSE, refit=True))
+    assert refit_side["selection"]["refit_on_train_val"] is True
+    assert refit.epochs == chosen.best_epoch_ == len(refit.history_)
+    assert refit_side["val_metrics"] == side["val_metrics"]  # the chosen candidate's, on val
+    assert not np.array_equal(refit.predict_proba(features.X), chosen.predict_proba(features.X))
+
+
+def test_seed_study_refits_seeded_heads_only(features):
+    heads = {"mlp": {"epochs": 3, "hidden": 8}, "logreg": {"C": [0.1, 1.0]}, "late": {}}
+    study = seed_study(features, heads, FUSE, [0, 1, 2])
+    assert study["mlp"]["seeds"] == [0, 1, 2] and len(set(study["mlp"]["f1_macro"])) > 1
+    assert study["late"]["seeds"] == [0]
+    head, _ = fit_head(features, "mlp", heads["mlp"], FUSE, seed=1)
+    test = features.split == "test"
+    acc = (head.predict(features.X[test]) == features.y[test]).mean()
+    assert study["mlp"]["accuracy"][1] == pytest.approx(acc, abs=1e-6)

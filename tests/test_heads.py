@@ -100,7 +100,9 @@ def test_mlp_keeps_the_best_val_epoch():
     rng = np.random.default_rng(1)  # random labels: memorising them makes val loss climb
     X, X_val = rng.normal(size=(60, 40)), rng.normal(size=(60, 40))
     y, y_val = rng.integers(0, 3, 60), rng.integers(0, 3, 60)
-    head = make_head("mlp", hidden=64, epochs=15, lr=1e-2, lr_final=1e-3).fit(X, y, X_val, y_val)
+    head = make_head("mlp", hidden=64, epochs=15, lr=1e-2, lr_final=1e-3, class_weighted=True).fit(
+        X, y, X_val, y_val
+    )
     assert [h["epoch"] for h in head.history_] == list(range(1, 16))
     val_loss = [h["val_loss"] for h in head.history_]
     assert head.best_epoch_ == int(np.argmin(val_loss)) + 1 < 15
@@ -146,7 +148,7 @@ def test_save_error_leaves_previous_head(tmp_path):
 
 
 def test_load_names_the_broken_path(tmp_path):
-    with pytest.raises(CheckpointError, match=r"head\.joblib"):
+    with pytest.raises(CheckpointError, match=r"head\.safetensors"):
         load_head(tmp_path)
     X, y = _data("ridge")
     save_head(make_head("ridge").fit(X, y), tmp_path, {})
@@ -154,5 +156,99 @@ def test_load_names_the_broken_path(tmp_path):
     with pytest.raises(CheckpointError, match=r"head\.json"):
         load_head(tmp_path)
     (tmp_path / "head.json").write_text(json.dumps({"head": "mlp"}))
-    with pytest.raises(CheckpointError, match="names head 'mlp'"):
+    with pytest.raises(CheckpointError, match=r"head\.json is not a head sidecar.*'params'"):
         load_head(tmp_path)
+    save_head(make_head("ridge").fit(X, y), tmp_path, {})
+    meta = json.loads((tmp_path / "head.json").read_text())
+    (tmp_path / "head.json").write_text(json.dumps(meta | {"head": "logreg"}))
+    with pytest.raises(CheckpointError, match="do not make a 'logreg' head"):
+        load_head(tmp_path)
+
+
+def test_mlp_patience_stops_early_and_refit_params_repeat_the_choice():
+    rng = np.random.default_rng(1)  # random labels: val loss climbs soon
+    X, X_val = rng.normal(size=(60, 40)), rng.normal(size=(60, 40))
+    y, y_val = rng.integers(0, 3, 60), rng.integers(0, 3, 60)
+    head = make_head("mlp", hidden=64, epochs=30, lr=1e-2, patience=2).fit(X, y, X_val, y_val)
+    assert len(head.history_) == head.best_epoch_ + 2 < 30
+    assert head.refit_params() == {"epochs": head.best_epoch_, "patience": None}
+
+
+def test_block_scaler_modes():
+    from sklearn.preprocessing import StandardScaler
+
+    from pipeline.heads import BlockScaler
+
+    rng = np.random.default_rng(0)
+    X = np.hstack([100 * rng.normal(size=(50, 4)), rng.normal(size=(50, 12))]).astype(np.float32)
+    np.testing.assert_array_equal(BlockScaler("none", [4, 12]).partial_fit(X).transform(X), X)
+    std = BlockScaler("standardize", [4, 12]).partial_fit(X).transform(X)
+    np.testing.assert_allclose(std, StandardScaler().fit_transform(X), atol=1e-5)
+    streamed = BlockScaler("l2", [4, 12]).partial_fit(X[:20]).partial_fit(X[20:])
+    Z = streamed.transform(X)
+    np.testing.assert_allclose(Z, BlockScaler("l2", [4, 12]).partial_fit(X).transform(X), atol=1e-5)
+    # every block carries the same total variance whatever its width: 8 / 4 and 8 / 12 per feature
+    np.testing.assert_allclose(Z[:, :4].var(axis=0), 2.0, rtol=1e-4)
+    np.testing.assert_allclose(Z[:, 4:].var(axis=0), 8 / 12, rtol=1e-4)
+    unit = X.copy()
+    unit[:, :4] *= 1000  # the scale of a backbone's activations does not matter after l2
+    assert np.allclose(BlockScaler("l2", [4, 12]).partial_fit(unit).transform(unit), Z, atol=1e-4)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_linear_heads_keep_the_sklearn_probabilities(n_classes):
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.heads import BlockScaler
+
+    rng = np.random.default_rng(0)
+    y = np.arange(90) % n_classes
+    X = (rng.normal(size=(90, 6)) + y[:, None]).astype(np.float32)
+    head = make_head("logreg", C=0.5).fit(X, y)
+    Z = BlockScaler("standardize", None).partial_fit(X).transform(X)
+    expected = LogisticRegression(C=0.5, max_iter=1000).fit(Z, y).predict_proba(Z)
+    np.testing.assert_allclose(head.predict_proba(X), expected, atol=1e-6)
+
+
+def test_block_dims_must_add_up():
+    X, y = _data("logreg")
+    with pytest.raises(
+        DataError, match=r"block_dims \[10, 10\] add up to 20 features, but X has 24"
+    ):
+        make_head("logreg", block_dims=[10, 10]).fit(X, y)
+
+
+@pytest.mark.parametrize("name", ["mlp", "logreg"])
+def test_saved_head_is_json_and_safetensors_only(name, tmp_path):
+    X, y = _data(name)
+    save_head(_head(name, block_norm="l2", block_dims=[8, 16]).fit(X, y), tmp_path / "h", {})
+    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["head.json", "head.safetensors"]
+    assert not list(tmp_path.glob(".*")), "no temporary folder is left beside the head"
+    loaded, meta = load_head(tmp_path / "h")
+    assert meta["params"]["block_norm"] == "l2" and meta["params"]["block_dims"] == [8, 16]
+    np.testing.assert_allclose(
+        loaded.predict_proba(X),
+        _head(name, block_norm="l2", block_dims=[8, 16]).fit(X, y).predict_proba(X),
+    )
+
+
+def test_a_pickle_is_never_loaded(tmp_path):
+    import pickle
+
+    X, y = _data("logreg")
+    save_head(make_head("logreg").fit(X, y), tmp_path, {})
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "head.safetensors").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match=r"head\.safetensors is not a safetensors file"):
+        load_head(tmp_path)
+    assert not marker.exists()
+    (tmp_path / "head.safetensors").unlink()
+    (tmp_path / "head.joblib").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="pickles are not loaded"):
+        load_head(tmp_path)
+    assert not marker.exists()

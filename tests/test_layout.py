@@ -15,6 +15,7 @@ from pipeline.config import (
     section,
 )
 from pipeline.heads import make_head
+from pipeline.selection import grid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,4 +59,5 @@ def test_shipped_params_files_are_valid():
         from_dict(FuseParams, raw["fuse"], "fuse")
         from_dict(EvaluateParams, raw["evaluate"], "evaluate")
         for head, params in raw["heads"].items():
-            make_head(head, **(params or {}))
+            for candidate in grid(params or {}):  # every grid point is a valid head
+                make_head(head, **candidate)

@@ -1,0 +1,117 @@
+"""Hyper-parameters chosen on val, never on test: a head's grid of candidates, fitted on
+train in parallel and scored on val rows the backbones never trained on."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from joblib import Parallel, delayed
+from sklearn.metrics import accuracy_score, f1_score, log_loss
+
+from pipeline.cache import LazyRows
+from pipeline.errors import ConfigError
+from pipeline.heads import Head, make_head
+
+SELECT_BY = ("log_loss", "accuracy", "f1_macro")
+FIXED = ("block_dims",)  # list-valued by nature: never a grid axis
+
+
+def grid_axes(params: dict[str, Any]) -> list[str]:
+    """The params given as a list of values to try."""
+    return [k for k, v in params.items() if isinstance(v, list | tuple) and k not in FIXED]
+
+
+def grid(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of the list-valued params (a grid axis each), in the order given;
+    params without a list give one candidate. ``{"C": [0.1, 1], "max_iter": 100}`` -> 2."""
+    axes = {k: params[k] for k in grid_axes(params)}
+    empty = [k for k, v in axes.items() if not v]
+    if empty:
+        raise ConfigError(f"Head parameter(s) {empty} hold an empty list: give values to try.")
+    combos = itertools.product(*axes.values())
+    return [params | dict(zip(axes, combo, strict=True)) for combo in combos]
+
+
+def candidate_params(
+    name: str, params: dict[str, Any], dims: list[int], block_norm: str, seed: int
+) -> list[dict[str, Any]]:
+    """The candidates of head ``name`` from its params.yaml entry ``params``: its grid, with
+    ``block_norm`` (unless the entry sets one) and the blocks' widths ``dims`` for embedding
+    heads, and ``seed`` for heads with random state."""
+    accepted = make_head(name, **grid(params)[0]).get_params()
+    base = dict(params)
+    if "block_norm" in accepted:
+        base = {"block_norm": block_norm, **base, "block_dims": list(dims)}
+    if "random_state" in accepted:
+        base["random_state"] = seed
+    return grid(base)
+
+
+def score(y: np.ndarray, proba: np.ndarray, metric: str) -> float:
+    """Higher is better: accuracy, macro F1, or minus the log loss of (n, C) ``proba``."""
+    labels = np.arange(proba.shape[1])
+    if metric == "log_loss":
+        return -float(log_loss(y, np.clip(proba, 1e-12, 1), labels=labels))
+    pred = proba.argmax(axis=1)
+    if metric == "accuracy":
+        return float(accuracy_score(y, pred))
+    if metric == "f1_macro":
+        return float(f1_score(y, pred, labels=labels, average="macro", zero_division=0))
+    raise ConfigError(f"The select_by parameter must be one of {list(SELECT_BY)}. Got {metric!r}.")
+
+
+@dataclass
+class Candidate:
+    """One grid point: its params, the head fitted on train, its val probabilities (n_val, C)."""
+
+    params: dict[str, Any]
+    head: Head
+    val_proba: np.ndarray
+    seconds: float  # fit + val prediction
+
+    def scores(self, y_val: np.ndarray) -> dict[str, float]:
+        return {m: round(score(y_val, self.val_proba, m), 6) for m in SELECT_BY}
+
+
+def _fit_one(name, params, X, y, X_val, y_val) -> Candidate:
+    start = time.perf_counter()
+    head = make_head(name, **params).fit(X, y, X_val, y_val)
+    return Candidate(params, head, head.predict_proba(X_val), time.perf_counter() - start)
+
+
+def fit_many(jobs: list[tuple], n_jobs: int = 1, progress=None) -> list[Candidate]:
+    """Fit each job ``(head name, params, X, y, X_val, y_val)``: on (X, y), validating on
+    (X_val, y_val), labels 0..n_classes-1; in ``n_jobs`` processes (1: in this one),
+    results in job order. ``progress``: a tqdm bar to advance per job."""
+    lazy = any(isinstance(job[2], LazyRows) for job in jobs)  # h5py views stay here
+    if n_jobs == 1 or len(jobs) == 1 or lazy:
+        results = (_fit_one(*job) for job in jobs)
+    else:
+        # joblib caps OpenMP / BLAS threads in its workers to their share of the cores.
+        results = Parallel(n_jobs=n_jobs, return_as="generator")(
+            delayed(_fit_one)(*job) for job in jobs
+        )
+    out = []
+    for candidate in results:
+        out.append(candidate)
+        if progress is not None:
+            progress.update()
+    return out
+
+
+def choose(
+    candidates: list[Candidate], y_val: np.ndarray, metric: str, refit: bool, both=None
+) -> tuple[Head, Candidate]:
+    """The best candidate on val by ``metric`` (ties: the first listed) and the head to
+    keep: its own, or with ``refit`` one fitted anew on ``both()`` = (X, y) of train + val
+    with what val chose (`Head.refit_params`)."""
+    chosen = candidates[int(np.argmax([score(y_val, c.val_proba, metric) for c in candidates]))]
+    if not refit:
+        return chosen.head, chosen
+    X, y = both()
+    name = chosen.head.name
+    return make_head(name, **(chosen.params | chosen.head.refit_params())).fit(X, y), chosen
