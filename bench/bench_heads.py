@@ -1,26 +1,32 @@
-"""Time the fusion heads and the head x subset comparison against the issue's targets.
+"""Time the fusion heads as `defuse fuse` fits them, and `defuse compare`, against targets.
 
-Run: .venv/bin/python bench/bench_heads.py [--mlp-cv-epochs N]
+Run: .venv/bin/python bench/bench_heads.py [--project DIR]
 Each line reads `<what>: <measured> s / <limit> s = <ratio>`; a ratio under 1 meets the
-target. Targets (2 CPU cores): fitting logreg and mlp (default params, 50 epochs) on
-2,000 x 6,144 float32 features in under 10 s each; 5-fold compare() over every registered
-head and the 7 subsets of 3 backbones of 1280-d x 2,600 rows (ELPV-sized) under 120 s.
-Timings on a shared machine vary with its load, printed first; the best of --repeat runs
-is reported. When other processes keep the cores busy, --threads 1 is the fairer figure:
-two torch threads wait on each other at every parallel op (7x slower at load 4 here).
+target. Targets (2 CPU cores): every head of params.yaml's `heads` (its whole grid, the
+choice on val and the refit, with the `fuse` section's settings) in under 30 s on
+ELPV-sized features (2,624 rows, 3 x 1,280-d, ELPV's split sizes), and `compare` over every
+head and the 7 backbone subsets under 120 s. With --project, the features are that finished
+demo's real caches instead of synthetic ones. Timings on a shared machine vary with its
+load, printed first.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline import layout
+from pipeline.cache import CacheWriter, FusedFeatures, load_features
 from pipeline.compare import compare
-from pipeline.heads import list_heads, make_head
+from pipeline.config import CompareParams, FuseParams, head_params, load_params, section
+from pipeline.data import read_manifest
+from pipeline.fusion import fit_head, fused_features
 
 N_CLASSES = 4
 
@@ -31,66 +37,63 @@ def features(n: int, dim: int, rng: np.random.Generator, y: np.ndarray) -> np.nd
     return rng.standard_normal((n, dim), dtype=np.float32) + means[y]
 
 
-def best_of(repeat: int, fn) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def report(what: str, seconds: float, limit: float) -> None:
     print(f"{what}: {seconds:.2f} s / {limit:g} s = {seconds / limit:.2f}", flush=True)
 
 
+def synthetic(folder: Path, rng: np.random.Generator) -> FusedFeatures:
+    """ELPV-sized caches in ``folder``: 1672 / 296 / 656 rows, three 1280-d backbones."""
+    split = np.repeat(["train", "val", "test"], [1672, 296, 656])
+    y = rng.integers(0, N_CLASSES, len(split))
+    ids = [f"{i:064x}" for i in range(len(y))]
+    names = [f"backbone{i}" for i in range(3)]
+    for name in names:
+        attrs = {
+            "backbone": name, "class_names": [str(c) for c in range(N_CLASSES)],
+            "checkpoint_sha256": "0" * 64, "manifest_sha256": "0" * 64, "input_size": 224,
+            "mean": [0.5] * 3, "std": [0.5] * 3, "layer": "pre_logits", "tta": False,
+            "versions": "{}", "created": "synthetic",
+        }  # fmt: skip
+        logits = rng.normal(0, 1, (len(y), N_CLASSES)) + 2 * np.eye(N_CLASSES)[y]
+        with CacheWriter(folder / f"{name}.h5", len(y), 1280, N_CLASSES, "float32", attrs) as w:
+            w.write(0, features(len(y), 1280, rng, y), logits, ids, y, split)
+    return load_features([folder / f"{n}.h5" for n in names], names)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=1, help="report the best of N runs")
-    parser.add_argument(
-        "--mlp-cv-epochs", type=int, default=None, help="mlp epochs inside compare (default: 50)"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
-    )
+    parser.add_argument("--project", type=Path, help="a finished demo: use its caches")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    params_path = (args.project or Path(".")) / "params.yaml"
     print(
         f"# load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
         f"torch threads {torch.get_num_threads()}"
     )
+    if args.project:
+        os.chdir(args.project)
+        fused = fused_features(read_manifest(layout.MANIFEST), layout.FEATURES, "params.yaml")
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_heads-")  # removed when the script ends
+        fused = synthetic(Path(tmp.name), np.random.default_rng(0))
+    fuse = section(FuseParams, "fuse", params_path)
+    heads = {h: head_params(h, params_path) for h in load_params(params_path)["heads"]}
+    for name, params in heads.items():
+        start = time.perf_counter()
+        _, sidecar = fit_head(fused, name, params, fuse)
+        n = len(sidecar["selection"]["candidates"])
+        report(f"fuse_{name} ({n} candidates)", time.perf_counter() - start, 30)
 
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, N_CLASSES, 2_000)
-    X = features(2_000, 6_144, rng, y)
-    for name in ("logreg", "mlp"):
-        report(f"fit_{name}", best_of(args.repeat, lambda n=name: make_head(n).fit(X, y)), 10)
-
-    n = 2_600
-    y = rng.integers(0, N_CLASSES, n)
-    split = rng.choice(["train", "val", "test"], n, p=[0.73, 0.15, 0.12])
-    blocks = {f"backbone{i}": features(n, 1_280, rng, y) for i in range(3)}
-    logits = {b: rng.normal(0, 1, (n, N_CLASSES)) + 2 * np.eye(N_CLASSES)[y] for b in blocks}
-    heads = {name: {} for name in list_heads()}
-    if args.mlp_cv_epochs:
-        heads["mlp"] = {"epochs": args.mlp_cv_epochs}
-    print(f"# compare heads: {heads}")
-    board = None
-
-    def run():
-        nonlocal board
-        board = compare(blocks, y, split, heads, folds=5, logit_blocks=logits, progress=False)
-
-    report("compare_cv", best_of(args.repeat, run), 120)
-    per_head = {}
-    for row in board.rows:
-        per_head[row["head"]] = per_head.get(row["head"], 0.0) + row["fit_seconds"] * 5
-    print("# compare seconds per head: " + ", ".join(f"{h} {s:.1f}" for h, s in per_head.items()))
-    print(
-        f"# pick: {board.pick['head']} on {'+'.join(board.pick['backbones'])}, "
-        f"test accuracy {board.pick['test']['accuracy']:.3f}"
-    )
+    cp = section(CompareParams, "compare", params_path)
+    offsets = np.cumsum([0, *fused.dims])
+    blocks = {b: fused.X[:, a:z] for b, a, z in zip(fused.backbones, offsets, offsets[1:])}  # noqa: B905
+    start = time.perf_counter()
+    board = compare(
+        blocks, fused.y, fused.split, heads, folds=cp.folds, seed=cp.seed,
+        logit_blocks=dict(zip(fused.backbones, fused.logits)), progress=False,  # noqa: B905
+        block_norm=fuse.block_norm, select_by=fuse.select_by, refit=fuse.refit, n_jobs=cp.n_jobs,
+    )  # fmt: skip
+    report(f"compare (n_jobs={cp.n_jobs})", time.perf_counter() - start, 120)
+    print(f"# pick: {board.pick['head']} on {'+'.join(board.pick['backbones'])}")
     print(f"# load average after: {os.getloadavg()[0]:.2f}")
 
 

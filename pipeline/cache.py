@@ -21,6 +21,9 @@ from pipeline.errors import CacheError
 SCHEMA = 1
 SPLITS = ("train", "val", "test")  # split code i means SPLITS[i]
 DATASETS = ("embeddings", "logits", "sample_id", "label", "split")
+# Cross-fitting: the fold model that embedded each row, -1 = the model trained on all of
+# train. Optional: a cache without it came from one model.
+FOLD = "fold"
 # File attributes, in the order they are written; extras follow, sorted by name.
 ATTRS = (
     "schema", "backbone", "dim", "n_classes", "class_names", "checkpoint_sha256",
@@ -160,14 +163,17 @@ class CacheWriter:
             f.create_dataset("split", (n,), np.uint8, **kw).attrs["split_names"] = _encode(
                 "class_names", list(SPLITS)
             )
+            f.create_dataset(FOLD, (n,), np.int8, fillvalue=-1, **kw)
         except BaseException:
             self._discard()
             raise
         return self
 
-    def write(self, start: int, embeddings, logits, sample_id, label, split) -> None:
+    def write(self, start: int, embeddings, logits, sample_id, label, split, fold=None) -> None:
         """Write rows [start, start + b): embeddings (b, dim), logits (b, n_classes), sample_id
-        (b,) str, label (b,) int in [0, n_classes), split (b,) "train"/"val"/"test" or 0/1/2."""
+        (b,) str, label (b,) int in [0, n_classes), split (b,) "train"/"val"/"test" or 0/1/2,
+        fold (b,) int: the cross-fitting fold model of each row, -1 (the default) for the
+        model trained on all of train."""
         if self._file is None:
             raise CacheError(f"{self.path}: write() outside the `with CacheWriter(...)` block")
         with np.errstate(over="ignore"):  # float16 overflow is refused below, naming the sample
@@ -203,6 +209,8 @@ class CacheWriter:
         f["sample_id"][rows] = ids
         f["label"][rows] = lab.astype(np.int64)
         f["split"][rows] = codes
+        if fold is not None:
+            f[FOLD][rows] = np.asarray(fold, dtype=np.int8)
         self._written[rows] = True
         self._next = start + b
 
@@ -309,6 +317,7 @@ class FeatureCache:
     label: np.ndarray  # (N,) int64
     split: np.ndarray  # (N,) str: "train" / "val" / "test"
     attrs: dict
+    fold: np.ndarray  # (N,) int8: cross-fitting fold model of each row, -1 = the full model
 
     def rows_for(self, sample_ids: Sequence[str]) -> np.ndarray:
         """(M,) int64: the row of each given id in this cache, -1 where it is absent."""
@@ -326,6 +335,7 @@ class _Header:
     sample_id: np.ndarray  # (N,) S64
     label: np.ndarray  # (N,) int64
     split: np.ndarray  # (N,) uint8 codes
+    fold: np.ndarray  # (N,) int8, -1 where the model trained on all of train embedded the row
 
     @property
     def embeddings(self) -> h5py.Dataset:
@@ -472,7 +482,12 @@ def _read_header(path: Path, f: h5py.File) -> _Header:
             f"code of {SPLITS}"
         )
     logits, label = logits.astype(np.float32, copy=False), label.astype(np.int64, copy=False)
-    return _Header(path, f, attrs, logits, ids, label, split)
+    fold = np.full(n, -1, np.int8)
+    if FOLD in f:
+        if not isinstance(f[FOLD], h5py.Dataset) or f[FOLD].shape != (n,):
+            raise CacheError(f"{path}: {FOLD} is not one int per row: {f[FOLD]!r}")
+        fold = f[FOLD][()].astype(np.int8)
+    return _Header(path, f, attrs, logits, ids, label, split, fold)
 
 
 def read_cache(path: str | os.PathLike) -> FeatureCache:
@@ -491,6 +506,7 @@ def read_cache(path: str | os.PathLike) -> FeatureCache:
         label=head.label,
         split=np.asarray(SPLITS)[head.split],
         attrs=head.attrs,
+        fold=head.fold,
     )
 
 
@@ -616,6 +632,9 @@ class FusedFeatures:
     paths: tuple[Path, ...]
     _identity: tuple = field(repr=False)  # (size, mtime_ns, inode) of each file when read
     max_bytes: int | None = None  # the memory budget X was loaded under; None: unlimited
+    # (N,) bool: every backbone embedded the row with a cross-fitting fold model that never
+    # trained on it (train rows of cross-fitted caches); None reads as all False
+    out_of_fold: np.ndarray | None = None
     _sums: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -817,6 +836,13 @@ def _fuse(heads: list[_Header], backbones, manifest, max_bytes) -> FusedFeatures
         paths=tuple(h.path for h in heads),
         _identity=identities,
         max_bytes=max_bytes,
+        out_of_fold=np.all(
+            [
+                (h.fold if r is None else h.fold[r]) >= 0
+                for h, r in zip(heads, all_rows, strict=True)
+            ],
+            axis=0,
+        ),
     )
 
 
@@ -901,4 +927,5 @@ def cache_info(path: str | os.PathLike) -> dict:
             dtype=emb.dtype.name,
             bytes=head.path.stat().st_size,
             splits={name: int(c) for name, c in zip(SPLITS, counts, strict=True)},
+            out_of_fold=int((head.fold >= 0).sum()),  # rows a cross-fitting fold model embedded
         )

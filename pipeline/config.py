@@ -69,9 +69,14 @@ class FinetuneParams:
     num_workers: int = 2
     device: str = "auto"  # "auto" picks cuda when present
     seed: int = 0
+    cross_fit: int = 0  # K > 1: also K fold models, whose out-of-fold embeddings train the heads
 
     def __post_init__(self):
         _choice("finetune.optimizer", self.optimizer, ("rmsprop", "sgd", "adamw"))
+        if not _is_count(self.cross_fit, 0) or self.cross_fit == 1:
+            raise ConfigError(
+                f"finetune.cross_fit must be 0 (off) or an int >= 2. Got {self.cross_fit!r}."
+            )
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"finetune.{name} must be >= 1. Got {getattr(self, name)!r}.")

@@ -17,13 +17,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline import distributed
+from pipeline import distributed, layout
 from pipeline.backbones import embed
 from pipeline.cache import CacheWriter, FeatureCache, reusable_cache
 from pipeline.checkpoint import backbone_info_of, load_checkpoint
 from pipeline.config import ExtractParams
 from pipeline.data import Manifest
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, ConfigError
 from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
 from pipeline.transforms import ImageDataset, eval_transform, model_input
 
@@ -75,7 +75,11 @@ def extract(
         "dtype": params.dtype,
         "tta": params.tta,
     }
+    fold_of, fold_models = _cross_fit(checkpoint_dir, sidecar, manifest)
+    fold_shas = " ".join(side["weights_sha256"] for _, side in fold_models)
     old = reusable_cache(out, sidecar["weights_sha256"], preprocessing)
+    if old is not None and old.attrs.get("fold_checkpoint_sha256", "") != fold_shas:
+        old = None  # other fold models: every out-of-fold row changes
     # Row of each manifest sample in the previous cache, -1 where it must be computed.
     old_row = old.rows_for(manifest.sample_id) if old is not None else np.full(len(manifest), -1)
     new_rows = np.flatnonzero(old_row < 0)
@@ -88,25 +92,42 @@ def extract(
         "manifest_sha256": manifest.sha256,
         "versions": library_versions(),
         "created": sidecar["created"],  # the weights' time: identical inputs give identical bytes
+        "cross_fit": len(fold_models),  # 0, or K: train rows come from the fold models
+        "fold_checkpoint_sha256": fold_shas,
     }
 
     device = resolve_device(params.device)
     with distributed.process_group(device) as here:
-        share = distributed.batch_shard(len(new_rows), params.batch_size, here.rank, here.size)
-        rows = new_rows[share]
-        loader = DataLoader(
-            ImageDataset.from_manifest(manifest, rows, eval_transform(info), info.input_size),
-            batch_size=params.batch_size,
-            num_workers=params.num_workers,
-            pin_memory=device.type == "cuda",
-        )
-        model = prepare_model(model, device)
+        if fold_models and here.size > 1:
+            raise ConfigError(
+                f"{checkpoint_dir} is cross-fitted (finetune.cross_fit={len(fold_models)}): "
+                "extract it in one process, without torchrun."
+            )
         progress = progress and here.is_main
-        batches = _batches(model, loader, rows, info, device, params.tta, progress)
-        with _merged(batches, out, new_rows, params.batch_size) as computed:
+        models = [(-1, model), *((k, m) for k, (m, _) in enumerate(fold_models))]
+        groups = []  # each model runs the new rows it embeds
+        for k, net in models:
+            rows = new_rows[fold_of[new_rows] == k]
+            if k < 0:
+                rows = rows[
+                    distributed.batch_shard(len(rows), params.batch_size, here.rank, here.size)
+                ]
+            if len(rows):
+                loader = DataLoader(
+                    ImageDataset.from_manifest(
+                        manifest, rows, eval_transform(info), info.input_size
+                    ),
+                    batch_size=params.batch_size,
+                    num_workers=params.num_workers,
+                    pin_memory=device.type == "cuda",
+                )
+                net = prepare_model(net, device)
+                groups.append(_batches(net, loader, rows, info, device, params.tta, progress))
+        with _merged(itertools.chain(*groups), out, new_rows, params.batch_size) as computed:
             if here.is_main:
                 reused = _reused(old, old_row)
-                _write_cache(out, manifest, info.dim, attrs, itertools.chain(reused, computed))
+                batches = itertools.chain(reused, computed)
+                _write_cache(out, manifest, info.dim, attrs, batches, fold_of)
     return ExtractResult(out, len(manifest), len(manifest) - len(new_rows), len(new_rows))
 
 
@@ -117,8 +138,38 @@ def _reused(old: FeatureCache | None, old_row: np.ndarray) -> Iterator[tuple]:
         yield chunk, old.embeddings[old_row[chunk]], old.logits[old_row[chunk]]
 
 
-def _write_cache(out: Path, manifest: Manifest, dim: int, attrs: dict, batches: Iterable) -> None:
-    """Stream ``batches`` of ``(sorted manifest rows, embeddings, logits)`` into the cache."""
+def _cross_fit(checkpoint_dir: Path, sidecar: dict, manifest: Manifest) -> tuple[np.ndarray, list]:
+    """For a cross-fitted checkpoint: the fold model of each manifest row ((N,) int8, -1 for
+    the model trained on all of train) and the fold models with their sidecars; a plain
+    checkpoint gives all -1 and none. Every train row must be held out by exactly one fold."""
+    k = sidecar["params"].get("cross_fit", 0)
+    fold_of, folds = np.full(len(manifest), -1, np.int8), []
+    index = {sid: i for i, sid in enumerate(manifest.sample_id)}
+    for j in range(k):
+        model, side = load_checkpoint(layout.fold_dir(checkpoint_dir, j))
+        rows = [index.get(sid) for sid in side.get("held_out") or []]
+        if side.get("manifest_sha256") != manifest.sha256 or None in rows:
+            raise CacheError(
+                f"Fold model {layout.fold_dir(checkpoint_dir, j)} was trained on another manifest "
+                f"(sha256 {side.get('manifest_sha256')}, this one {manifest.sha256}); re-run "
+                f"`defuse finetune {sidecar['backbone']}` (or `dvc repro`)."
+            )
+        fold_of[rows] = j
+        folds.append((model, side))
+    train = manifest.indices("train")
+    if k and (fold_of[train] < 0).any():
+        raise CacheError(
+            f"{checkpoint_dir}: {(fold_of[train] < 0).sum()} train rows are held out by none of "
+            f"its {k} fold models; re-run `defuse finetune {sidecar['backbone']}`."
+        )
+    return fold_of, folds
+
+
+def _write_cache(
+    out: Path, manifest: Manifest, dim: int, attrs: dict, batches: Iterable, fold_of: np.ndarray
+) -> None:
+    """Stream ``batches`` of ``(sorted manifest rows, embeddings, logits)`` into the cache;
+    ``fold_of``: (N,) the fold model of each manifest row."""
     n_classes = len(manifest.class_names)
     with CacheWriter(out, len(manifest), dim, n_classes, attrs["dtype"], attrs) as writer:
         for rows, emb, logits in batches:
@@ -132,6 +183,7 @@ def _write_cache(out: Path, manifest: Manifest, dim: int, attrs: dict, batches: 
                     manifest.sample_id[a:b],
                     manifest.label[a:b],
                     manifest.split[a:b],
+                    fold_of[a:b],
                 )
 
 

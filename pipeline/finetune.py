@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.model_selection import StratifiedKFold
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -112,16 +113,43 @@ def predict_logits(
     return torch.cat(logits), torch.cat(labels)
 
 
+def cross_fit_folds(manifest: Manifest, k: int, seed: int) -> list[np.ndarray]:
+    """The manifest rows each of ``k`` fold models leaves out: the train rows in k
+    stratified, seeded folds (every train row in exactly one); none for ``k`` = 0 (off)."""
+    if k == 0:
+        return []
+    train = manifest.indices("train")
+    labels = manifest.label[train]
+    if np.bincount(labels).min(initial=k) < k:
+        small = [manifest.class_names[c] for c in np.flatnonzero(np.bincount(labels) < k)]
+        raise ConfigError(
+            f"finetune.cross_fit={k} needs at least {k} train images per class; "
+            f"{small} have fewer. Use a smaller cross_fit, or 0."
+        )
+    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [train[held] for _, held in folds.split(np.zeros((len(train), 1)), labels)]
+
+
 def finetune(
-    manifest: Manifest, backbone: str, params: FinetuneParams, out_dir: Path, progress: bool = True
+    manifest: Manifest,
+    backbone: str,
+    params: FinetuneParams,
+    out_dir: Path,
+    progress: bool = True,
+    held_out: np.ndarray | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``backbone`` on the manifest's train split; write the checkpoint to ``out_dir``.
+
+    ``held_out``: train rows this model must not see (a cross-fitting fold model); they are
+    listed by sample id in its sidecar, and the test split is not scored.
 
     Under torchrun every process runs this: DDP over the train rows with ``batch_size`` as the
     global batch, the eval rows shared out and gathered so that every process picks the same
     epoch, and rank 0 alone writes the checkpoint (the others return once it is written).
     """
     train_idx, val_idx, test_idx = (manifest.indices(s) for s in ("train", "val", "test"))
+    if held_out is not None:
+        train_idx, test_idx = np.setdiff1d(train_idx, held_out), test_idx[:0]
     for split, idx in (("train", train_idx), ("val", val_idx)):
         if len(idx) == 0:
             raise DataError(
@@ -269,6 +297,7 @@ def finetune(
             "best_epoch": best_epoch,
             "val_metrics": {k: val_metrics[k] for k in ("accuracy", "f1_macro", "n")},
             "manifest_sha256": manifest.sha256,
+            "held_out": None if held_out is None else [manifest.sample_id[i] for i in held_out],
             "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
             "versions": library_versions(),
         }

@@ -109,6 +109,9 @@ def fit_head(
         "cache_sha256": dict(features.checksums),
         "class_names": names,
         "n_train": len(train),
+        "n_train_out_of_fold": 0
+        if features.out_of_fold is None
+        else int(features.out_of_fold[train].sum()),
         "n_val": len(val),
         "val_metrics": {k: val_metrics[k] for k in ("accuracy", "f1_macro", "n")},
         "selection": {

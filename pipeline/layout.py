@@ -14,6 +14,11 @@ def checkpoint_dir(backbone: str, root: Path = MODELS) -> Path:
     return root / backbone
 
 
+def fold_dir(checkpoint: Path, k: int) -> Path:
+    """Cross-fitting's fold model k of a checkpoint: it never saw that fold's train rows."""
+    return checkpoint / "folds" / str(k)
+
+
 def feature_cache(backbone: str, root: Path = FEATURES) -> Path:
     return root / f"{backbone}.h5"
 

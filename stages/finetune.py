@@ -24,13 +24,15 @@ def finetune(backbone, manifest, out, reports, params_path, epochs, batch_size, 
 
     Reads params.yaml's `finetune` section overridden by `backbones.BACKBONE`. Writes the
     checkpoint (model.safetensors + model.json), the per-epoch history CSV and its PNG, and
-    the val and test metrics JSON.
+    the val and test metrics JSON. With `finetune.cross_fit: K` it then trains K fold
+    models into the checkpoint's folds/<k>/, each without one K-th of the train rows, so
+    that `extract` can embed every train image with a model that never saw it.
     """
     from pipeline import distributed
     from pipeline.config import finetune_params
     from pipeline.data import read_manifest
+    from pipeline.finetune import cross_fit_folds, write_history
     from pipeline.finetune import finetune as run
-    from pipeline.finetune import write_history
     from pipeline.metrics import write_json
     from pipeline.report import plot_history
     from pipeline.runtime import resolve_device
@@ -38,11 +40,11 @@ def finetune(backbone, manifest, out, reports, params_path, epochs, batch_size, 
     params = finetune_params(
         backbone, params_path, epochs=epochs, batch_size=batch_size, device=device
     )
+    out = out or layout.checkpoint_dir(backbone)
+    man = read_manifest(manifest)
     # Under torchrun the process group spans the reports too: every process ends after them.
     with distributed.process_group(resolve_device(params.device)) as here:
-        result = run(
-            read_manifest(manifest), backbone, params, out or layout.checkpoint_dir(backbone)
-        )
+        result = run(man, backbone, params, out)
         if here.is_main:  # rank 0 writes; the others wait at the barrier
             paths = layout.finetune_reports(backbone, reports)
             write_history(result.history, paths["history"])
@@ -59,4 +61,12 @@ def finetune(backbone, manifest, out, reports, params_path, epochs, batch_size, 
             click.echo(
                 f"{backbone}: best epoch {result.sidecar['best_epoch']}, val accuracy {val['accuracy']:.4f}, macro F1 {val['f1_macro']:.4f}"
             )
+        # After the main model, whose folder save_checkpoint replaces whole.
+        for k, held_out in enumerate(cross_fit_folds(man, params.cross_fit, params.seed)):
+            fold = run(man, backbone, params, layout.fold_dir(out, k), held_out=held_out)
+            if here.is_main:
+                click.echo(
+                    f"  fold {k + 1}/{params.cross_fit} (without {len(held_out)} train rows): "
+                    f"val accuracy {fold.val_metrics['accuracy']:.4f}"
+                )
         distributed.barrier()

@@ -109,3 +109,53 @@ def test_tta_averages_flipped_views(tiny_run, tmp_path):
     a, b = read_cache(plain.path), read_cache(tta.path)
     assert b.attrs["tta"] and not a.attrs["tta"]
     assert not np.allclose(a.embeddings, b.embeddings)
+
+
+def test_cross_fitted_train_rows_come_from_the_fold_that_never_saw_them(tiny_run, tmp_path):
+    from dataclasses import replace
+
+    from conftest import TINY_FINETUNE
+
+    from pipeline import layout
+    from pipeline.cache import load_features
+    from pipeline.config import FinetuneParams
+    from pipeline.errors import CheckpointError
+    from pipeline.finetune import cross_fit_folds, finetune
+
+    manifest, ckpt = tiny_run["manifest"], tmp_path / "lite0"
+    params = FinetuneParams(**TINY_FINETUNE, cross_fit=2)
+    finetune(manifest, "tf_efficientnet_lite0", replace(params, epochs=1), ckpt, progress=False)
+    folds = cross_fit_folds(manifest, 2, params.seed)
+    assert sorted(np.concatenate(folds)) == sorted(manifest.indices("train"))
+    for k, held in enumerate(folds):
+        finetune(
+            manifest, "tf_efficientnet_lite0", replace(params, epochs=1, seed=k),
+            layout.fold_dir(ckpt, k), progress=False, held_out=held,
+        )  # fmt: skip
+
+    out = tmp_path / "f.h5"
+    extract(manifest, ckpt, out, PARAMS, progress=False)
+    cache = read_cache(out)
+    assert cache.attrs["cross_fit"] == 2
+    for k, held in enumerate(folds):
+        assert (cache.fold[held] == k).all()
+    assert (cache.fold[cache.split != "train"] == -1).all()
+    assert load_features([out], ["tf_efficientnet_lite0"]).out_of_fold.sum() == len(
+        manifest.indices("train")
+    )
+
+    row = folds[1][0]  # embedded by fold model 1, not by the model trained on all of train
+    image = eval_transform(backbone_info_of(load_checkpoint(ckpt)[1]))(
+        load_image(manifest.image_path(row))
+    )
+    for directory, same in ((layout.fold_dir(ckpt, 1), True), (ckpt, False)):
+        model, side = load_checkpoint(directory)
+        with torch.inference_mode():
+            emb, _ = embed(
+                model, model_input(image[None], backbone_info_of(side), torch.device("cpu"))
+            )
+        assert np.allclose(cache.embeddings[row], emb[0].numpy(), atol=1e-5) is same
+
+    shutil.rmtree(layout.fold_dir(ckpt, 1))
+    with pytest.raises(CheckpointError, match=r"No checkpoint at .*folds/1"):
+        extract(manifest, ckpt, out, PARAMS, progress=False)
