@@ -116,7 +116,7 @@ class FuseParams:
     # head on every machine.
     memory_gb: float = 2.0
     block_norm: str = "l2"  # per-backbone block treatment: none | standardize | l2 (+ standardize)
-    select_by: str = "log_loss"  # val score that picks among a head's candidates
+    select_by: str = "accuracy"  # val score that picks among a head's candidates
     refit: bool = True  # refit the chosen candidate on train + val
     n_jobs: int = 1  # processes fitting a head's candidates
 
