@@ -250,8 +250,8 @@ def main() -> int:
             classes = [f"class{k:02d}" for k in range(n_classes)]
             images = tmp / stem / "images"
             write_jpegs(images, n_classes * mode.per_class, mode.image_size, classes=classes)
-        width, height = mode.image_size
-        print(f"synthetic {width}x{height} JPEGs written in {time.perf_counter() - start:.1f} s")
+        (width, height), took = mode.image_size, time.perf_counter() - start
+        print(f"synthetic {width}x{height} JPEGs and a manifest in {took:.1f} s")
 
         passed = [checked(f"{b} throughput", throughput, b, data, mode, tmp) for b in MODELS]
         for stem in PRESET_CLASSES:
