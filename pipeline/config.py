@@ -16,6 +16,7 @@ import yaml
 from pipeline.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
+RESIZE_MODES = ("stretch", "letterbox", "center_crop")  # how a non-square image meets the input
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,11 @@ class FinetuneParams:
     device: str = "auto"  # "auto" picks cuda when present
     seed: int = 0
     cross_fit: int = 0  # K > 1: also K fold models, whose out-of-fold embeddings train the heads
+    resize: str = "stretch"  # non-square images: stretch, letterbox (pad) or center_crop
 
     def __post_init__(self):
         _choice("finetune.optimizer", self.optimizer, ("rmsprop", "sgd", "adamw"))
+        _choice("finetune.resize", self.resize, RESIZE_MODES)
         if not _is_count(self.cross_fit, 0) or self.cross_fit == 1:
             raise ConfigError(
                 f"finetune.cross_fit must be 0 (off) or an int >= 2. Got {self.cross_fit!r}."
