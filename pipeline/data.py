@@ -484,8 +484,8 @@ def build_manifest(
     if hashing:
         pairs = near_duplicate_pairs(np.array(phashes, dtype=np.uint64), params.near_duplicate_bits)
         groups = groups_of(len(entries), pairs)
-    _warn_near_duplicates(entries, groups, class_names, params)
     splits = _assign_splits(entries, groups, class_names, params)
+    _warn_near_duplicates(entries, splits, groups, class_names, params)
     rows = tuple(
         ManifestRow(sha, e.path, e.label, class_names[e.label], s)
         for (e, sha), s in zip(kept, splits, strict=True)
@@ -503,9 +503,14 @@ def build_manifest(
 
 
 def _warn_near_duplicates(
-    entries: list[_Entry], groups: list[list[int]], class_names: tuple[str, ...], params
+    entries: list[_Entry],
+    splits: list[str],
+    groups: list[list[int]],
+    class_names: tuple[str, ...],
+    params: PrepareParams,
 ) -> None:
-    """Warn about near-duplicate groups whose members carry different labels or given splits.
+    """Warn about near-duplicate groups whose members carry different labels, or that the
+    splits given by a labels file leave in more than one split.
 
     Not errors, unlike identical files in two classes: a perceptual match is evidence, not
     proof (ELPV's sister cells cut from one ingot look alike and some of them are defective).
@@ -513,9 +518,7 @@ def _warn_near_duplicates(
 
     def describe(group: list[int]) -> str:
         return ", ".join(
-            f"{entries[i].path} ({class_names[entries[i].label]}"
-            + (f", {entries[i].split})" if entries[i].split else ")")
-            for i in group
+            f"{entries[i].path} ({class_names[entries[i].label]}, {splits[i]})" for i in group
         )
 
     bits = params.near_duplicate_bits
@@ -523,19 +526,20 @@ def _warn_near_duplicates(
     if mixed:
         warnings.warn(
             _listing(
-                f"{len(mixed)} near-duplicate group(s) (pHash within {bits} bits) span classes; "
-                "each is kept in one split, check their labels",
+                f"{len(mixed)} near-duplicate group(s) (pHash within {bits} bits) span "
+                "classes; check their labels",
                 mixed,
             ),
             stacklevel=3,
         )
-    given = [describe(g) for g in groups if len({entries[i].split for i in g} - {""}) > 1]
-    if given:
+    leaks = [describe(g) for g in groups if len({splits[i] for i in g}) > 1]
+    if leaks:
         warnings.warn(
             _listing(
-                f"{len(given)} near-duplicate group(s) (pHash within {bits} bits) span the "
-                f"splits given in {params.labels}; kept as given, so they leak across splits",
-                given,
+                f"{len(leaks)} near-duplicate group(s) (pHash within {bits} bits) straddle "
+                f"splits: the splits given in {params.labels} are kept (and take no drawn "
+                "rows), so these leak; fix their split column to keep each group together",
+                leaks,
             ),
             stacklevel=3,
         )
@@ -552,9 +556,9 @@ def _assign_splits(
 
     Test is drawn from the undecided images (test_fraction) unless some entry is given
     "test"; val likewise from what trains (val_fraction of the undecided rest and the given
-    "train" entries) unless some entry is given "val"; the rest is train. A group whose
-    members are given different splits is cut along them (its undecided members join its
-    first given member).
+    "train" entries) unless some entry is given "val"; the rest is train. So a fixed test
+    set stays exactly as given, and a group whose members are given different splits is cut
+    along them (`_units`).
     """
     t, v = params.test_fraction, params.val_fraction
     units = _units(entries, groups)
@@ -635,14 +639,15 @@ def _assign_splits(
 
 def _units(entries: list[_Entry], groups: list[list[int]]) -> list[list[int]]:
     """What moves between splits as one: every entry alone, except that each near-duplicate
-    group is one unit per split given among its members (undecided members join the first)."""
+    group is one unit per split given among its members, its undecided members joining its
+    given train rows (if any) or forming a unit of their own."""
     units, grouped = [], set()
     for group in groups:
         parts: dict[str, list[int]] = {}
-        for i in group:  # path order: the first given split opens the first part
-            if entries[i].split:
-                parts.setdefault(entries[i].split, []).append(i)
-        parts.setdefault(next(iter(parts), ""), []).extend(i for i in group if not entries[i].split)
+        for i in group:
+            parts.setdefault(entries[i].split, []).append(i)
+        if "" in parts and "train" in parts:  # given test and val take no other rows
+            parts["train"] += parts.pop("")
         units += [sorted(members) for members in parts.values()]
         grouped.update(group)
     units += [[i] for i in range(len(entries)) if i not in grouped]

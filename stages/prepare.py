@@ -67,13 +67,15 @@ def prepare(params_path, out, **overrides):
     groups = prepared.near_duplicates
     if groups:
         split_of = {r.path: r.split for r in prepared.rows}
+        splits = [sorted({split_of[p] for p in group}) for group in groups]
+        straddle = sum(len(s) > 1 for s in splits)
         click.echo(
             f"{len(groups)} near-duplicate group(s), {sum(map(len, groups))} images (pHash within "
-            f"{params.near_duplicate_bits} bits), each kept in one split; all in "
-            f"{manifest_json_path(csv_path)}:"
+            f"{params.near_duplicate_bits} bits), "
+            + (f"{straddle} straddling given splits" if straddle else "each kept in one split")
+            + f"; all in {manifest_json_path(csv_path)}:"
         )
-        for group in groups[:_LISTED]:
-            splits = sorted({split_of[p] for p in group})
-            click.echo(f"  {'/'.join(splits)}: " + ", ".join(group))
+        for group, names in zip(groups[:_LISTED], splits, strict=False):
+            click.echo(f"  {'/'.join(names)}: " + ", ".join(group))
         if len(groups) > _LISTED:
             click.echo(f"  ... and {len(groups) - _LISTED} more")

@@ -2,6 +2,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import warnings
 
 import numpy as np
@@ -508,18 +509,39 @@ def test_reencoded_copy_never_straddles_splits(tmp_path):
     assert off.near_duplicates == ()
 
 
-def test_near_duplicate_across_given_splits_is_kept_as_given_with_a_warning(tmp_path):
+def test_near_duplicates_across_given_splits_are_kept_as_given_with_a_warning(tmp_path):
     root = _smooth_folder(tmp_path / "images", {"a": 8, "b": 8})
-    _reencoded_copy(root / "a" / "000.png", root / "a" / "copy.jpg")
+    _reencoded_copy(root / "a" / "000.png", root / "a" / "copy.jpg")  # given test, below
+    _reencoded_copy(root / "b" / "007.png", root / "b" / "copy.jpg")  # undecided
     rows = [(f"{c}/{i:03d}.png", c, "test" if i == 7 else "") for c in "ab" for i in range(8)]
     rows[0] = ("a/000.png", "a", "train")
-    labels = _labels_file(root, [*rows, ("a/copy.jpg", "a", "test")])
-    with pytest.warns(
-        UserWarning, match=r"(?s)span the splits given in .*leak.*a/copy\.jpg \(a, test\)"
-    ):
+    labels = _labels_file(root, [*rows, ("a/copy.jpg", "a", "test"), ("b/copy.jpg", "b", "")])
+    with pytest.warns(UserWarning, match=r"2 near-duplicate group\(s\).*straddle") as caught:
         prepared = build_manifest(_csv_params(labels))
+    assert "a/copy.jpg (a, test)" in str(caught[0].message)
     split = {r.path: r.split for r in prepared.rows}
-    assert (split["a/000.png"], split["a/copy.jpg"]) in {("train", "test"), ("val", "test")}
+    assert split["a/000.png"] in ("train", "val") and split["a/copy.jpg"] == "test"
+    # the fixed test set takes no drawn row, not even a near-duplicate of one of its images
+    assert split["b/007.png"] == "test" and split["b/copy.jpg"] != "test"
+    assert sorted(p for p, s in split.items() if s == "test") == [
+        "a/007.png",
+        "a/copy.jpg",
+        "b/007.png",
+    ]
+
+
+def test_elpv_as_a_labels_file_keeps_its_fixed_test_split(elpv4, tmp_path):
+    """The issue's check: a CSV-labelled copy of ELPV with a fixed test split gives exactly it."""
+    (tmp_path / "images").symlink_to(elpv_root() / "images")
+    labels = dict(zip(elpv4.rel_path, elpv4.label.tolist(), strict=True))
+    test = set(elpv4.rel_path[i] for i in elpv4.indices("test"))
+    rows = [(p, elpv4.class_names[labels[p]], "test" if p in test else "") for p in sorted(labels)]
+    params = PrepareParams(source="csv", labels=str(_labels_file(tmp_path, rows)), seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ELPV's cross-class and straddling groups
+        prepared = build_manifest(params)
+    assert {r.path for r in prepared.rows if r.split == "test"} == test
+    assert prepared.counts()["split"]["val"] == math.ceil(0.15 * (2624 - 656))
 
 
 def test_manifest_json_lists_the_groups(tmp_path):
