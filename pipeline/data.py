@@ -405,7 +405,7 @@ def _csv_entries(params: PrepareParams) -> tuple[Path, tuple[str, ...], list[_En
 # --- building the manifest --------------------------------------------------------------------
 
 
-_SOURCES = {"elpv": ("class", "cell_type"), "folder": ("class",), "csv": ("class",)}
+_STRATIFIED_BY = {"elpv": ("class", "cell_type"), "folder": ("class",), "csv": ("class",)}
 
 
 def build_manifest(
@@ -498,7 +498,7 @@ def build_manifest(
         skipped=tuple(bad),
         duplicates=tuple(duplicates),
         near_duplicates=tuple(tuple(entries[i].path for i in g) for g in groups),
-        stratified_by=_SOURCES[params.source],
+        stratified_by=_STRATIFIED_BY[params.source],
     )
 
 
@@ -570,32 +570,10 @@ def _assign_splits(
     if "val" not in fixed:
         draws.append(("val", v, "train", "train"))
 
-    def describe(stratum: str) -> str:
-        label, group = stratum.split("|")
-        name = class_names[int(label)]
-        return f"class {name!r} ({group} cells)" if group else f"class {name!r}"
-
-    # Each stratum that is drawn from must be big enough to reach every split it is drawn into.
-    drawn_from = {"", "train"} if "val" not in fixed else {""}
+    drawn_from = {"", *(also for _, _, also, _ in draws)}  # "train" when val is drawn
     counts = sum((h for h, s in zip(holds, split, strict=True) if s in drawn_from), Counter())
     if draws:
-        if len(draws) == 2:
-            share = min(t, (1 - t) * v, (1 - t) * (1 - v))
-        else:
-            share = min(draws[0][1], 1 - draws[0][1])
-        needed = math.ceil(1 / share - 1e-9)
-        present = Counter(e.label for e in entries)
-        small = [s for s in sorted(counts) if counts[s] < needed]
-        small += [f"{i}|" for i in range(len(class_names)) if present[i] == 0]
-        if small:
-            parts = ["train", *reversed([d[0] for d in draws])]
-            raise DataError(
-                "Too few images to stratify: "
-                + "; ".join(f"{describe(s)} has {counts[s]}" for s in small)
-                + f". With test_fraction={t} and val_fraction={v} each needs at least {needed} "
-                f"so that {', '.join(parts[:-1])} and {parts[-1]} all get one; add images or "
-                "raise the fractions."
-            )
+        _check_sizes(counts, [d[0] for d in draws], {e.label for e in entries}, class_names, params)
 
     rng = np.random.default_rng(params.seed)
     for name, fraction, also, rest in draws:
@@ -611,7 +589,7 @@ def _assign_splits(
                 largest = max((len(g) for g in groups), default=0)
                 raise DataError(
                     f"The stratified split left no {part} image for "
-                    + ", ".join(f"{describe(s)} ({counts[s]} images)" for s in missing)
+                    + ", ".join(f"{_stratum(s, class_names)} ({counts[s]} images)" for s in missing)
                     + "; add images or raise the fractions"
                     + (
                         f" (near-duplicate groups move whole, the largest has {largest} images)."
@@ -635,6 +613,40 @@ def _assign_splits(
             "split, or leave their split empty to have it drawn."
         )
     return out
+
+
+def _stratum(key: str, class_names: tuple[str, ...]) -> str:
+    label, group = key.split("|")
+    name = class_names[int(label)]
+    return f"class {name!r} ({group} cells)" if group else f"class {name!r}"
+
+
+def _check_sizes(
+    counts: Counter,
+    drawn: list[str],
+    present: set[int],
+    class_names: tuple[str, ...],
+    params: PrepareParams,
+) -> None:
+    """Every stratum drawn from (``counts``: its images) must be big enough to reach each
+    split it is drawn into (``drawn``: "test" and / or "val") and train, and no class empty."""
+    t, v = params.test_fraction, params.val_fraction
+    if drawn == ["test", "val"]:
+        share = min(t, (1 - t) * v, (1 - t) * (1 - v))
+    else:
+        share = min(t, 1 - t) if drawn == ["test"] else min(v, 1 - v)
+    needed = math.ceil(1 / share - 1e-9)
+    small = [s for s in sorted(counts) if counts[s] < needed]
+    small += [f"{i}|" for i in range(len(class_names)) if i not in present]
+    if small:
+        parts = ["train", *reversed(drawn)]
+        raise DataError(
+            "Too few images to stratify: "
+            + "; ".join(f"{_stratum(s, class_names)} has {counts[s]}" for s in small)
+            + f". With test_fraction={t} and val_fraction={v} each needs at least {needed} "
+            f"so that {', '.join(parts[:-1])} and {parts[-1]} all get one; add images or "
+            "raise the fractions."
+        )
 
 
 def _units(entries: list[_Entry], groups: list[list[int]]) -> list[list[int]]:
