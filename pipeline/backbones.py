@@ -106,6 +106,7 @@ class BackboneInfo:
     std: tuple[float, float, float]
     interpolation: str
     dim: int  # embedding size: what `embed` returns
+    resize: str  # how a non-square image meets the square input (config.RESIZE_MODES)
 
 
 def backbone_info(name: str, input_size: int | None = None) -> BackboneInfo:
@@ -126,6 +127,7 @@ def _native_info(name: str) -> BackboneInfo:
         std=tuple(cfg["std"]),
         interpolation=cfg["interpolation"],
         dim=int(getattr(model, "head_hidden_size", model.num_features)),
+        resize="stretch",  # timm's "squash"; finetune.resize chooses per run
     )
 
 

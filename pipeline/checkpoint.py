@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.backbones import BackboneInfo, create_backbone
 from pipeline.cache import file_sha256
+from pipeline.config import RESIZE_MODES
 from pipeline.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
@@ -82,11 +83,19 @@ def load_checkpoint(directory: Path, verify: bool = True) -> tuple[torch.nn.Modu
 
 def backbone_info_of(sidecar: dict) -> BackboneInfo:
     """The eval preprocessing the checkpoint was trained with (travels with the weights)."""
+    # Sidecars written before finetune.resize existed come from stretched images.
+    resize = sidecar.get("resize", "stretch")
+    if resize not in RESIZE_MODES:
+        raise CheckpointError(
+            f"Checkpoint of {sidecar['backbone']!r}: resize {resize!r} is not one of "
+            f"{list(RESIZE_MODES)}; the sidecar is damaged or from a newer defuse."
+        )
     return BackboneInfo(
-        sidecar["backbone"],
-        sidecar["input_size"],
-        tuple(sidecar["mean"]),
-        tuple(sidecar["std"]),
-        sidecar["interpolation"],
-        sidecar["dim"],
+        name=sidecar["backbone"],
+        input_size=sidecar["input_size"],
+        mean=tuple(sidecar["mean"]),
+        std=tuple(sidecar["std"]),
+        interpolation=sidecar["interpolation"],
+        dim=sidecar["dim"],
+        resize=resize,
     )

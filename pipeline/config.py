@@ -16,22 +16,29 @@ import yaml
 from pipeline.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
+SOURCES = ("elpv", "folder", "csv")
+RESIZE_MODES = ("stretch", "letterbox", "center_crop")  # how a non-square image meets the input
 
 
 @dataclass(frozen=True)
 class PrepareParams:
-    source: str = "elpv"  # "elpv" (the elpv-dataset package) or "folder" (one sub-folder per class)
+    source: str = "elpv"  # "elpv" (the package), "folder" (a sub-folder per class), "csv"
     root: str | None = None  # the image folder when source is "folder"
-    classes: tuple[str, ...] | None = None  # folder: explicit class list and label order
+    classes: tuple[str, ...] | None = None  # folder / csv: explicit class list and label order
     elpv_classes: int = 4  # elpv: 4 = defect probability 0, 1/3, 2/3, 1; 2 = functional/defective
     test_fraction: float = 0.12  # the fusion paper's 1879 / 257 split
     val_fraction: float = 0.15  # carved from what remains after test, for model selection
     seed: int = 0
     on_bad_image: str = "error"  # "error" stops; "skip" lists the file in skipped.csv
     max_pixels: int = 64_000_000  # decompression-bomb guard (2560x1920 is 4.9 M)
+    # Users' data as they have it: a labels file, file patterns, near-duplicate grouping.
+    labels: str | None = None  # csv: the labels file; its image paths are relative to its folder
+    include: tuple[str, ...] | None = None  # folder / csv: globs a file must match (any of them)
+    exclude: tuple[str, ...] | None = None  # folder / csv: globs that leave a file out
+    near_duplicate_bits: int | None = 4  # pHash distance (of 64 bits) that groups; None: off
 
     def __post_init__(self):
-        _choice("prepare.source", self.source, ("elpv", "folder"))
+        _choice("prepare.source", self.source, SOURCES)
         _choice("prepare.on_bad_image", self.on_bad_image, ("error", "skip"))
         _choice("prepare.elpv_classes", self.elpv_classes, (2, 4))
         _open_unit("prepare.test_fraction", self.test_fraction)
@@ -42,6 +49,46 @@ class PrepareParams:
             )
         if self.max_pixels <= 0:
             raise ConfigError(f"prepare.max_pixels must be positive. Got {self.max_pixels}.")
+        self._check_user_data()
+
+    def _check_user_data(self):
+        """The labels file, the file patterns and the near-duplicate radius."""
+        if self.source == "csv":
+            if not self.labels:
+                raise ConfigError(
+                    "prepare.labels must name the labels file (path,label[,split]) when "
+                    "prepare.source is 'csv'."
+                )
+            if self.root is not None:
+                raise ConfigError(
+                    f"prepare.root must be null when prepare.source is 'csv' (image paths are "
+                    f"relative to the labels file's folder). Got {self.root!r}."
+                )
+        elif self.labels is not None:
+            raise ConfigError(
+                f"prepare.labels is for prepare.source 'csv'; source is {self.source!r}. "
+                f"Got {self.labels!r}."
+            )
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            if patterns is None:
+                continue
+            if self.source == "elpv":
+                raise ConfigError(f"prepare.{name} is for the folder and csv sources, not 'elpv'.")
+            if not isinstance(patterns, tuple) or not all(
+                isinstance(p, str) and p for p in patterns
+            ):
+                raise ConfigError(
+                    f"prepare.{name} must be a list of glob patterns such as ['*.jpg']. "
+                    f"Got {patterns!r}."
+                )
+        bits = self.near_duplicate_bits
+        # Unrelated images differ in about 32 of the 64 bits: a radius that large groups them.
+        if bits is not None and not (_is_count(bits, 0) and bits < 32):
+            raise ConfigError(
+                f"prepare.near_duplicate_bits must be null (off) or an int in [0, 32). "
+                f"Got {bits!r}."
+            )
 
 
 @dataclass(frozen=True)
@@ -70,9 +117,11 @@ class FinetuneParams:
     device: str = "auto"  # "auto" picks cuda when present
     seed: int = 0
     cross_fit: int = 0  # K > 1: also K fold models, whose out-of-fold embeddings train the heads
+    resize: str = "stretch"  # non-square images: stretch, letterbox (pad) or center_crop
 
     def __post_init__(self):
         _choice("finetune.optimizer", self.optimizer, ("rmsprop", "sgd", "adamw"))
+        _choice("finetune.resize", self.resize, RESIZE_MODES)
         if not _is_count(self.cross_fit, 0) or self.cross_fit == 1:
             raise ConfigError(
                 f"finetune.cross_fit must be 0 (off) or an int >= 2. Got {self.cross_fit!r}."

@@ -1,7 +1,9 @@
 """Dataset sources, the manifest (cache/manifest.csv + manifest.json) and image decoding.
 
-`build_manifest` checks every image once, collapses duplicates and draws stratified, seeded
-splits; `write_manifest` writes the files atomically; `read_manifest` is what later stages use.
+Sources: the ELPV package, an image folder (one sub-folder per class) or a labels file (csv).
+`build_manifest` checks every image once, collapses duplicates, groups near-duplicates and
+draws stratified, seeded splits; `write_manifest` writes the files atomically;
+`read_manifest` is what later stages use.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from fnmatch import fnmatchcase
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
-from sklearn.model_selection import train_test_split
 
 from pipeline.config import PrepareParams, asdict
+from pipeline.dedupe import HASH_INPUT, groups_of, near_duplicate_pairs, perceptual_hash
 from pipeline.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
@@ -38,7 +41,6 @@ ELPV_CLASSES = {
     2: ("functional", "defective"),
 }
 _MAX_LISTED = 20  # problems listed in one error message before "and N more"
-_CHECK_SIZE = 1  # draft target of the checking pass: the smallest JPEG scale, still a full read
 
 
 class ManifestRow(NamedTuple):
@@ -59,6 +61,7 @@ class PreparedManifest:
     rows: tuple[ManifestRow, ...]  # sorted by path
     skipped: tuple[tuple[str, str], ...]  # (path, reason), only when on_bad_image is "skip"
     duplicates: tuple[tuple[str, str], ...]  # (kept path, dropped path), same class
+    near_duplicates: tuple[tuple[str, ...], ...]  # paths of each near-duplicate group, sorted
     stratified_by: tuple[str, ...]  # ("class",) or ("class", "cell_type") for ELPV
 
     def counts(self) -> dict[str, dict]:
@@ -85,7 +88,7 @@ class Manifest:
     label: np.ndarray  # (n_samples,) int64
     split: tuple[str, ...]
     sha256: str  # of the csv bytes; feature caches record it
-    source: str  # "elpv" or "folder", from manifest.json
+    source: str  # "elpv", "folder" or "csv", from manifest.json
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -197,6 +200,7 @@ class _Entry(NamedTuple):
     path: str  # relative, forward slashes
     label: int
     group: str  # extra stratification key ("" for folders; cell type for ELPV)
+    split: str  # given by a labels file; "" = drawn by `build_manifest`
 
 
 def elpv_root() -> Path:
@@ -227,7 +231,7 @@ def _elpv_entries(n_classes: int) -> tuple[Path, tuple[str, ...], list[_Entry]]:
         if abs(prob * 3 - level) > 1e-6 or not 0 <= level <= 3:
             raise DataError(f"{labels}, line {lineno}: probability {prob} is not 0, 1/3, 2/3, 1.")
         label = level if n_classes == 4 else int(prob >= 0.5)
-        entries.append(_Entry(rel, label, cell_type))
+        entries.append(_Entry(rel, label, cell_type, ""))
     return root, ELPV_CLASSES[n_classes], entries
 
 
@@ -239,9 +243,11 @@ def _float(text: str) -> float:
 
 
 def _folder_entries(
-    root_given: str, classes: Sequence[str] | None
+    params: PrepareParams,
 ) -> tuple[Path, tuple[str, ...], list[_Entry]]:
-    """root/<class>/**/<file>; hidden files and folders are ignored, every other file counts."""
+    """root/<class>/**/<file>; hidden files and folders are ignored, every other file that
+    passes prepare.include / exclude (matched within its class folder) counts."""
+    root_given, classes = params.root, params.classes
     root = Path(root_given).resolve()
     if not root.is_dir():
         raise DataError(f"prepare.root {root_given!r}: no such folder ({root}).")
@@ -253,71 +259,204 @@ def _folder_entries(
                 f"prepare.classes lists {missing} but {root} has no such sub-folder(s); "
                 f"found {found}."
             )
-        if len(set(classes)) != len(classes):
-            raise DataError(f"prepare.classes has repeated names: {list(classes)}.")
-    class_names = tuple(classes) if classes else tuple(found)
-    if len(class_names) < 2:
-        raise DataError(
-            f"{root}: needs at least 2 class sub-folders (root/<class>/<image>); "
-            f"found {list(class_names)}."
-        )
+    class_names = _class_names(
+        classes, found, f"{root}: needs at least 2 class sub-folders (root/<class>/<image>)"
+    )
     entries = []
     for label, name in enumerate(class_names):
-        files = []
-        for dirpath, dirnames, filenames in os.walk(root / name):
+        folder, files = root / name, []
+        for dirpath, dirnames, filenames in os.walk(folder):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            files += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
+            files += [
+                Path(dirpath, f).relative_to(folder).as_posix()
+                for f in filenames
+                if not f.startswith(".")
+            ]
         if not files:
-            raise DataError(f"{root / name}: class folder {name!r} holds no files.")
-        entries += [_Entry(f.relative_to(root).as_posix(), label, "") for f in files]
+            raise DataError(f"{folder}: class folder {name!r} holds no files.")
+        chosen = [f for f in files if _selected(f, params)]
+        if not chosen:
+            raise DataError(
+                f"{folder}: none of the {len(files)} file(s) of class folder {name!r} passes "
+                f"{_patterns(params)}."
+            )
+        entries += [_Entry(f"{name}/{f}", label, "", "") for f in chosen]
+    return root, class_names, entries
+
+
+def _class_names(
+    classes: Sequence[str] | None, found: Iterable[str], where: str
+) -> tuple[str, ...]:
+    """``classes`` if given (label order), else the sorted ``found``; at least two."""
+    if classes and len(set(classes)) != len(classes):
+        raise DataError(f"prepare.classes has repeated names: {list(classes)}.")
+    class_names = tuple(classes) if classes else tuple(sorted(found))
+    if len(class_names) < 2:
+        raise DataError(f"{where}; found {list(class_names)}.")
+    return class_names
+
+
+def _selected(rel_path: str, params: PrepareParams) -> bool:
+    """Whether a file passes prepare.include (any of them; all files when null) and no
+    prepare.exclude. A pattern with a "/" is matched against ``rel_path`` (within the class
+    folder, or as the labels file writes it), one without against the file name; fnmatch
+    syntax ("*" also crosses "/"), case-sensitive."""
+    name = rel_path.rsplit("/", 1)[-1]
+
+    def hit(patterns: Sequence[str]) -> bool:
+        return any(fnmatchcase(rel_path if "/" in p else name, p) for p in patterns)
+
+    return (not params.include or hit(params.include)) and not (
+        params.exclude and hit(params.exclude)
+    )
+
+
+def _patterns(params: PrepareParams) -> str:
+    given = [(k, getattr(params, k)) for k in ("include", "exclude") if getattr(params, k)]
+    return " and ".join(f"prepare.{k} {list(v)}" for k, v in given)
+
+
+def _csv_entries(params: PrepareParams) -> tuple[Path, tuple[str, ...], list[_Entry]]:
+    """The labels file: a header naming `path` and `label`, optionally `split` (any order).
+
+    Image paths are relative to the labels file's folder and stay inside it. Every bad row
+    (missing file, empty label, unknown split, repeated path, wrong field count) is listed
+    at once with its line number; rows that prepare.include / exclude leave out are checked
+    for their path only. With prepare.classes, rows of other labels are left out (a warning
+    counts them).
+    """
+    labels = Path(params.labels)
+    try:
+        text = labels.read_text(encoding="utf-8-sig")  # Excel writes a byte-order mark
+    except OSError as exc:
+        raise DataError(
+            f"prepare.labels {params.labels!r}: cannot read the labels file: {exc.strerror or exc}."
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{labels}: not UTF-8 text: {exc}") from exc
+    root = labels.parent.resolve()
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in next(reader, [])]
+    if sorted(header) not in (["label", "path"], ["label", "path", "split"]):
+        raise DataError(
+            f"{labels}, line 1: the header must name the columns path and label, and "
+            f"optionally split; got {header}."
+        )
+    rows, bad, seen, left_out = [], [], {}, Counter()
+    for record in reader:
+        line = reader.line_num
+        if not any(field.strip() for field in record):
+            continue
+        if len(record) != len(header):
+            bad.append(f"line {line}: expected {len(header)} fields, got {len(record)}")
+            continue
+        row = dict(zip(header, (field.strip() for field in record), strict=True))
+        given, label, split = row["path"], row["label"], row.get("split", "")
+        path = PurePosixPath(given)
+        if not given or path.is_absolute() or ".." in path.parts:
+            bad.append(f"line {line}: path {given!r} must be relative to {root}, inside it")
+            continue
+        rel = path.as_posix()  # "./a.png" and "a.png" are one file
+        if rel in seen:
+            bad.append(f"line {line}: path {given!r} repeats line {seen[rel]}")
+            continue
+        seen[rel] = line
+        if not _selected(rel, params):
+            left_out[label] += 1
+            continue
+        problems = [f"{given}: no such file"] if not (root / rel).is_file() else []
+        if not label:
+            problems.append("empty label")
+        if split not in ("", *SPLITS):
+            problems.append(f"split {split!r} is not one of {list(SPLITS)} or empty (drawn)")
+        if problems:
+            bad.append(f"line {line}: " + "; ".join(problems))
+        else:
+            rows.append((rel, label, split))
+    if bad:
+        raise DataError(_listing(f"{len(bad)} bad row(s) in {labels}", bad))
+
+    kept = Counter(label for _, label, _ in rows)
+    found = set(kept) | (set(left_out) - {""})
+    class_names = _class_names(params.classes, found, f"{labels}: needs at least 2 labels")
+    for name in class_names:
+        if not kept[name] and left_out[name]:
+            raise DataError(
+                f"{labels}: every one of the {left_out[name]} row(s) of class {name!r} is left "
+                f"out by {_patterns(params)}."
+            )
+        if not kept[name]:
+            raise DataError(
+                f"prepare.classes lists {name!r} but no row of {labels} has that label; "
+                f"found {sorted(kept)}."
+            )
+    others = sorted(set(kept) - set(class_names))
+    if others:
+        warnings.warn(
+            f"{labels}: {sum(kept[o] for o in others)} row(s) with labels {others} left out: "
+            f"not in prepare.classes {list(class_names)}.",
+            stacklevel=3,
+        )
+    index = {name: i for i, name in enumerate(class_names)}
+    entries = [_Entry(rel, index[lab], "", split) for rel, lab, split in rows if lab in index]
     return root, class_names, entries
 
 
 # --- building the manifest --------------------------------------------------------------------
 
 
+_STRATIFIED_BY = {"elpv": ("class", "cell_type"), "folder": ("class",), "csv": ("class",)}
+
+
 def build_manifest(
     params: PrepareParams,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> PreparedManifest:
-    """Check every image, collapse duplicates and draw stratified, seeded splits.
+    """Check every image, collapse duplicates, group near-duplicates, draw the splits.
 
-    Every file is read and decoded once (JPEGs at reduced DCT scale); ``progress`` wraps the
-    iterable of that pass (e.g. tqdm). Raises DataError listing every bad image (mode
-    "error"), each cross-class duplicate, and any class too small for three splits.
-    Rows are sorted by path, so the csv does not reorder when only the seed changes.
+    Every file is read and decoded once (JPEGs at reduced DCT scale), which also gives its
+    perceptual hash; ``progress`` wraps the iterable of that pass (e.g. tqdm). Raises
+    DataError listing every bad image (mode "error"), each cross-class duplicate, and any
+    class too small for the splits. Near-duplicate groups (hashes within
+    prepare.near_duplicate_bits) each go to one split; a warning lists those that span
+    classes or splits given by a labels file. Rows are sorted by path, so the csv does not
+    reorder when only the seed changes.
     """
     if params.source == "elpv":
         root, class_names, entries = _elpv_entries(params.elpv_classes)
-        stratified_by = ("class", "cell_type")
+    elif params.source == "folder":
+        root, class_names, entries = _folder_entries(params)
     else:
-        root, class_names, entries = _folder_entries(params.root, params.classes)
-        stratified_by = ("class",)
+        root, class_names, entries = _csv_entries(params)
     entries.sort(key=lambda e: e.path)
 
-    hashes, bad = [], []
+    hashing = params.near_duplicate_bits is not None
+    checked, bad = [], []  # checked: (sha256 or None, perceptual hash) per entry
     for entry in progress(entries) if progress else entries:
         try:
             data = (root / entry.path).read_bytes()
-            _decode(data, entry.path, _CHECK_SIZE, params.max_pixels)
-            hashes.append(hashlib.sha256(data).hexdigest())
+            # the smallest JPEG scale that still gives the hash its thumbnail; a full read
+            image = _decode(data, entry.path, HASH_INPUT, params.max_pixels, keep_gray=True)
+            phash = perceptual_hash(image) if hashing else 0
+            checked.append((hashlib.sha256(data).hexdigest(), phash))
         except (OSError, DataError) as exc:
             reason = str(exc).removeprefix(f"{entry.path}: ")
             bad.append((entry.path, reason))
-            hashes.append(None)
+            checked.append((None, 0))
     if bad and params.on_bad_image == "error":
         raise DataError(
             _listing(f"{len(bad)} bad image(s) under {root}", [f"{p}: {r}" for p, r in bad])
             + "\nFix or remove them, or set prepare.on_bad_image: skip."
         )
 
-    kept, duplicates, clashes, first = [], [], [], {}
-    for entry, sha in zip(entries, hashes, strict=True):
+    kept, phashes, duplicates, clashes, first = [], [], [], [], {}
+    for entry, (sha, phash) in zip(entries, checked, strict=True):
         if sha is None:
             continue
         if sha not in first:
             first[sha] = entry
             kept.append((entry, sha))
+            phashes.append(phash)
         elif first[sha].label == entry.label:
             duplicates.append((first[sha].path, entry.path))
         else:
@@ -340,7 +479,13 @@ def build_manifest(
             stacklevel=2,
         )
 
-    splits = _stratified_splits([(e.label, e.group) for e, _ in kept], class_names, params)
+    entries = [e for e, _ in kept]
+    groups = []
+    if hashing:
+        pairs = near_duplicate_pairs(np.array(phashes, dtype=np.uint64), params.near_duplicate_bits)
+        groups = groups_of(len(entries), pairs)
+    splits = _assign_splits(entries, groups, class_names, params)
+    _warn_near_duplicates(entries, splits, groups, class_names, params)
     rows = tuple(
         ManifestRow(sha, e.path, e.label, class_names[e.label], s)
         for (e, sha), s in zip(kept, splits, strict=True)
@@ -352,53 +497,196 @@ def build_manifest(
         rows=rows,
         skipped=tuple(bad),
         duplicates=tuple(duplicates),
-        stratified_by=stratified_by,
+        near_duplicates=tuple(tuple(entries[i].path for i in g) for g in groups),
+        stratified_by=_STRATIFIED_BY[params.source],
     )
 
 
-def _stratified_splits(
-    keys: list[tuple[int, str]],
+def _warn_near_duplicates(
+    entries: list[_Entry],
+    splits: list[str],
+    groups: list[list[int]],
+    class_names: tuple[str, ...],
+    params: PrepareParams,
+) -> None:
+    """Warn about near-duplicate groups whose members carry different labels, or that the
+    splits given by a labels file leave in more than one split.
+
+    Not errors, unlike identical files in two classes: a perceptual match is evidence, not
+    proof (ELPV's sister cells cut from one ingot look alike and some of them are defective).
+    """
+
+    def describe(group: list[int]) -> str:
+        return ", ".join(
+            f"{entries[i].path} ({class_names[entries[i].label]}, {splits[i]})" for i in group
+        )
+
+    bits = params.near_duplicate_bits
+    mixed = [describe(g) for g in groups if len({entries[i].label for i in g}) > 1]
+    if mixed:
+        warnings.warn(
+            _listing(
+                f"{len(mixed)} near-duplicate group(s) (pHash within {bits} bits) span "
+                "classes; check their labels",
+                mixed,
+            ),
+            stacklevel=3,
+        )
+    leaks = [describe(g) for g in groups if len({splits[i] for i in g}) > 1]
+    if leaks:
+        warnings.warn(
+            _listing(
+                f"{len(leaks)} near-duplicate group(s) (pHash within {bits} bits) straddle "
+                f"splits: the splits given in {params.labels} are kept (and take no drawn "
+                "rows), so these leak; fix their split column to keep each group together",
+                leaks,
+            ),
+            stacklevel=3,
+        )
+
+
+def _assign_splits(
+    entries: list[_Entry],
+    groups: list[list[int]],
     class_names: tuple[str, ...],
     params: PrepareParams,
 ) -> list[str]:
-    """One split name per key; every stratum (class, or class x cell type) in every split."""
+    """One split name per entry: given splits as given, the others drawn, stratified by class
+    (x cell type) and seeded, with each near-duplicate group moving as one unit.
+
+    Test is drawn from the undecided images (test_fraction) unless some entry is given
+    "test"; val likewise from what trains (val_fraction of the undecided rest and the given
+    "train" entries) unless some entry is given "val"; the rest is train. So a fixed test
+    set stays exactly as given, and a group whose members are given different splits is cut
+    along them (`_units`).
+    """
     t, v = params.test_fraction, params.val_fraction
-    needed = max(3, math.ceil(1 / min(t, (1 - t) * v, (1 - t) * (1 - v)) - 1e-9))
-    strata = [f"{label}|{group}" for label, group in keys]
-    counts = Counter(strata)
-    present = Counter(label for label, _ in keys)
+    units = _units(entries, groups)
+    # what each unit holds of each stratum: a group may span classes
+    holds = [Counter(f"{entries[i].label}|{entries[i].group}" for i in u) for u in units]
+    split = [next((entries[i].split for i in u if entries[i].split), "") for u in units]
+    fixed = set(split)
+    draws = [("test", t, "", "val + train")] if "test" not in fixed else []
+    if "val" not in fixed:
+        draws.append(("val", v, "train", "train"))
 
-    def describe(stratum: str) -> str:
-        label, group = stratum.split("|")
-        name = class_names[int(label)]
-        return f"class {name!r} ({group} cells)" if group else f"class {name!r}"
+    drawn_from = {"", *(also for _, _, also, _ in draws)}  # "train" when val is drawn
+    counts = sum((h for h, s in zip(holds, split, strict=True) if s in drawn_from), Counter())
+    if draws:
+        _check_sizes(counts, [d[0] for d in draws], {e.label for e in entries}, class_names, params)
 
+    rng = np.random.default_rng(params.seed)
+    for name, fraction, also, rest in draws:
+        pool = [u for u, s in enumerate(split) if s in ("", also)]
+        chosen = set(_draw(pool, fraction, holds, rng))
+        for u in chosen:
+            split[u] = name
+        for part, members in ((name, chosen), (rest, set(pool) - chosen)):
+            missing = sorted(
+                {s for u in pool for s in holds[u]} - {s for u in members for s in holds[u]}
+            )
+            if missing:
+                largest = max((len(g) for g in groups), default=0)
+                raise DataError(
+                    f"The stratified split left no {part} image for "
+                    + ", ".join(f"{_stratum(s, class_names)} ({counts[s]} images)" for s in missing)
+                    + "; add images or raise the fractions"
+                    + (
+                        f" (near-duplicate groups move whole, the largest has {largest} images)."
+                        if largest
+                        else "."
+                    )
+                )
+    out = [""] * len(entries)
+    for unit, s in zip(units, split, strict=True):
+        for i in unit:
+            out[i] = s or "train"
+    # Drawn splits always reach every split and class; given ones are checked here.
+    trained = {e.label for e, s in zip(entries, out, strict=True) if s == "train"}
+    gaps = [f"no {s} image" for s in SPLITS if s not in out]
+    gaps += [
+        f"no train image of class {n!r}" for i, n in enumerate(class_names) if i not in trained
+    ]
+    if gaps:
+        raise DataError(
+            f"The splits given in {params.labels} leave {'; '.join(gaps)}: give some rows that "
+            "split, or leave their split empty to have it drawn."
+        )
+    return out
+
+
+def _stratum(key: str, class_names: tuple[str, ...]) -> str:
+    label, group = key.split("|")
+    name = class_names[int(label)]
+    return f"class {name!r} ({group} cells)" if group else f"class {name!r}"
+
+
+def _check_sizes(
+    counts: Counter,
+    drawn: list[str],
+    present: set[int],
+    class_names: tuple[str, ...],
+    params: PrepareParams,
+) -> None:
+    """Every stratum drawn from (``counts``: its images) must be big enough to reach each
+    split it is drawn into (``drawn``: "test" and / or "val") and train, and no class empty."""
+    t, v = params.test_fraction, params.val_fraction
+    if drawn == ["test", "val"]:
+        share = min(t, (1 - t) * v, (1 - t) * (1 - v))
+    else:
+        share = min(t, 1 - t) if drawn == ["test"] else min(v, 1 - v)
+    needed = math.ceil(1 / share - 1e-9)
     small = [s for s in sorted(counts) if counts[s] < needed]
-    small += [f"{i}|" for i in range(len(class_names)) if present[i] == 0]
+    small += [f"{i}|" for i in range(len(class_names)) if i not in present]
     if small:
+        parts = ["train", *reversed(drawn)]
         raise DataError(
             "Too few images to stratify: "
-            + "; ".join(f"{describe(s)} has {counts[s]}" for s in small)
+            + "; ".join(f"{_stratum(s, class_names)} has {counts[s]}" for s in small)
             + f". With test_fraction={t} and val_fraction={v} each needs at least {needed} "
-            "so that train, val and test all get one; add images or raise the fractions."
+            f"so that {', '.join(parts[:-1])} and {parts[-1]} all get one; add images or "
+            "raise the fractions."
         )
-    index = np.arange(len(keys))
-    strata_arr = np.array(strata)
-    rest, test = train_test_split(index, test_size=t, stratify=strata_arr, random_state=params.seed)
-    train, val = train_test_split(
-        rest, test_size=v, stratify=strata_arr[rest], random_state=params.seed
-    )
-    split = np.empty(len(keys), dtype=object)
-    for name, members in zip(SPLITS, (train, val, test), strict=True):
-        split[members] = name
-        missing = sorted(set(counts) - set(strata_arr[members]))
-        if missing:  # rounding in the splitter; rare once every stratum has `needed`
-            raise DataError(
-                f"The stratified split left no {name} image for "
-                + ", ".join(f"{describe(s)} ({counts[s]} images)" for s in missing)
-                + "; add images or raise the fractions."
-            )
-    return list(split)
+
+
+def _units(entries: list[_Entry], groups: list[list[int]]) -> list[list[int]]:
+    """What moves between splits as one: every entry alone, except that each near-duplicate
+    group is one unit per split given among its members, its undecided members joining its
+    given train rows (if any) or forming a unit of their own."""
+    units, grouped = [], set()
+    for group in groups:
+        parts: dict[str, list[int]] = {}
+        for i in group:
+            parts.setdefault(entries[i].split, []).append(i)
+        if "" in parts and "train" in parts:  # given test and val take no other rows
+            parts["train"] += parts.pop("")
+        units += [sorted(members) for members in parts.values()]
+        grouped.update(group)
+    units += [[i] for i in range(len(entries)) if i not in grouped]
+    return sorted(units)
+
+
+def _draw(pool: list[int], fraction: float, holds: list[Counter], rng) -> list[int]:
+    """Units of ``pool`` holding ceil(fraction x its images) images, stratified: each stratum
+    gets its share (largest remainders), filled by walking the units in a seeded random order
+    and taking each that still fits every stratum's room, so a group never overshoots and
+    single images top up exactly."""
+    counts = sum((holds[u] for u in pool), Counter())
+    if not counts:
+        return []
+    names = sorted(counts)
+    sizes = np.array([counts[n] for n in names], dtype=np.int64)
+    target = math.ceil(fraction * sizes.sum() - 1e-9)  # scikit-learn's rounding of a share
+    exact = sizes * target / sizes.sum()
+    quota = np.floor(exact).astype(np.int64)
+    quota[np.argsort(quota - exact, kind="stable")[: target - quota.sum()]] += 1
+    room = dict(zip(names, quota.tolist(), strict=True))
+    chosen = []
+    for u in rng.permutation(pool).tolist():
+        if all(room[s] >= k for s, k in holds[u].items()):
+            chosen.append(u)
+            room.update({s: room[s] - k for s, k in holds[u].items()})
+    return chosen
 
 
 def _listing(title: str, lines: list[str]) -> str:
@@ -429,13 +717,14 @@ def write_manifest(csv_path: Path | str, prepared: PreparedManifest) -> tuple[Pa
     params = prepared.params
     meta = {
         "source": params.source,
-        "root": params.root if params.source == "folder" else None,
+        "root": _root_as_given(params),
         "class_names": list(prepared.class_names),
         "n_samples": len(prepared.rows),
         "counts": prepared.counts(),
         "stratified_by": list(prepared.stratified_by),
         "skipped": len(prepared.skipped),
         "duplicates_collapsed": len(prepared.duplicates),
+        "near_duplicate_groups": [list(g) for g in prepared.near_duplicates],
         "params": asdict(params),
     }
     files = {
@@ -458,6 +747,16 @@ def write_manifest(csv_path: Path | str, prepared: PreparedManifest) -> tuple[Pa
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return tuple(files)
+
+
+def _root_as_given(params: PrepareParams) -> str | None:
+    """The image root as params give it (relative stays relative: no machine's path in the
+    cache); None for the ELPV package, which is found where it is installed."""
+    if params.source == "folder":
+        return params.root
+    if params.source == "csv":
+        return Path(params.labels).parent.as_posix()
+    return None
 
 
 def _csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:

@@ -13,7 +13,7 @@ import datetime as dt
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +158,7 @@ def finetune(
     n_classes = len(manifest.class_names)
     device = resolve_device(params.device)
     rank_batch = _rank_batch(params.batch_size, distributed.world().size)
-    info = backbone_info(backbone, params.input_size)
+    info = replace(backbone_info(backbone, params.input_size), resize=params.resize)
 
     # A forked RNG keeps the seed local: head init, augmentation and dropout follow it.
     with distributed.process_group(device) as here, torch.random.fork_rng(devices=[]):
@@ -291,6 +291,7 @@ def finetune(
             "mean": list(info.mean),
             "std": list(info.std),
             "interpolation": info.interpolation,
+            "resize": info.resize,  # extract and predict read it from here, never from params
             "dim": info.dim,
             "params": asdict(params),
             "world_size": here.size,  # BatchNorm statistics are per process: it shapes the weights

@@ -1,6 +1,8 @@
 """Preprocessing built from a backbone's own config, and the dataset that feeds it images.
 
-Images are resized to (size, size) without cropping: defects often sit at the borders.
+Images meet the square input as the checkpoint says (`BackboneInfo.resize`): stretched to
+(size, size) by default, which crops nothing (defects often sit at the borders), letterboxed,
+or center-cropped.
 Loader workers do the per-image work on uint8 (grey images in one channel) and ship uint8
 batches: a quarter of the bytes to copy and pin. `model_input` normalizes a whole batch
 where the model runs, in one vectorized op.
@@ -13,12 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
 from pipeline.backbones import BackboneInfo
-from pipeline.config import FinetuneParams
+from pipeline.config import RESIZE_MODES, FinetuneParams
 from pipeline.data import Manifest, load_image
+from pipeline.errors import ConfigError
 
 _INTERPOLATION = {
     "bilinear": T.InterpolationMode.BILINEAR,
@@ -27,19 +32,47 @@ _INTERPOLATION = {
 }
 
 
+class Letterbox:
+    """Scale the longer side to ``size`` keeping the aspect ratio, then pad the shorter one on
+    both sides to a (size, size) square with the backbone's mean colour, which normalises to
+    zero: the padding reads as "no signal", not as a dark defect. Grey images are padded with
+    the mean of the three channel means."""
+
+    def __init__(self, size: int, interpolation: T.InterpolationMode, mean: Sequence[float]):
+        self.size, self.interpolation = size, interpolation
+        self.fill_rgb = tuple(round(255 * m) for m in mean)
+        self.fill_grey = round(255 * sum(mean) / len(mean))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        scale = self.size / max(width, height)
+        w, h = max(1, round(width * scale)), max(1, round(height * scale))
+        image = F.resize(image, [h, w], self.interpolation)
+        left, top = (self.size - w) // 2, (self.size - h) // 2
+        fill = self.fill_grey if image.mode == "L" else self.fill_rgb
+        return F.pad(image, [left, top, self.size - w - left, self.size - h - top], fill=fill)
+
+
+def _to_square(info: BackboneInfo) -> list:
+    """The steps that bring any image to (input_size, input_size) per ``info.resize``."""
+    size, interpolation = info.input_size, _INTERPOLATION[info.interpolation]
+    if info.resize == "stretch":
+        return [T.Resize((size, size), interpolation)]
+    if info.resize == "letterbox":
+        return [Letterbox(size, interpolation, info.mean)]
+    if info.resize == "center_crop":  # shorter side to size, the middle of the longer one
+        return [T.Resize(size, interpolation), T.CenterCrop(size)]
+    raise ConfigError(f"resize must be one of {list(RESIZE_MODES)}. Got {info.resize!r} instead.")
+
+
 def eval_transform(info: BackboneInfo) -> T.Compose:
-    """Deterministic: resize, to a uint8 tensor (C, H, W)."""
-    return T.Compose(
-        [
-            T.Resize((info.input_size, info.input_size), _INTERPOLATION[info.interpolation]),
-            T.PILToTensor(),
-        ]
-    )
+    """Deterministic: to the square input, to a uint8 tensor (C, H, W)."""
+    return T.Compose([*_to_square(info), T.PILToTensor()])
 
 
 def train_transform(info: BackboneInfo, params: FinetuneParams) -> T.Compose:
     """The fusion paper's online augmentation: flips, rotation by any angle, colour change."""
-    steps = [T.Resize((info.input_size, info.input_size), _INTERPOLATION[info.interpolation])]
+    steps = _to_square(info)
     if params.hflip:
         steps.append(T.RandomHorizontalFlip())
     if params.vflip:

@@ -11,13 +11,21 @@ from tqdm import tqdm
 
 from pipeline import layout
 from pipeline.config import PARAMS_FILE, PrepareParams, section
-from pipeline.data import SPLITS, build_manifest, write_manifest
+from pipeline.data import SPLITS, build_manifest, manifest_json_path, write_manifest
+
+_LISTED = 20  # near-duplicate groups printed; manifest.json has them all
 
 
 @click.command()
-@click.option("--source", help="elpv (the elpv-dataset package) or folder (root/<class>/<image>).")
+@click.option(
+    "--source", help="elpv (the package), folder (root/<class>/<image>) or csv (--labels)."
+)
 @click.option("--root", help="The image folder when --source is folder.")
-@click.option("--classes", help="Comma-separated class folders; sets the label order.")
+@click.option("--labels", help="The labels file (path,label[,split]) when --source is csv.")
+@click.option("--classes", help="Comma-separated class names; sets the label order.")
+@click.option("--include", help="Comma-separated globs a file must match (folder, csv).")
+@click.option("--exclude", help="Comma-separated globs that leave a file out (folder, csv).")
+@click.option("--near-duplicate-bits", type=int, help="pHash distance that groups images.")
 @click.option("--elpv-classes", type=int, help="4: defect probability levels; 2: p >= 0.5.")
 @click.option("--test-fraction", type=float)
 @click.option("--val-fraction", type=float, help="Of what remains after the test split.")
@@ -26,10 +34,11 @@ from pipeline.data import SPLITS, build_manifest, write_manifest
 @click.option("--max-pixels", type=int, help="Refuse images larger than this.")
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=PARAMS_FILE)
 @click.option("--out", type=click.Path(path_type=Path), default=layout.MANIFEST)
-def prepare(params_path, out, classes, **overrides):
+def prepare(params_path, out, **overrides):
     """Build the manifest; every option defaults to params.yaml's `prepare` section."""
-    if classes is not None:
-        overrides["classes"] = tuple(c.strip() for c in classes.split(",") if c.strip())
+    for name in ("classes", "include", "exclude"):
+        if overrides[name] is not None:
+            overrides[name] = tuple(c.strip() for c in overrides[name].split(",") if c.strip())
     params = section(PrepareParams, "prepare", params_path, **overrides)
     bar = functools.partial(tqdm, desc="checking images", unit="img", leave=False)
     with warnings.catch_warnings(record=True) as caught:
@@ -55,3 +64,18 @@ def prepare(params_path, out, classes, **overrides):
         click.echo(f"warning: skipped {len(prepared.skipped)} bad image(s); see {skipped_csv}")
     if prepared.duplicates:
         click.echo(f"collapsed {len(prepared.duplicates)} duplicate image(s) within their class")
+    groups = prepared.near_duplicates
+    if groups:
+        split_of = {r.path: r.split for r in prepared.rows}
+        splits = [sorted({split_of[p] for p in group}) for group in groups]
+        straddle = sum(len(s) > 1 for s in splits)
+        click.echo(
+            f"{len(groups)} near-duplicate group(s), {sum(map(len, groups))} images (pHash within "
+            f"{params.near_duplicate_bits} bits), "
+            + (f"{straddle} straddling given splits" if straddle else "each kept in one split")
+            + f"; all in {manifest_json_path(csv_path)}:"
+        )
+        for group, names in zip(groups[:_LISTED], splits, strict=False):
+            click.echo(f"  {'/'.join(names)}: " + ", ".join(group))
+        if len(groups) > _LISTED:
+            click.echo(f"  ... and {len(groups) - _LISTED} more")

@@ -2,6 +2,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import warnings
 
 import numpy as np
@@ -193,7 +194,7 @@ def test_empty_class_folder(image_folder):
 
 def test_single_class(image_folder):
     root = image_folder({"only": 6})
-    with pytest.raises(DataError, match=r"at least 2 class sub-folders.*\['only'\]"):
+    with pytest.raises(DataError, match=r"at least 2 class sub-folders.*; found \['only'\]"):
         build_manifest(_params(root))
 
 
@@ -273,6 +274,284 @@ def test_duplicate_across_classes_is_an_error(image_folder):
     (root / "b" / "copy.png").write_bytes((root / "a" / "002.png").read_bytes())
     with pytest.raises(DataError, match=r"a/002\.png \(a\) = b/copy\.png \(b\)"):
         build_manifest(_params(root))
+
+
+# --- build_manifest: labels file (csv) --------------------------------------------------------
+
+
+def _csv_params(labels, **kw):
+    kw = {"test_fraction": 0.25, "val_fraction": 0.34, **kw}
+    return PrepareParams(source="csv", labels=str(labels), **kw)
+
+
+def _labels_file(root, rows, header="path,label,split"):
+    """Write root/labels.csv from (path, label[, split]) tuples; return its path."""
+    lines = [header, *(",".join(row) for row in rows)]
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root / "labels.csv"
+
+
+def _csv_dataset(image_folder, counts, split=lambda cls, i: ""):
+    """Images in root/<class>/, listed in root/labels.csv with ``split(class, i)``."""
+    root = image_folder(counts)
+    rows = [(f"{c}/{i:03d}.png", c, split(c, i)) for c, n in counts.items() for i in range(n)]
+    return root, _labels_file(root, rows)
+
+
+def test_csv_rows_paths_and_class_order(image_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root, labels = _csv_dataset(image_folder, {"scratch": 6, "dent": 7})
+    prepared = build_manifest(_csv_params(labels.relative_to(tmp_path)))
+    assert prepared.class_names == ("dent", "scratch")  # sorted labels
+    assert prepared.root == root and len(prepared.rows) == 13
+    assert prepared.rows[0].path == "dent/000.png"  # relative to the labels file's folder
+    assert all(prepared.counts()["split_class"][s]["dent"] >= 1 for s in SPLITS)
+    ordered = build_manifest(_csv_params(labels, classes=("scratch", "dent")))
+    assert ordered.class_names == ("scratch", "dent")
+
+    out = tmp_path / "cache" / "manifest.csv"
+    write_manifest(out, prepared)
+    meta = json.loads(manifest_json_path(out).read_text())
+    assert (meta["source"], meta["root"]) == ("csv", "images")  # as given
+    manifest = read_manifest(out)
+    assert manifest.root == root and manifest.image_path(0).is_file()
+
+
+def test_csv_given_splits_are_kept_exactly(image_folder):
+    def split(cls, i):
+        return ("test", "val", "train", "train")[i % 4]
+
+    _, labels = _csv_dataset(image_folder, {"a": 8, "b": 8}, split)
+    prepared = build_manifest(_csv_params(labels))
+    assert [r.split for r in prepared.rows] == [
+        split(r.label_name, int(r.path[2:5])) for r in prepared.rows
+    ]
+
+
+def test_csv_fixed_test_split_and_the_rest_drawn(image_folder):
+    """A customer's fixed test set: exactly those rows; the others only train and val."""
+    _, labels = _csv_dataset(image_folder, {"a": 9, "b": 9}, lambda c, i: "test" if i < 2 else "")
+    prepared = build_manifest(_csv_params(labels))
+    test = [r.path for r in prepared.rows if r.split == "test"]
+    assert test == ["a/000.png", "a/001.png", "b/000.png", "b/001.png"]
+    val = prepared.counts()["split_class"]["val"]
+    assert sum(val.values()) == 5 and min(val.values()) == 2  # ceil(0.34 x 14), stratified
+
+
+def test_csv_train_and_test_only_draws_val_from_train(image_folder):
+    """The fusion paper's 1879 / 257 split names no val: it is carved from the train rows."""
+    _, labels = _csv_dataset(image_folder, {"a": 8, "b": 8}, lambda c, i: ("train", "test")[i % 2])
+    prepared = build_manifest(_csv_params(labels))
+    for row in prepared.rows:
+        given = ("train", "test")[int(row.path[2:5]) % 2]
+        assert row.split == given or (given, row.split) == ("train", "val")
+    assert prepared.counts()["split"] == {"train": 5, "val": 3, "test": 8}  # ceil(0.34 x 8) val
+
+
+def test_csv_bad_rows_are_all_listed_with_their_lines(image_folder):
+    root = image_folder({"a": 6, "b": 6})
+    rows = [(f"{c}/{i:03d}.png", c, "") for c in "ab" for i in range(6)]
+    rows[2] = ("a/missing.png", "a", "")
+    rows[4] = ("a/004.png", "", "")
+    rows[6] = ("b/000.png", "b", "holdout")
+    rows[8] = ("b/000.png", "b", "")
+    rows[9] = ("/etc/passwd", "b", "")
+    rows[10] = ("../b/010.png", "b", "")
+    labels = _labels_file(root, [*rows, ("b/005.png", "b", "", "extra")])
+    with pytest.raises(DataError) as info:
+        build_manifest(_csv_params(labels))
+    message = str(info.value)
+    assert f"7 bad row(s) in {labels}" in message
+    for expected in (
+        "line 4: a/missing.png: no such file",
+        "line 6: empty label",
+        "line 8: split 'holdout' is not one of ['train', 'val', 'test']",
+        "line 10: path 'b/000.png' repeats line 8",
+        "line 11: path '/etc/passwd' must be relative to",
+        "line 12: path '../b/010.png' must be relative to",
+        "line 14: expected 3 fields, got 4",
+    ):
+        assert expected in message
+
+
+@pytest.mark.parametrize("header", ["file,label", "path,label,spilt", "path", "path,label,label"])
+def test_csv_header_must_name_path_and_label(image_folder, header):
+    labels = _labels_file(image_folder({"a": 6, "b": 6}), [], header=header)
+    with pytest.raises(DataError, match=r"line 1: the header must name the columns path and label"):
+        build_manifest(_csv_params(labels))
+
+
+def test_csv_without_split_column_and_classes_that_leave_labels_out(image_folder):
+    root = image_folder({"a": 6, "b": 6, "c": 6})
+    rows = [(f"{c}/{i:03d}.png", c) for c in "abc" for i in range(6)]
+    labels = _labels_file(root, rows, header="label,path")
+    labels.write_text("label,path\n" + "".join(f"{lab},{p}\n" for p, lab in rows))
+    with pytest.warns(UserWarning, match=r"6 row\(s\) with labels \['b'\] left out"):
+        prepared = build_manifest(_csv_params(labels, classes=("c", "a")))
+    assert prepared.class_names == ("c", "a") and len(prepared.rows) == 12
+    with pytest.raises(DataError, match=r"prepare.classes lists 'z' but no row"):
+        build_manifest(_csv_params(labels, classes=("a", "z")))
+
+
+def test_csv_given_splits_must_leave_train_for_every_class(image_folder):
+    _, labels = _csv_dataset(
+        image_folder, {"a": 6, "b": 6}, lambda c, i: "test" if c == "b" else ""
+    )
+    with pytest.raises(DataError, match=r"leave no train image of class 'b'"):
+        build_manifest(_csv_params(labels))
+
+
+def test_missing_labels_file(tmp_path):
+    with pytest.raises(DataError, match=r"prepare.labels '.*absent.csv': cannot read"):
+        build_manifest(_csv_params(tmp_path / "absent.csv"))
+
+
+# --- prepare.include / exclude ------------------------------------------------------------------
+
+
+def _with_masks(image_folder):
+    """root/<class>/Imgs/<i>.jpg images with <i>.png masks beside them (the MT tiles layout)."""
+    root = image_folder({"blowhole": 6, "crack": 6})
+    for png in sorted(root.rglob("*.png")):
+        imgs = png.parent / "Imgs"
+        imgs.mkdir(exist_ok=True)
+        Image.open(png).save(imgs / f"{png.stem}.jpg", quality=95)
+        Image.new("L", (8, 8), int(png.stem) * 40).save(imgs / png.name)  # the mask
+        png.unlink()
+    return root
+
+
+def test_include_takes_the_images_and_not_the_masks_beside_them(image_folder):
+    root = _with_masks(image_folder)
+    with pytest.raises(DataError, match="identical file"):  # the masks of both classes are alike
+        build_manifest(_params(root))
+    for patterns in (
+        {"include": ("*.jpg",)},
+        {"exclude": ("*.png",)},
+        {"include": ("Imgs/*.jpg",)},
+    ):
+        prepared = build_manifest(_params(root, **patterns))
+        assert len(prepared.rows) == 12, patterns
+        assert all(r.path.endswith(".jpg") and "/Imgs/" in r.path for r in prepared.rows)
+    # a pattern with "/" is matched within the class folder: the class name is not part of it
+    with pytest.raises(DataError, match=r"class folder 'blowhole' passes prepare.include"):
+        build_manifest(_params(root, include=("blowhole/Imgs/*.jpg",)))
+
+
+def test_class_folder_left_empty_by_the_patterns_is_named(image_folder):
+    root = _with_masks(image_folder)
+    for png in (root / "crack" / "Imgs").glob("*.jpg"):
+        png.unlink()
+    with pytest.raises(DataError) as info:
+        build_manifest(_params(root, include=("*.jpg",)))
+    assert "none of the 6 file(s) of class folder 'crack' passes prepare.include ['*.jpg']" in str(
+        info.value
+    )
+
+
+def test_patterns_filter_the_labels_file_too(image_folder):
+    root = _with_masks(image_folder)
+    rows = [(p.relative_to(root).as_posix(), p.parts[-3]) for p in sorted(root.rglob("*.*g"))]
+    labels = _labels_file(root, rows, header="path,label")
+    prepared = build_manifest(_csv_params(labels, exclude=("*.png",)))
+    assert len(prepared.rows) == 12 and all(r.path.endswith(".jpg") for r in prepared.rows)
+    with pytest.raises(DataError, match=r"every one of the 12 row\(s\) of class 'crack' is left"):
+        build_manifest(_csv_params(labels, exclude=("crack/*",)))
+
+
+# --- near-duplicates ----------------------------------------------------------------------------
+
+
+def _reencoded_copy(src, dst):
+    """A 3/4-size JPEG (quality 70) of ``src``: what a re-export or a web download makes."""
+    image = Image.open(src).convert("RGB")
+    small = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.Resampling.BILINEAR)
+    small.save(dst, "JPEG", quality=70)
+
+
+def _smooth_folder(root, counts, size=64, seed=0):
+    """Images of smooth random blobs (a photo-like spectrum), each clearly its own."""
+    rng = np.random.default_rng(seed)
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            blobs = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            image = Image.fromarray(blobs).resize((size, size), Image.Resampling.BICUBIC)
+            image.save(root / name / f"{i:03d}.png")
+    return root
+
+
+def test_reencoded_copy_in_another_class_is_caught_and_kept_in_one_split(tmp_path):
+    root = _smooth_folder(tmp_path / "images", {"a": 12, "b": 12})
+    plain = build_manifest(_params(root))
+    assert plain.near_duplicates == ()  # distinct images are not grouped
+    original = next(r for r in plain.rows if r.split == "train")
+    _reencoded_copy(root / original.path, root / "b" / "zz_copy.jpg")
+    with pytest.warns(UserWarning, match=r"(?s)1 near-duplicate group.*span classes.*zz_copy"):
+        prepared = build_manifest(_params(root))
+    assert prepared.near_duplicates == ((original.path, "b/zz_copy.jpg"),)
+    split = {r.path: r.split for r in prepared.rows}
+    assert split[original.path] == split["b/zz_copy.jpg"]
+
+
+def test_reencoded_copy_never_straddles_splits(tmp_path):
+    root = _smooth_folder(tmp_path / "images", {"a": 12, "b": 12})
+    for i in range(4):
+        _reencoded_copy(root / "a" / f"{i:03d}.png", root / "a" / f"copy{i}.jpg")
+    for seed in range(5):
+        prepared = build_manifest(_params(root, seed=seed))
+        split = {r.path: r.split for r in prepared.rows}
+        assert len(prepared.near_duplicates) == 4
+        assert all(split[f"a/{i:03d}.png"] == split[f"a/copy{i}.jpg"] for i in range(4))
+        # ceil(0.25 x 28) test, ceil(0.34 x 21) val: exact although pairs move together
+        assert prepared.counts()["split"] == {"train": 13, "val": 8, "test": 7}
+    off = build_manifest(_params(root, near_duplicate_bits=None))
+    assert off.near_duplicates == ()
+
+
+def test_near_duplicates_across_given_splits_are_kept_as_given_with_a_warning(tmp_path):
+    root = _smooth_folder(tmp_path / "images", {"a": 8, "b": 8})
+    _reencoded_copy(root / "a" / "000.png", root / "a" / "copy.jpg")  # given test, below
+    _reencoded_copy(root / "b" / "007.png", root / "b" / "copy.jpg")  # undecided
+    rows = [(f"{c}/{i:03d}.png", c, "test" if i == 7 else "") for c in "ab" for i in range(8)]
+    rows[0] = ("a/000.png", "a", "train")
+    labels = _labels_file(root, [*rows, ("a/copy.jpg", "a", "test"), ("b/copy.jpg", "b", "")])
+    with pytest.warns(UserWarning, match=r"2 near-duplicate group\(s\).*straddle") as caught:
+        prepared = build_manifest(_csv_params(labels))
+    assert "a/copy.jpg (a, test)" in str(caught[0].message)
+    split = {r.path: r.split for r in prepared.rows}
+    assert split["a/000.png"] in ("train", "val") and split["a/copy.jpg"] == "test"
+    # the fixed test set takes no drawn row, not even a near-duplicate of one of its images
+    assert split["b/007.png"] == "test" and split["b/copy.jpg"] != "test"
+    assert sorted(p for p, s in split.items() if s == "test") == [
+        "a/007.png",
+        "a/copy.jpg",
+        "b/007.png",
+    ]
+
+
+def test_elpv_as_a_labels_file_keeps_its_fixed_test_split(elpv4, tmp_path):
+    """The issue's check: a CSV-labelled copy of ELPV with a fixed test split gives exactly it."""
+    (tmp_path / "images").symlink_to(elpv_root() / "images")
+    labels = dict(zip(elpv4.rel_path, elpv4.label.tolist(), strict=True))
+    test = set(elpv4.rel_path[i] for i in elpv4.indices("test"))
+    rows = [(p, elpv4.class_names[labels[p]], "test" if p in test else "") for p in sorted(labels)]
+    params = PrepareParams(source="csv", labels=str(_labels_file(tmp_path, rows)), seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ELPV's cross-class and straddling groups
+        prepared = build_manifest(params)
+    assert {r.path for r in prepared.rows if r.split == "test"} == test
+    assert prepared.counts()["split"]["val"] == math.ceil(0.15 * (2624 - 656))
+
+
+def test_manifest_json_lists_the_groups(tmp_path):
+    root = _smooth_folder(tmp_path / "images", {"a": 8, "b": 8})
+    _reencoded_copy(root / "a" / "003.png", root / "a" / "copy.jpg")
+    out = tmp_path / "manifest.csv"
+    write_manifest(out, build_manifest(_params(root)))
+    meta = json.loads(manifest_json_path(out).read_text())
+    assert meta["near_duplicate_groups"] == [["a/003.png", "a/copy.jpg"]]
+    assert meta["params"]["near_duplicate_bits"] == 4
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -367,9 +646,11 @@ def _elpv_labels():
 def elpv4(tmp_path_factory):
     out = tmp_path_factory.mktemp("elpv") / "manifest.csv"
     params = PrepareParams(source="elpv", test_fraction=0.25, val_fraction=0.15)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # ELPV has no duplicates to warn about
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         write_manifest(out, build_manifest(params))
+    # no identical files; the one warning: sister cells (one ingot) that differ in label
+    assert [str(w.message).split(" (")[0] for w in caught] == ["49 near-duplicate group(s)"]
     return read_manifest(out)
 
 
@@ -400,6 +681,13 @@ def test_elpv_splits_are_stratified_by_class_and_cell_type(elpv4):
             mono = (cell[members] == "mono").mean()
             in_split = np.isin(np.flatnonzero(members), idx)
             assert abs((cell[members][in_split] == "mono").mean() - mono) < 0.06
+
+
+def test_elpv_near_duplicate_groups_each_sit_in_one_split(elpv4):
+    groups = json.loads(manifest_json_path(elpv4.path).read_text())["near_duplicate_groups"]
+    split = dict(zip(elpv4.rel_path, elpv4.split, strict=True))
+    assert len(groups) > 100  # sister cells cut from one ingot
+    assert all(len({split[p] for p in group}) == 1 for group in groups)
 
 
 def test_elpv_two_classes():

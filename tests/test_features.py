@@ -159,3 +159,35 @@ def test_cross_fitted_train_rows_come_from_the_fold_that_never_saw_them(tiny_run
     shutil.rmtree(layout.fold_dir(ckpt, 1))
     with pytest.raises(CheckpointError, match=r"No checkpoint at .*folds/1"):
         extract(manifest, ckpt, out, PARAMS, progress=False)
+
+
+def test_extract_brings_images_to_the_square_as_the_checkpoint_says(tiny_run, tmp_path):
+    """finetune.resize travels in the sidecar; extract reads it there, not from params."""
+    import json
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from pipeline.checkpoint import SIDECAR
+
+    ckpt = shutil.copytree(tiny_run["checkpoint"], tmp_path / "lite0")
+    sidecar = json.loads((ckpt / SIDECAR).read_text())
+    assert sidecar["resize"] == "stretch"  # finetune's default, recorded
+    (ckpt / SIDECAR).write_text(json.dumps({**sidecar, "resize": "letterbox"}))
+    rng = np.random.default_rng(0)
+    for name in tiny_run["manifest"].class_names:
+        (tmp_path / "wide" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 256, (24, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "wide" / name / f"{i}.png")
+    manifest = make_manifest(tmp_path / "wide", tmp_path / "manifest.csv")
+    cache = read_cache(extract(manifest, ckpt, tmp_path / "f.h5", PARAMS, progress=False).path)
+
+    model, side = load_checkpoint(ckpt)
+    info = backbone_info_of(side)
+    image = load_image(manifest.image_path(0))
+    for mode, same in (("letterbox", True), ("stretch", False)):
+        x = eval_transform(replace(info, resize=mode))(image)
+        with torch.inference_mode():
+            emb, _ = embed(model, model_input(x[None], info, torch.device("cpu")))
+        assert np.allclose(cache.embeddings[0], emb[0].numpy(), atol=1e-5) is same

@@ -106,3 +106,11 @@ def test_empty_val_split_is_an_error(tiny_run):
             tiny_run["base"] / "x",
             progress=False,
         )
+
+
+def test_resize_mode_trains_and_is_recorded(tiny_run, tmp_path):
+    params = FinetuneParams(**{**TINY_FINETUNE, "epochs": 1}, resize="letterbox")
+    finetune(tiny_run["manifest"], "tf_efficientnet_lite0", params, tmp_path / "m", progress=False)
+    side = json.loads((tmp_path / "m" / SIDECAR).read_text())
+    assert side["resize"] == side["params"]["resize"] == "letterbox"
+    assert backbone_info_of(side).resize == "letterbox"

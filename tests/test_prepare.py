@@ -85,4 +85,57 @@ def test_skip_mode_reports_and_lists(run, image_folder, tmp_path):
 def test_bad_parameter_is_a_clean_error(run, tmp_path):
     result = run("--source", "s3", "--out", tmp_path / "m.csv")
     assert result.exit_code == 1
-    assert "'prepare.source' parameter must be one of ['elpv', 'folder']" in result.output
+    assert "'prepare.source' parameter must be one of ['elpv', 'folder', 'csv']" in result.output
+
+
+def test_prepare_csv_with_patterns_from_the_command_line(run, image_folder, tmp_path):
+    root = image_folder({"a": 6, "b": 6})
+    (root / "a" / "000.txt").write_text("notes kept beside an image")
+    rows = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*.*"))]
+    (root / "labels.csv").write_text(
+        "path,label\n" + "".join(f"{p},{p.split('/')[0]}\n" for p in rows)
+    )
+    out = tmp_path / "m.csv"
+    args = ("--source", "csv", "--labels", root / "labels.csv", *FRACTIONS, "--out", out)
+    result = run(*args, "--include", "*.png, *.jpg")
+    assert result.exit_code == 0, result.output
+    assert "12 images, 2 classes from csv" in result.output
+    assert json.loads(out.with_suffix(".json").read_text())["params"]["include"] == [
+        "*.png",
+        "*.jpg",
+    ]
+    result = run(*args)  # the .txt is a bad image now
+    assert result.exit_code == 1 and "a/000.txt: not an image" in result.output
+
+
+def test_summary_lists_the_near_duplicate_groups(run, image_folder, tmp_path):
+    from PIL import Image
+
+    root = image_folder({"a": 6, "b": 6}, size=64)
+    image = Image.open(root / "a" / "002.png")
+    image.resize((48, 48)).save(root / "b" / "copy.jpg", quality=70)
+    out = tmp_path / "m.csv"
+    result = run("--source", "folder", "--root", root, *FRACTIONS, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "1 near-duplicate group(s), 2 images (pHash within 4 bits)" in result.output
+    assert "a/002.png, b/copy.jpg" in result.output
+    assert "warning: 1 near-duplicate group(s) (pHash within 4 bits) span classes" in result.output
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"source": "csv"}, "prepare.labels must name the labels file"),
+        ({"source": "csv", "labels": "l.csv", "root": "x"}, "prepare.root must be null"),
+        ({"source": "folder", "root": "x", "labels": "l.csv"}, "prepare.labels is for"),
+        ({"include": ["*.png"]}, "prepare.include is for the folder and csv sources"),
+        ({"source": "folder", "root": "x", "exclude": "*.png"}, "must be a list of glob"),
+        ({"near_duplicate_bits": 32}, "must be null (off) or an int in [0, 32). Got 32"),
+        ({"near_duplicate_bits": True}, "near_duplicate_bits must be null"),
+    ],
+)
+def test_bad_user_data_params_are_clean_errors(run, tmp_path, section, message):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"prepare": section}))
+    result = run("--out", tmp_path / "m.csv", params=params)
+    assert result.exit_code == 1 and message in result.output, result.output

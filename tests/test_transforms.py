@@ -1,5 +1,7 @@
 """Loader preprocessing: uint8 per image in the workers, normalization per batch."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from pipeline.backbones import backbone_info
-from pipeline.config import FinetuneParams
+from pipeline.config import RESIZE_MODES, FinetuneParams
+from pipeline.errors import ConfigError
 from pipeline.transforms import ImageDataset, eval_transform, model_input, train_transform
 
 INFO = backbone_info("tf_efficientnet_lite0", 32)
@@ -60,3 +63,59 @@ def test_train_transform_gives_uint8_at_input_size(images):
     for i in range(len(images)):
         image = dataset[i][0]
         assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+
+
+# --- finetune.resize: how a non-square image meets the square input ----------------------------
+
+
+def _bands():
+    """80 x 40: red | green (the middle half) | blue, as RGB and as grey."""
+    pixels = np.zeros((40, 80, 3), dtype=np.uint8)
+    pixels[:, :20], pixels[:, 20:60], pixels[:, 60:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    return Image.fromarray(pixels)
+
+
+def _square(mode, image):
+    return eval_transform(replace(INFO, resize=mode))(image)
+
+
+def test_stretch_keeps_every_pixel_column():
+    out = _square("stretch", _bands())
+    assert out.shape == (3, 32, 32)
+    assert out[:, :, 0].tolist() == [[255] * 32, [0] * 32, [0] * 32]  # red reaches the left
+    assert out[:, :, 31].tolist() == [[0] * 32, [0] * 32, [255] * 32]  # and blue the right
+
+
+def test_letterbox_pads_top_and_bottom_with_the_mean_colour():
+    out = _square("letterbox", _bands())
+    fill = [round(255 * m) for m in INFO.mean]
+    assert out.shape == (3, 32, 32)
+    # 80 x 40 -> 32 x 16, centred: 8 rows of padding above and below
+    for rows in (out[:, :8], out[:, 24:]):
+        assert (rows == torch.tensor(fill, dtype=torch.uint8).view(3, 1, 1)).all()
+    assert out[:, 8:24, 0].T.tolist() == [[255, 0, 0]] * 16
+    assert out[:, 8:24, 31].T.tolist() == [[0, 0, 255]] * 16
+    grey = _square("letterbox", _bands().convert("L"))
+    assert grey.shape == (1, 32, 32)
+    assert (grey[:, :8] == round(255 * sum(INFO.mean) / 3)).all()
+
+
+def test_center_crop_keeps_the_middle_of_the_longer_side():
+    out = _square("center_crop", _bands()).int()
+    assert out.shape == (3, 32, 32)
+    # 80 x 40 -> 64 x 32, the middle 32 columns: the green half; only the edge columns blend
+    assert (out[1, :, 1:-1] == 255).all() and (out[0, :, 1:-1] == 0).all()
+    assert (out[2, :, 1:-1] == 0).all() and out[0, :, 0].max() < 32
+
+
+def test_train_transform_brings_the_image_to_the_square_the_same_way():
+    params = FinetuneParams(hflip=False, vflip=False, rotation=0, color_jitter=0)
+    for mode in RESIZE_MODES:
+        info = replace(INFO, resize=mode)
+        image = _bands()
+        assert torch.equal(train_transform(info, params)(image), eval_transform(info)(image))
+
+
+def test_unknown_resize_mode_is_refused():
+    with pytest.raises(ConfigError, match=r"resize must be one of .*'stretch'.*Got 'fit'"):
+        eval_transform(replace(INFO, resize="fit"))
