@@ -36,7 +36,14 @@ def manifest(source: str, tmp: Path, n_jpegs: int = 0) -> Manifest:
         params = section(PrepareParams, "prepare", source="elpv")  # the default job's splits
     else:
         root = write_jpegs(tmp / "images", n_jpegs)
-        params = PrepareParams(source="folder", root=str(root), test_fraction=0.2, val_fraction=0.2)
+        params = section(
+            PrepareParams,
+            "prepare",
+            source="folder",
+            root=str(root),
+            test_fraction=0.2,
+            val_fraction=0.2,
+        )
     out = tmp / "cache" / "manifest.csv"
     write_manifest(out, build_manifest(params))
     return read_manifest(out)

@@ -2,10 +2,12 @@ import csv
 import hashlib
 import io
 import json
+import stat
 import warnings
 
 import numpy as np
 import pytest
+from conftest import params_of
 from PIL import Image
 
 from pipeline.config import PrepareParams
@@ -27,7 +29,7 @@ from pipeline.errors import DataError
 def _params(root, **kw):
     # 6 images a class satisfy these fractions (each class needs >= 4)
     kw = {"test_fraction": 0.25, "val_fraction": 0.34, **kw}
-    return PrepareParams(source="folder", root=str(root), **kw)
+    return params_of(PrepareParams, "prepare", source="folder", root=str(root), **kw)
 
 
 def _jpeg_bytes(size=(32, 32), seed=0):
@@ -278,7 +280,7 @@ def test_duplicate_across_classes_is_an_error(image_folder):
 # --- files -------------------------------------------------------------------------------------
 
 
-def test_same_inputs_give_identical_bytes(image_folder, tmp_path):
+def test_same_inputs_give_identical_bytes(image_folder, tmp_path, umask):
     root = image_folder({"a": 6, "b": 6, "c": 7})
     outs = [tmp_path / name / "manifest.csv" for name in ("one", "two", "seed1")]
     write_manifest(outs[0], build_manifest(_params(root)))
@@ -295,6 +297,7 @@ def test_same_inputs_give_identical_bytes(image_folder, tmp_path):
         "manifest.json",
         "skipped.csv",
     ]  # no temporary files left
+    assert {stat.S_IMODE(p.stat().st_mode) for p in outs[0].parent.iterdir()} == {0o644}
 
 
 def test_read_manifest_round_trip(image_folder, tmp_path, monkeypatch):
@@ -366,7 +369,9 @@ def _elpv_labels():
 @pytest.fixture(scope="module")
 def elpv4(tmp_path_factory):
     out = tmp_path_factory.mktemp("elpv") / "manifest.csv"
-    params = PrepareParams(source="elpv", test_fraction=0.25, val_fraction=0.15)
+    params = params_of(
+        PrepareParams, "prepare", source="elpv", test_fraction=0.25, val_fraction=0.15
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # ELPV has no duplicates to warn about
         write_manifest(out, build_manifest(params))
@@ -403,7 +408,7 @@ def test_elpv_splits_are_stratified_by_class_and_cell_type(elpv4):
 
 
 def test_elpv_two_classes():
-    prepared = build_manifest(PrepareParams(source="elpv", elpv_classes=2))
+    prepared = build_manifest(params_of(PrepareParams, "prepare", source="elpv", elpv_classes=2))
     labels = _elpv_labels()
     defective = sum(p >= 0.5 for p, _ in labels.values())
     assert (len(labels), defective) == (2624, 821)

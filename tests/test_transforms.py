@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import params_of
 from PIL import Image
 from torchvision import transforms as T
 
@@ -55,7 +56,7 @@ def test_resizing_grey_in_one_channel_equals_resizing_it_replicated(images):
 
 
 def test_train_transform_gives_uint8_at_input_size(images):
-    params = FinetuneParams(rotation=180, color_jitter=0.2)
+    params = params_of(FinetuneParams, "finetune", rotation=180, color_jitter=0.2)
     dataset = ImageDataset(images, None, train_transform(INFO, params), INFO.input_size)
     for i in range(len(images)):
         image = dataset[i][0]
