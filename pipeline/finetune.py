@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import datetime as dt
 import logging
 import math
 import time
@@ -283,6 +282,7 @@ def finetune(
                 manifest.label[test_idx], test_logits.argmax(1).numpy(), names
             )
 
+        # No clock time: DVC hashes the checkpoint, so the same weights must give the same bytes.
         sidecar = {
             "backbone": backbone,
             "num_classes": n_classes,
@@ -298,7 +298,6 @@ def finetune(
             "val_metrics": {k: val_metrics[k] for k in ("accuracy", "f1_macro", "n")},
             "manifest_sha256": manifest.sha256,
             "held_out": None if held_out is None else [manifest.sample_id[i] for i in held_out],
-            "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
             "versions": library_versions(),
         }
         if here.is_main:
