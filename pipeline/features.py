@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pipeline import distributed, layout
+from pipeline.atomic import atomic_file
 from pipeline.backbones import BackboneInfo, embed
 from pipeline.cache import CacheWriter, FeatureCache, reusable_cache
 from pipeline.checkpoint import backbone_info_of, load_checkpoint
@@ -106,8 +107,9 @@ def extract(
                 "extract it in one process, without torchrun."
             )
         progress = progress and here.is_main
-        if here.is_main:  # shards a killed torchrun left; the others wait before writing theirs
-            for stale in out.parent.glob(f".{out.name}.shard-*"):
+        if here.is_main:  # shards (and their temporary files) a killed torchrun left; the
+            # others wait before writing theirs
+            for stale in out.parent.glob(f"*.{out.name}.shard-*"):
                 stale.unlink()
         distributed.barrier()
         models = [(-1, model), *((k, m) for k, (m, _) in enumerate(fold_models))]
@@ -246,8 +248,7 @@ def _merged(batches: Iterator[tuple], out: Path, new_rows: np.ndarray, batch_siz
     try:
         error = None
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with h5py.File(_shard(out, here.rank), "w") as f:
+            with atomic_file(_shard(out, here.rank)) as tmp, h5py.File(tmp, "w") as f:
                 for k, (_, emb, logits) in enumerate(batches):
                     f[f"{k}/embeddings"], f[f"{k}/logits"] = emb, logits
         except Exception as exc:  # tell the others before raising, so that none waits for us

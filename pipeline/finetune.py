@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from pipeline import distributed
+from pipeline.atomic import write_text
 from pipeline.backbones import backbone_info, create_backbone, embed, freeze_stages, set_train_mode
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import FinetuneParams, asdict
@@ -307,9 +309,9 @@ def finetune(
 
 
 def write_history(history: list[dict], path: Path) -> None:
-    """Per-epoch CSV for `dvc plots` (the papers' accuracy and loss curves)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(history)
+    """Per-epoch CSV for `dvc plots` (the papers' accuracy and loss curves), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, buf.getvalue())
