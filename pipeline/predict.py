@@ -102,8 +102,9 @@ def predict(
 def _pinned(
     backbone: str, sidecar: dict, head_dir: Path, models_dir: Path, params: ExtractParams
 ) -> Path:
-    """The checkpoint folder of ``backbone``, once it is shown to be the one whose cache the
-    head was trained on, and ``params`` to extract as that cache was."""
+    """The checkpoint folder of ``backbone`` in ``models_dir``: CheckpointError unless it is
+    the checkpoint whose cache the head was trained on, ConfigError unless ``params`` extract
+    as that cache was extracted."""
     pinned = (sidecar.get("extraction") or {}).get(backbone)
     if pinned is None:
         raise CheckpointError(

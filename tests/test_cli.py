@@ -114,3 +114,13 @@ def test_finetune_extract_fuse_evaluate_predict_through_the_cli(tiny_run, tmp_pa
     rows = (tmp_path / "pred.csv").read_text().splitlines()
     assert rows[0] == "path,predicted,p_clean,p_crack,p_scratch" and len(rows) == 2
     assert "notes.txt" in result.output  # reported, not fatal
+
+
+def test_cache_verify_reports_a_killed_writers_file_as_fail(tmp_path):
+    from conftest import killed_cache_writer
+
+    path = tmp_path / "f.h5"
+    killed_cache_writer(path).rename(path)
+    result = CliRunner().invoke(main, ["cache", "verify", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"FAIL {path}\n     - {path}: unreadable feature cache" in result.output
