@@ -31,7 +31,7 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ExtractParams, section
 from pipeline.data import Manifest, manifest_json_path, read_manifest
 from pipeline.features import extract
-from pipeline.runtime import prepare_model
+from pipeline.runtime import autocast, prepare_model
 
 
 def make_checkpoint(backbone: str, data: Manifest, directory: Path) -> None:
@@ -49,18 +49,27 @@ def make_checkpoint(backbone: str, data: Manifest, directory: Path) -> None:
     save_checkpoint(model, directory, sidecar)
 
 
-def bare_forward(backbone: str, n_images: int, batch_size: int) -> float:
-    """Images/s of `embed` on random tensors in memory, run as `extract` runs the model."""
-    info = backbone_info(backbone)
+def bare_forward(
+    backbone: str,
+    n_images: int,
+    batch_size: int,
+    input_size: int | None = None,
+    device: str = "cpu",
+) -> float:
+    """Images/s of `embed` on random tensors already on ``device``, run as `extract` runs the
+    model (bf16 autocast on CUDA); ``input_size`` None: the backbone's native size."""
+    device = torch.device(device)
+    size = backbone_info(backbone, input_size).input_size
     model = create_backbone(backbone, 2, pretrained=False, quiet=True)
-    model = prepare_model(model, torch.device("cpu")).eval()
-    shape = (batch_size, 3, info.input_size, info.input_size)
-    batch = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        embed(model, batch[:2])  # warm-up: first-call allocations
+    model = prepare_model(model, device).eval()
+    batch = torch.randn(min(batch_size, n_images), 3, size, size, device=device)
+    batch = batch.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast(device):
+        embed(model, batch)[0].cpu()  # warm-up: first-call allocations; .cpu() waits for a GPU
         start = time.perf_counter()
         for first in range(0, n_images, batch_size):
-            embed(model, batch[: min(batch_size, n_images - first)])
+            embedding, _ = embed(model, batch[: min(batch_size, n_images - first)])
+        embedding.cpu()
         return n_images / (time.perf_counter() - start)
 
 

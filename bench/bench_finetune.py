@@ -24,29 +24,38 @@ from torch import nn
 from pipeline.backbones import backbone_info, create_backbone, freeze_stages, set_train_mode
 from pipeline.config import finetune_params
 from pipeline.finetune import finetune
-from pipeline.runtime import prepare_model
+from pipeline.runtime import autocast, prepare_model
 
 
-def bare_training(backbone: str, params, n_classes: int, n_images: int) -> float:
-    """Images/s of forward + backward + RMSprop step on in-memory tensors."""
+def bare_training(
+    backbone: str, params, n_classes: int, n_images: int, device: str = "cpu"
+) -> float:
+    """Images/s of forward + backward + RMSprop step on tensors already on ``device``, with
+    the autocast `finetune` uses there (bf16 on CUDA)."""
+    device = torch.device(device)
     model = create_backbone(backbone, n_classes, pretrained=False, drop_rate=params.dropout)
     freeze_stages(model, params.frozen_stages)
-    model = set_train_mode(prepare_model(model, torch.device("cpu")))
+    model = set_train_mode(prepare_model(model, device))
     optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    size, b = backbone_info(backbone, params.input_size).input_size, params.batch_size
-    images = torch.randn(b, 3, size, size).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, n_classes, (b,))
+    size = backbone_info(backbone, params.input_size).input_size
+    b = min(params.batch_size, n_images)  # the real loop never sees a larger batch
+    images = torch.randn(b, 3, size, size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, n_classes, (b,), device=device)
 
-    def step(n: int) -> None:
-        loss = nn.functional.cross_entropy(model(images[:n]), labels[:n])
+    def step(n: int) -> torch.Tensor:
+        with autocast(device):
+            loss = nn.functional.cross_entropy(model(images[:n]), labels[:n])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        return loss
 
-    step(2)  # warm-up
+    step(b).item()  # warm-up; .item() waits for a GPU's queued work
     start = time.perf_counter()
     for first in range(0, n_images, b):
-        step(min(b, n_images - first))
+        loss = step(min(b, n_images - first))
+    loss.item()
     return n_images / (time.perf_counter() - start)
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from pipeline.errors import ConfigError, DataError
 from pipeline.heads import HEADS, make_head
 from pipeline.metrics import classification_metrics
-from pipeline.selection import candidate_params, choose, fit_many, grid, score
+from pipeline.selection import candidate_params, choose, fit_many, grid, rank_key
 
 COLUMNS = (
     "head",
@@ -199,7 +199,9 @@ def compare(
         acc, f1 = [], []
         for k, held in enumerate(val_folds):
             rest = np.concatenate([f for j, f in enumerate(val_folds) if j != k])
-            pick = max(candidates, key=lambda c: score(y_val[rest], c.val_proba[rest], select_by))
+            pick = max(
+                candidates, key=lambda c: rank_key(y_val[rest], c.val_proba[rest], select_by)
+            )
             pred = pick.val_proba[held].argmax(1)
             acc.append(accuracy_score(y_val[held], pred))
             f1.append(f1_score(y_val[held], pred, labels=labels, average="macro", zero_division=0))

@@ -190,22 +190,30 @@ def evaluate(features: FusedFeatures, head_dirs: dict[str, Path]) -> dict[str, d
 
 
 def seed_study(
-    features: FusedFeatures, heads: dict[str, dict], fuse: FuseParams, seeds: list[int]
+    features: FusedFeatures,
+    heads: dict[str, dict],
+    fuse: FuseParams,
+    seeds: list[int],
+    fitted: dict[str, dict] | None = None,
 ) -> dict[str, dict]:
     """Test accuracy and macro F1 of each head refitted, selection included, with each seed.
 
-    ``heads``: head name -> its params.yaml entry. A head with no random state is fitted
-    once. Returns ``{head: {"seeds": [...], "accuracy": [...], "f1_macro": [...]}}``.
+    ``heads``: head name -> its params.yaml entry. ``fitted``: head name -> the test metrics
+    of the head `defuse fuse` saved (seed ``fuse.seed``), reused rather than refitted. A
+    head with no random state is not refitted at all: its seeds are ``[fuse.seed]``.
+    Returns ``{head: {"seeds": [...], "accuracy": [...], "f1_macro": [...]}}``.
     """
     test = _rows(features, "test")
-    names, out = list(features.class_names), {}
+    names, fitted, out = list(features.class_names), fitted or {}, {}
     for name, params in heads.items():
         seeded = "random_state" in make_head(name, **grid(params)[0]).get_params()
-        runs = {"seeds": list(seeds if seeded else seeds[:1]), "accuracy": [], "f1_macro": []}
+        runs = {"seeds": list(seeds) if seeded else [fuse.seed], "accuracy": [], "f1_macro": []}
         for seed in runs["seeds"]:
-            head, _ = fit_head(features, name, params, fuse, seed=seed)
-            pred = head.predict(_select(head_input(features, head), test))
-            metrics = classification_metrics(features.y[test], pred, names)
+            metrics = fitted.get(name) if seed == fuse.seed else None
+            if metrics is None:
+                head, _ = fit_head(features, name, params, fuse, seed=seed)
+                pred = head.predict(_select(head_input(features, head), test))
+                metrics = classification_metrics(features.y[test], pred, names)
             runs["accuracy"].append(metrics["accuracy"])
             runs["f1_macro"].append(metrics["f1_macro"])
         out[name] = runs

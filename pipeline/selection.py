@@ -64,6 +64,13 @@ def score(y: np.ndarray, proba: np.ndarray, metric: str) -> float:
     raise ConfigError(f"The select_by parameter must be one of {list(SELECT_BY)}. Got {metric!r}.")
 
 
+def rank_key(y: np.ndarray, proba: np.ndarray, metric: str) -> tuple[float, float]:
+    """Sort key of a candidate, higher is better: ``metric``, then the log loss, which
+    breaks the ties that accuracy and F1 have often on a few hundred rows (max() keeps the
+    first of equal keys: the first listed candidate)."""
+    return score(y, proba, metric), score(y, proba, "log_loss")
+
+
 @dataclass
 class Candidate:
     """One grid point: its params, the head fitted on train, its val probabilities (n_val, C)."""
@@ -106,10 +113,10 @@ def fit_many(jobs: list[tuple], n_jobs: int = 1, progress=None) -> list[Candidat
 def choose(
     candidates: list[Candidate], y_val: np.ndarray, metric: str, refit: bool, both=None
 ) -> tuple[Head, Candidate]:
-    """The best candidate on val by ``metric`` (ties: the first listed) and the head to
+    """The best candidate on val by ``metric`` (`rank_key`) and the head to
     keep: its own, or with ``refit`` one fitted anew on ``both()`` = (X, y) of train + val
     with what val chose (`Head.refit_params`)."""
-    chosen = candidates[int(np.argmax([score(y_val, c.val_proba, metric) for c in candidates]))]
+    chosen = max(candidates, key=lambda c: rank_key(y_val, c.val_proba, metric))
     if not refit:
         return chosen.head, chosen
     X, y = both()

@@ -59,6 +59,7 @@ def evaluate(manifest, features_dir, heads_dir, reports, params_path, seeds):
         {h: head_params(h, params_path) for h in names},
         section(FuseParams, "fuse", params_path),
         list(params.seeds),
+        {n: r["metrics"] for n, r in results.items() if r["kind"] == "fusion"},
     )
     context = {
         "dataset": "ELPV solar cells" if man.source == "elpv" else str(man.root),
