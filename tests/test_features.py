@@ -177,9 +177,9 @@ def test_a_checkpoint_fine_tuned_on_another_manifest_is_refused(tiny_run, tmp_pa
     trained_on = tiny_run["manifest"].sha256
     with pytest.raises(CheckpointError) as err:
         extract(other, tiny_run["checkpoint"], tmp_path / "f.h5", PARAMS, progress=False)
-    message = str(err.value)
-    assert f"fine-tuned on manifest {trained_on}, but {other.path} is manifest {other.sha256}" in (
-        message
+    message, other_sha = str(err.value), other.sha256
+    assert (
+        f"fine-tuned on manifest {trained_on}, but {other.path} is manifest {other_sha}" in message
     )
     assert "`defuse finetune tf_efficientnet_lite0` on this manifest (or `dvc repro`)" in message
     assert not (tmp_path / "f.h5").exists()
