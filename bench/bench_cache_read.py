@@ -35,7 +35,7 @@ def write_inputs(root: Path, n: int, dim: int) -> tuple[list[Path], list[Path]]:
         attrs = dict(
             backbone=name, class_names=["a", "b", "c", "d"], checkpoint_sha256="0" * 64,
             manifest_sha256="1" * 64, input_size=299, mean=[0.5] * 3, std=[0.5] * 3,
-            layer="pre_logits", tta=False, versions={"numpy": np.__version__}, created="bench",
+            layer="pre_logits", tta=False, versions={"numpy": np.__version__},
         )  # fmt: skip
         caches.append(root / f"{name}.h5")
         with CacheWriter(caches[-1], n, dim, 4, attrs=attrs) as w:

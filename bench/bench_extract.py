@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import os
 import subprocess
 import sys
@@ -30,13 +29,14 @@ from _datasets import manifest
 from pipeline.backbones import backbone_info, create_backbone, embed
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ExtractParams, section
-from pipeline.data import manifest_json_path, read_manifest
+from pipeline.data import Manifest, manifest_json_path, read_manifest
 from pipeline.features import extract
 from pipeline.runtime import autocast, prepare_model
 
 
-def make_checkpoint(backbone: str, class_names: list[str], directory: Path) -> None:
-    """A random-weight checkpoint with the sidecar fields `extract` reads."""
+def make_checkpoint(backbone: str, data: Manifest, directory: Path) -> None:
+    """A random-weight checkpoint of ``data``'s classes with the sidecar fields `extract` reads."""
+    class_names = list(data.class_names)
     info = backbone_info(backbone)
     model = create_backbone(backbone, len(class_names), pretrained=False, quiet=True)
     sidecar = {
@@ -44,7 +44,7 @@ def make_checkpoint(backbone: str, class_names: list[str], directory: Path) -> N
         "backbone": backbone,
         "num_classes": len(class_names),
         "class_names": class_names,
-        "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        "manifest_sha256": data.sha256,  # `extract` refuses a checkpoint of another manifest
     }
     save_checkpoint(model, directory, sidecar)
 
@@ -118,7 +118,13 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
     parser.add_argument("--repeat", type=int, default=2, help="best of N timings")
     args = parser.parse_args()
-    params = ExtractParams(batch_size=args.batch_size, num_workers=args.num_workers, device="cpu")
+    params = section(
+        ExtractParams,
+        "extract",
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device="cpu",
+    )
     print(
         f"machine: {os.cpu_count()} cores, torch {torch.__version__} on "
         f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}"
@@ -126,7 +132,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         tmp = Path(tmp)
         data = manifest(args.source, tmp, 4 * args.images)
-        make_checkpoint(args.backbone, list(data.class_names), tmp / "model")
+        make_checkpoint(args.backbone, data, tmp / "model")
         ours = max(
             timed_extract(data, tmp / "model", tmp / "f.h5", params) for _ in range(args.repeat)
         )

@@ -49,7 +49,7 @@ def write_caches(root: Path, n: int) -> list[Path]:
         attrs = dict(
             backbone=name, class_names=list("abcd"), checkpoint_sha256="0" * 64,
             manifest_sha256="1" * 64, input_size=299, mean=[0.5] * 3, std=[0.5] * 3,
-            layer="pre_logits", tta=False, versions={"numpy": np.__version__}, created="bench",
+            layer="pre_logits", tta=False, versions={"numpy": np.__version__},
         )  # fmt: skip
         paths.append(root / f"{name}.h5")
         with CacheWriter(paths[-1], n, DIM, N_CLASSES, dtype="float16", attrs=attrs) as w:

@@ -52,7 +52,7 @@ def synthetic(folder: Path, rng: np.random.Generator) -> FusedFeatures:
             "backbone": name, "class_names": [str(c) for c in range(N_CLASSES)],
             "checkpoint_sha256": "0" * 64, "manifest_sha256": "0" * 64, "input_size": 224,
             "mean": [0.5] * 3, "std": [0.5] * 3, "layer": "pre_logits", "tta": False,
-            "versions": "{}", "created": "synthetic",
+            "versions": "{}",
         }  # fmt: skip
         logits = rng.normal(0, 1, (len(y), N_CLASSES)) + 2 * np.eye(N_CLASSES)[y]
         with CacheWriter(folder / f"{name}.h5", len(y), 1280, N_CLASSES, "float32", attrs) as w:

@@ -16,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline import atomic
 from pipeline.errors import CacheError
 
 SCHEMA = 1
@@ -24,11 +25,11 @@ DATASETS = ("embeddings", "logits", "sample_id", "label", "split")
 # Cross-fitting: the fold model that embedded each row, -1 = the model trained on all of
 # train. Optional: a cache without it came from one model.
 FOLD = "fold"
-# File attributes, in the order they are written; extras follow, sorted by name.
+# File attributes, in the order they are written; extras follow, sorted by name. No clock
+# time among them: DVC hashes the file, and identical inputs must give identical bytes.
 ATTRS = (
     "schema", "backbone", "dim", "n_classes", "class_names", "checkpoint_sha256",
     "manifest_sha256", "input_size", "mean", "std", "layer", "dtype", "tta", "versions",
-    "created",
 )  # fmt: skip
 # What makes old embeddings valid for a new extraction, besides the checkpoint.
 PREPROCESSING = ("input_size", "mean", "std", "layer", "dtype", "tta")
@@ -46,15 +47,17 @@ _BLOCK_SHARE = 32
 
 
 def _encode(key: str, value):
-    """Python value -> what h5py stores: JSON text, str, a numpy scalar or numeric array."""
+    """Python value -> what h5py stores: UTF-8 text (JSON for some), a numpy scalar or
+    numeric array. Text is fixed-length bytes: a variable-length string lives in HDF5's global
+    heap, where one damaged byte can hang the library's reader instead of failing."""
     if key in _JSON:
         if isinstance(value, str):  # versions may come pre-encoded
             value = json.loads(value)
-        return json.dumps(value, sort_keys=True)
+        return np.bytes_(json.dumps(value, sort_keys=True).encode("utf-8"))
     if key == "dtype":
-        return np.dtype(value).name
+        return np.bytes_(np.dtype(value).name.encode())
     if isinstance(value, str):
-        return value
+        return np.bytes_(value.encode("utf-8"))
     if isinstance(value, bool | np.bool_):
         return np.bool_(value)
     if isinstance(value, int | np.integer):
@@ -93,9 +96,10 @@ class CacheWriter:
     """Stream a feature cache to `path`: all rows or nothing, identical bytes for identical input.
 
     Datasets are preallocated with `n_rows` rows and each batch is written in place, so memory
-    does not grow with N. Everything goes to `.<name>.tmp-<pid>` beside `path`; a clean exit
-    checks every row was written, fsyncs and renames it onto `path`, an exception deletes it
-    and leaves any existing `path` untouched.
+    does not grow with N. Everything goes to a hidden temporary file beside `path`
+    (`pipeline.atomic`: the leftovers of killed runs are removed first); a clean exit checks
+    every row was written, fsyncs and renames it onto `path`, an exception deletes it and
+    leaves any existing `path` untouched.
 
     `attrs` must hold every name in ATTRS except schema, dim, n_classes and dtype, which the
     writer sets (extra str / number / bool / numeric-list attributes are stored too):
@@ -115,7 +119,7 @@ class CacheWriter:
         attrs: Mapping | None = None,
     ):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = atomic.temp_path(self.path)
         if np.dtype(dtype) not in (np.float32, np.float16):
             raise CacheError(f"{self.path}: dtype must be float32 or float16, got {dtype!r}")
         if min(n_rows, dim, n_classes) < 1:
@@ -149,6 +153,7 @@ class CacheWriter:
 
     def __enter__(self) -> CacheWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.clean_stale(self.path)
         # track_order: attributes come back in the order written. Determinism checked on
         # HDF5 2.0 / h5py 3.16: with track_times=False no clock value reaches the file.
         f = self._file = h5py.File(self.tmp, "w", track_order=True)
@@ -231,9 +236,7 @@ class CacheWriter:
                 )
             _check_unique(self._file["sample_id"][()], self.path)
             self._file.close()
-            _fsync(self.tmp)
-            os.replace(self.tmp, self.path)
-            _fsync(self.path.parent)  # make the rename itself durable
+            atomic.commit(self.tmp, self.path)
         except BaseException:
             self._discard()
             raise
@@ -245,14 +248,6 @@ class CacheWriter:
             self._file.close()
             self._file = None
         self.tmp.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _ids_to_bytes(ids: np.ndarray, where) -> np.ndarray:
@@ -298,9 +293,10 @@ def _check_unique(ids: np.ndarray, where) -> None:
     s = np.sort(ids)
     dup = np.flatnonzero(s[1:] == s[:-1])
     if len(dup):
-        rows = np.flatnonzero(ids == s[dup[0]]).tolist()
-        raise CacheError(f"{where}: sample_id {s[dup[0]].decode()} appears more than once "
-                         f"(rows {rows})")  # fmt: skip
+        rows = np.flatnonzero(ids == s[dup[0]])
+        shown = f"{rows[:5].tolist()}{' ...' if len(rows) > 5 else ''}"
+        raise CacheError(f"{where}: sample_id {s[dup[0]].decode()!r} appears {len(rows)} times "
+                         f"(rows {shown})")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- reader
@@ -412,7 +408,9 @@ def _open(path: str | os.PathLike, unique: bool = True) -> _Header:
         if unique:
             _check_unique(head.sample_id, path)
         return head
-    except (OSError, ValueError, TypeError) as e:  # damaged metadata, attribute not JSON
+    # h5py reports damaged metadata as any of these (a killed writer's file: KeyError, "bad
+    # object header version number"); an attribute that is not JSON is a ValueError
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
         f.close()
         raise CacheError(f"{path}: unreadable feature cache ({e})") from None
     except BaseException:
@@ -462,6 +460,9 @@ def _read_header(path: Path, f: h5py.File) -> _Header:
 
     # Whole-dataset reads: one contiguous read each, never a fancy index into h5py.
     logits, ids, label, split = (ds[k][()] for k in ("logits", "sample_id", "label", "split"))
+    bad_rows = np.flatnonzero((ids.view(np.uint8).reshape(n, -1) >= 128).any(axis=1))
+    if len(bad_rows):  # ids are ASCII; a flipped bit in them is damage, named here
+        raise CacheError(f"{path}: sample_id of row {bad_rows[0]} is not ASCII text")
     bad = _first_nonfinite(logits)
     if bad is not None:
         raise CacheError(
@@ -630,12 +631,20 @@ class FusedFeatures:
     dims: tuple[int, ...]
     class_names: tuple[str, ...]
     paths: tuple[Path, ...]
+    attrs: tuple[dict, ...]  # each cache's file attributes
     _identity: tuple = field(repr=False)  # (size, mtime_ns, inode) of each file when read
     max_bytes: int | None = None  # the memory budget X was loaded under; None: unlimited
     # (N,) bool: every backbone embedded the row with a cross-fitting fold model that never
     # trained on it (train rows of cross-fitted caches); None reads as all False
     out_of_fold: np.ndarray | None = None
     _sums: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def extraction(self) -> dict[str, dict]:
+        """backbone -> how its cache was made: the checkpoint's sha256 and the `extract`
+        params that shape the features (dtype, tta); what `defuse predict` must repeat."""
+        keys = ("checkpoint_sha256", "dtype", "tta")
+        return {b: {k: a[k] for k in keys} for b, a in zip(self.backbones, self.attrs, strict=True)}
 
     @property
     def checksums(self) -> dict[str, str]:
@@ -834,6 +843,7 @@ def _fuse(heads: list[_Header], backbones, manifest, max_bytes) -> FusedFeatures
         dims=dims,
         class_names=tuple(first.attrs["class_names"]),
         paths=tuple(h.path for h in heads),
+        attrs=tuple(h.attrs for h in heads),
         _identity=identities,
         max_bytes=max_bytes,
         out_of_fold=np.all(

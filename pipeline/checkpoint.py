@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.atomic import atomic_dir
 from pipeline.backbones import BackboneInfo, create_backbone
 from pipeline.cache import file_sha256
 from pipeline.config import RESIZE_MODES
@@ -26,22 +24,11 @@ def save_checkpoint(model: torch.nn.Module, directory: Path, sidecar: dict) -> d
     An interrupted run leaves either the old checkpoint or the new one, never half of one.
     Returns the sidecar as written (with ``weights_sha256`` added).
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(directory) as tmp:
         save_file(state, tmp / WEIGHTS)
         sidecar = {**sidecar, "weights_sha256": file_sha256(tmp / WEIGHTS)}
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sidecar
 
 

@@ -1,43 +1,74 @@
-"""params.yaml as frozen dataclasses: one per stage section, unknown keys rejected.
+"""params.yaml as frozen dataclasses: one per stage section, checked as they are built.
 
-Every hyper-parameter lives in params.yaml; the defaults below only document the types and
-make a partial params file usable in tests and notebooks.
+params.yaml is the one source of hyper-parameters: a section must give every key of its
+dataclass (there are no defaults here to fall back on), with the field's type (a bool is
+YAML's true / false, not the text "false"; an int is not 1.5), and nothing else. A missing
+file, malformed YAML, an unknown section or one that is not a mapping is an error naming
+the file; a bad value is an error naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from pipeline.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
+# The sections of a params file; `backbones` and `heads` map names to mappings of keys.
+SECTIONS = ("prepare", "finetune", "backbones", "extract", "fuse", "heads", "evaluate", "compare")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 SOURCES = ("elpv", "folder", "csv")
 RESIZE_MODES = ("stretch", "letterbox", "center_crop")  # how a non-square image meets the input
 
 
-@dataclass(frozen=True)
-class PrepareParams:
-    source: str = "elpv"  # "elpv" (the package), "folder" (a sub-folder per class), "csv"
-    root: str | None = None  # the image folder when source is "folder"
-    classes: tuple[str, ...] | None = None  # folder / csv: explicit class list and label order
-    elpv_classes: int = 4  # elpv: 4 = defect probability 0, 1/3, 2/3, 1; 2 = functional/defective
-    test_fraction: float = 0.12  # the fusion paper's 1879 / 257 split
-    val_fraction: float = 0.15  # carved from what remains after test, for model selection
-    seed: int = 0
-    on_bad_image: str = "error"  # "error" stops; "skip" lists the file in skipped.csv
-    max_pixels: int = 64_000_000  # decompression-bomb guard (2560x1920 is 4.9 M)
-    # Users' data as they have it: a labels file, file patterns, near-duplicate grouping.
-    labels: str | None = None  # csv: the labels file; its image paths are relative to its folder
-    include: tuple[str, ...] | None = None  # folder / csv: globs a file must match (any of them)
-    exclude: tuple[str, ...] | None = None  # folder / csv: globs that leave a file out
-    near_duplicate_bits: int | None = 4  # pHash distance (of 64 bits) that groups; None: off
+class _Section:
+    """Base of the section dataclasses: each value is checked against its field's type (and
+    lists become tuples, ints floats where a float is wanted), then `_check` checks ranges."""
+
+    SECTION: ClassVar[str]
 
     def __post_init__(self):
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in _typed(type(self), values, self.SECTION).items():
+            object.__setattr__(self, key, value)
+        self._check()
+
+    def _check(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class PrepareParams(_Section):
+    SECTION: ClassVar[str] = "prepare"
+
+    source: str  # "elpv" (the package), "folder" (a sub-folder per class), "csv"
+    root: str | None  # the image folder when source is "folder"
+    classes: tuple[str, ...] | None  # folder / csv: explicit class list and label order
+    elpv_classes: int  # elpv: 4 = defect probability 0, 1/3, 2/3, 1; 2 = functional/defective
+    test_fraction: float
+    val_fraction: float  # carved from what remains after test, for model selection
+    seed: int
+    on_bad_image: str  # "error" stops; "skip" lists the file in skipped.csv
+    max_pixels: int  # decompression-bomb guard (2560x1920 is 4.9 M)
+    # Users' data as they have it: a labels file, file patterns, near-duplicate grouping.
+    labels: str | None  # csv: the labels file; its image paths are relative to its folder
+    include: tuple[str, ...] | None  # folder / csv: globs a file must match (any of them)
+    exclude: tuple[str, ...] | None  # folder / csv: globs that leave a file out
+    near_duplicate_bits: int | None  # pHash distance (of 64 bits) that groups; None: off
+
+    def _check(self):
         _choice("prepare.source", self.source, SOURCES)
         _choice("prepare.on_bad_image", self.on_bad_image, ("error", "skip"))
         _choice("prepare.elpv_classes", self.elpv_classes, (2, 4))
@@ -47,8 +78,8 @@ class PrepareParams:
             raise ConfigError(
                 "prepare.root must name the image folder when prepare.source is 'folder'."
             )
-        if self.max_pixels <= 0:
-            raise ConfigError(f"prepare.max_pixels must be positive. Got {self.max_pixels}.")
+        _at_least("prepare.seed", self.seed, 0)
+        _at_least("prepare.max_pixels", self.max_pixels, 1)
         self._check_user_data()
 
     def _check_user_data(self):
@@ -75,16 +106,14 @@ class PrepareParams:
                 continue
             if self.source == "elpv":
                 raise ConfigError(f"prepare.{name} is for the folder and csv sources, not 'elpv'.")
-            if not isinstance(patterns, tuple) or not all(
-                isinstance(p, str) and p for p in patterns
-            ):
+            if not all(p for p in patterns):
                 raise ConfigError(
                     f"prepare.{name} must be a list of glob patterns such as ['*.jpg']. "
-                    f"Got {patterns!r}."
+                    f"Got {list(patterns)!r}."
                 )
         bits = self.near_duplicate_bits
         # Unrelated images differ in about 32 of the 64 bits: a radius that large groups them.
-        if bits is not None and not (_is_count(bits, 0) and bits < 32):
+        if bits is not None and not 0 <= bits < 32:
             raise ConfigError(
                 f"prepare.near_duplicate_bits must be null (off) or an int in [0, 32). "
                 f"Got {bits!r}."
@@ -92,95 +121,98 @@ class PrepareParams:
 
 
 @dataclass(frozen=True)
-class FinetuneParams:
-    """Defaults for every backbone; params.yaml's `backbones.<name>` mapping overrides them."""
+class FinetuneParams(_Section):
+    """Shared by every backbone; params.yaml's `backbones.<name>` mapping overrides keys."""
 
-    epochs: int = 3
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    optimizer: str = "rmsprop"  # the fusion paper; "sgd" for the attention paper
-    lr: float = 1e-3
-    lr_final: float = 1e-4  # cosine decay from lr to lr_final over the epochs
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    dropout: float = 0.5  # before the new n-class layer, as in the paper
-    frozen_stages: int = 0  # leading stages (timm group_matcher blocks) kept at ImageNet weights
-    class_weighted: bool = True  # inverse-frequency loss weights for imbalanced sets like ELPV
-    hflip: bool = True
-    vflip: bool = True
-    rotation: float = 180.0  # degrees either way: "rotation by any angle"
-    color_jitter: float = 0.2  # brightness / contrast / saturation strength
-    input_size: int | None = None  # None: the backbone's native size
-    pretrained: bool = True
-    weights: str | None = None  # a local ImageNet weights file; wins over packages and the hub
-    num_workers: int = 2
-    device: str = "auto"  # "auto" picks cuda when present
-    seed: int = 0
-    cross_fit: int = 0  # K > 1: also K fold models, whose out-of-fold embeddings train the heads
-    resize: str = "stretch"  # non-square images: stretch, letterbox (pad) or center_crop
+    SECTION: ClassVar[str] = "finetune"
 
-    def __post_init__(self):
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    optimizer: str  # "rmsprop" (the fusion paper), "sgd" (the attention paper) or "adamw"
+    lr: float
+    lr_final: float  # cosine decay from lr to lr_final over the epochs
+    momentum: float
+    weight_decay: float
+    dropout: float  # before the new n-class layer, as in the paper
+    frozen_stages: int  # leading stages (timm group_matcher blocks) kept at ImageNet weights
+    class_weighted: bool  # inverse-frequency loss weights
+    hflip: bool
+    vflip: bool
+    rotation: float  # degrees either way; the papers rotate by any angle (180)
+    color_jitter: float  # brightness / contrast / saturation strength
+    input_size: int | None  # None: the backbone's native size
+    pretrained: bool
+    weights: str | None  # a local ImageNet weights file; wins over packages and the hub
+    num_workers: int
+    device: str  # "auto" picks cuda when present
+    seed: int
+    cross_fit: int  # K > 1: also K fold models, whose out-of-fold embeddings train the heads
+    resize: str  # non-square images: stretch, letterbox (pad) or center_crop
+
+    def _check(self):
         _choice("finetune.optimizer", self.optimizer, ("rmsprop", "sgd", "adamw"))
         _choice("finetune.resize", self.resize, RESIZE_MODES)
-        if not _is_count(self.cross_fit, 0) or self.cross_fit == 1:
+        if self.cross_fit == 1 or self.cross_fit < 0:
             raise ConfigError(
                 f"finetune.cross_fit must be 0 (off) or an int >= 2. Got {self.cross_fit!r}."
             )
         for name in ("epochs", "batch_size", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"finetune.{name} must be >= 1. Got {getattr(self, name)!r}.")
+            _at_least(f"finetune.{name}", getattr(self, name), 1)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"finetune.dropout must be in [0, 1). Got {self.dropout!r}.")
-        if self.lr <= 0 or self.lr_final <= 0:
-            raise ConfigError(
-                f"finetune.lr and lr_final must be > 0. Got {self.lr!r}, {self.lr_final!r}."
-            )
-        if self.frozen_stages < 0:
-            raise ConfigError(f"finetune.frozen_stages must be >= 0. Got {self.frozen_stages!r}.")
+        for name in ("lr", "lr_final"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"finetune.{name} must be > 0. Got {getattr(self, name)!r}.")
+        for name in ("momentum", "weight_decay", "rotation", "color_jitter", "frozen_stages"):
+            _at_least(f"finetune.{name}", getattr(self, name), 0)
+        if self.input_size is not None:
+            _at_least("finetune.input_size", self.input_size, 1)
+        _at_least("finetune.num_workers", self.num_workers, 0)
+        _device("finetune.device", self.device)
+        _at_least("finetune.seed", self.seed, 0)
 
 
 @dataclass(frozen=True)
-class ExtractParams:
-    batch_size: int = 64
-    dtype: str = "float32"  # "float16" halves the cache for a negligible loss
-    tta: bool = False  # mean embedding over horizontal and vertical flips
-    num_workers: int = 2
-    device: str = "auto"
+class ExtractParams(_Section):
+    SECTION: ClassVar[str] = "extract"
 
-    def __post_init__(self):
+    batch_size: int
+    dtype: str  # "float32" or "float16" (half the cache)
+    tta: bool  # mean embedding over horizontal and vertical flips
+    num_workers: int
+    device: str
+
+    def _check(self):
         _choice("extract.dtype", self.dtype, ("float32", "float16"))
-        if self.batch_size < 1:
-            raise ConfigError(f"extract.batch_size must be >= 1. Got {self.batch_size!r}.")
+        _at_least("extract.batch_size", self.batch_size, 1)
+        _at_least("extract.num_workers", self.num_workers, 0)
+        _device("extract.device", self.device)
 
 
 @dataclass(frozen=True)
-class FuseParams:
-    backbones: tuple[str, ...] | None = (
-        None  # concatenation order; None: every entry of `backbones`
-    )
-    seed: int = 0
+class FuseParams(_Section):
+    SECTION: ClassVar[str] = "fuse"
+
+    backbones: tuple[str, ...] | None  # concatenation order; None: every entry of `backbones`
+    seed: int
     # Fused features (all rows, float32) larger than this stay in the caches: heads that
     # stream (mlp) read them block by block, the others stop with an error. A fixed size, not
     # a share of RAM: streaming shuffles differently, and the same params must give the same
     # head on every machine.
-    memory_gb: float = 2.0
-    block_norm: str = "l2"  # per-backbone block treatment: none | standardize | l2 (+ standardize)
-    select_by: str = "accuracy"  # val score that picks among a head's candidates
-    refit: bool = True  # refit the chosen candidate on train + val
-    n_jobs: int = 1  # processes fitting a head's candidates
+    memory_gb: float
+    block_norm: str  # per-backbone block treatment: none | standardize | l2 (+ standardize)
+    select_by: str  # val score that picks among a head's candidates
+    refit: bool  # refit the chosen candidate on train + val
+    n_jobs: int  # processes fitting a head's candidates
 
-    def __post_init__(self):
-        if isinstance(self.memory_gb, bool) or not (
-            isinstance(self.memory_gb, int | float) and self.memory_gb > 0
-        ):
+    def _check(self):
+        _at_least("fuse.seed", self.seed, 0)
+        if self.memory_gb <= 0:
             raise ConfigError(f"fuse.memory_gb must be a number > 0. Got {self.memory_gb!r}.")
         _choice("fuse.block_norm", self.block_norm, ("none", "standardize", "l2"))
         _choice("fuse.select_by", self.select_by, ("log_loss", "accuracy", "f1_macro"))
-        _choice("fuse.refit", self.refit, (True, False))
-        if isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, int) or self.n_jobs == 0:
-            raise ConfigError(
-                f"fuse.n_jobs must be an int >= 1, or -1 for every core. Got {self.n_jobs!r}."
-            )
+        _jobs("fuse.n_jobs", self.n_jobs)
 
     @property
     def max_bytes(self) -> int:
@@ -188,60 +220,259 @@ class FuseParams:
 
 
 @dataclass(frozen=True)
-class EvaluateParams:
-    final_head: str = "mlp"  # the head `predict` uses and the summary headlines
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # each head refitted per seed: mean +- std on test
-    bootstrap_draws: int = 10_000  # paired-bootstrap resamplings of the test images
-    bootstrap_seed: int = 0
+class EvaluateParams(_Section):
+    SECTION: ClassVar[str] = "evaluate"
 
-    def __post_init__(self):
-        if not self.seeds or not all(_is_count(s, 0) for s in self.seeds):
+    final_head: str  # the head `predict` uses and the summary headlines; an entry of `heads`
+    seeds: tuple[int, ...]  # each head refitted per seed: mean +- std on test
+    bootstrap_draws: int  # paired-bootstrap resamplings of the test images
+    bootstrap_seed: int
+
+    def _check(self):
+        if not self.seeds or min(self.seeds) < 0:
             raise ConfigError(
-                f"evaluate.seeds must be a non-empty list of ints >= 0. Got {self.seeds!r}."
+                f"evaluate.seeds must be a non-empty list of ints >= 0. Got {list(self.seeds)!r}."
             )
-        if not _is_count(self.bootstrap_draws, 1):
-            raise ConfigError(
-                f"evaluate.bootstrap_draws must be an int >= 1. Got {self.bootstrap_draws!r}."
-            )
-
-
-def _is_count(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+        _at_least("evaluate.bootstrap_draws", self.bootstrap_draws, 1)
+        _at_least("evaluate.bootstrap_seed", self.bootstrap_seed, 0)
 
 
 @dataclass(frozen=True)
-class CompareParams:
-    folds: int = 5  # nested k-fold over the val rows; test is touched only for the pick
-    min_subset: int = 1  # smallest backbone subset to try
-    seed: int = 0
-    n_jobs: int = 2  # processes sharing the fits (one per core here)
+class CompareParams(_Section):
+    SECTION: ClassVar[str] = "compare"
 
-    def __post_init__(self):
-        if self.folds < 2:
-            raise ConfigError(f"compare.folds must be >= 2. Got {self.folds!r}.")
-        if isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, int) or self.n_jobs == 0:
+    folds: int  # nested k-fold over the val rows; test is touched only for the pick
+    min_subset: int  # smallest backbone subset to try
+    seed: int
+    n_jobs: int  # processes sharing the fits
+
+    def _check(self):
+        _at_least("compare.folds", self.folds, 2)
+        _at_least("compare.min_subset", self.min_subset, 1)
+        _at_least("compare.seed", self.seed, 0)
+        _jobs("compare.n_jobs", self.n_jobs)
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> dict[str, dict]:
+    """The params file as a mapping of sections, each a mapping (the entries of `backbones`
+    and `heads` too). ConfigError naming the file when it is missing or not valid YAML, or
+    holds an unknown section or one that is not a mapping."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such params file. Every stage reads its hyper-parameters from it: run "
+            "from the project folder, or pass --params (pipeline/presets/ holds the papers')."
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the params file: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: not valid YAML{where}: {' '.join(problem.split())}.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} must be a mapping of sections {list(SECTIONS)}; got {_shown(data)}."
+        )
+    unknown = [name for name in data if name not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"{path}: {_unknown('section', unknown, SECTIONS)}")
+    for name, body in data.items():
+        if not isinstance(body, dict):
             raise ConfigError(
-                f"compare.n_jobs must be an int >= 1, or -1 for every core. Got {self.n_jobs!r}."
+                f"{path}: section {name!r} must be a mapping of keys; got {_shown(body)}."
             )
+    for name in ("backbones", "heads"):
+        for entry, body in (data.get(name) or {}).items():
+            if not isinstance(body, dict):
+                raise ConfigError(
+                    f"{path}: {name}.{entry} must be a mapping of keys ({{}} for none); "
+                    f"got {_shown(body)}."
+                )
+    return data
+
+
+def section(cls: type, name: str, path: Path | str = PARAMS_FILE, **overrides):
+    """The ``name`` section of the params file as ``cls``; ``overrides`` that are not None
+    (command-line options) replace its values."""
+    data = _section(load_params(path), name, path) | _given(overrides)
+    return from_dict(cls, data, name, path)
+
+
+def finetune_params(backbone: str, path: Path | str = PARAMS_FILE, **overrides) -> FinetuneParams:
+    """The `finetune` section with the keys of `backbones.<backbone>` (if it is listed) and
+    then the ``overrides`` that are not None laid over it."""
+    params = load_params(path)
+    own = _section(params, "backbones", path).get(backbone, {})
+    label = f"backbones.{backbone}"
+    _check_keys(FinetuneParams, own, label, path)
+    with _in_file(path):
+        _typed(FinetuneParams, own, label)  # a bad value is named where it was written
+    data = _section(params, "finetune", path) | own | _given(overrides)
+    return from_dict(FinetuneParams, data, "finetune", path)
+
+
+def evaluate_params(path: Path | str = PARAMS_FILE, **overrides) -> EvaluateParams:
+    """The `evaluate` section, whose `final_head` must be an entry of `heads`."""
+    params = section(EvaluateParams, "evaluate", path, **overrides)
+    heads = list(_section(load_params(path), "heads", path))
+    if params.final_head not in heads:
+        raise ConfigError(
+            f"{path}: evaluate.final_head is {params.final_head!r}, not an entry of heads; "
+            f"name one of {heads}."
+        )
+    return params
 
 
 def backbone_names(path: Path | str = PARAMS_FILE) -> list[str]:
     """The `backbones` mapping's keys: what the DAG trains, in concatenation order."""
-    return list((load_params(path).get("backbones") or {}).keys())
-
-
-def finetune_params(backbone: str, path: Path | str = PARAMS_FILE, **overrides) -> FinetuneParams:
-    """`finetune` defaults merged with `backbones.<backbone>`, then non-None ``overrides``."""
-    params = load_params(path)
-    data = dict(params.get("finetune") or {})
-    data.update((params.get("backbones") or {}).get(backbone) or {})
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return from_dict(FinetuneParams, data, f"finetune + backbones.{backbone}")
+    names = list(_section(load_params(path), "backbones", path))
+    if not names:
+        raise ConfigError(f"{path}: backbones is empty; list at least one backbone.")
+    return names
 
 
 def head_params(head: str, path: Path | str = PARAMS_FILE) -> dict[str, Any]:
-    """Constructor arguments of ``head`` from the `heads` mapping (empty when absent)."""
-    return dict((load_params(path).get("heads") or {}).get(head) or {})
+    """Constructor arguments (or grids of them) of ``head``: its entry in `heads`."""
+    heads = _section(load_params(path), "heads", path)
+    if head not in heads:
+        raise ConfigError(f"{path}: heads has no entry {head!r}; its entries: {list(heads)}.")
+    return dict(heads[head])
+
+
+def from_dict(cls: type, data: dict[str, Any], section: str, where: Path | str):
+    """Build dataclass ``cls`` from ``data``, section ``section`` of params file ``where``:
+    every field must be given, and nothing else; `cls` then checks types and ranges."""
+    _check_keys(cls, data, section, where)
+    missing = [f.name for f in fields(cls) if f.name not in data]
+    if missing:
+        raise ConfigError(
+            f"{where}: section {section!r} lacks key(s) {missing}; params.yaml gives every "
+            "value (the project's params.yaml says what each one means)."
+        )
+    with _in_file(where):
+        return cls(**data)
+
+
+def asdict(params) -> dict[str, Any]:
+    """Plain-JSON form of a params dataclass, for sidecars."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()
+    }
+
+
+def _section(params: dict[str, dict], name: str, path: Path | str) -> dict[str, Any]:
+    if name not in params:
+        raise ConfigError(f"{path}: no {name!r} section; the stages read {list(SECTIONS)}.")
+    return params[name]
+
+
+@contextlib.contextmanager
+def _in_file(where: Path | str) -> Iterator[None]:
+    """Prefix the file to the ConfigError of a bad value."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _given(overrides: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def _check_keys(cls: type, data: dict[str, Any], label: str, where: Path | str) -> None:
+    allowed = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: in {label!r}, {_unknown('key', unknown, allowed)}")
+
+
+def _unknown(what: str, unknown: list[str], allowed) -> str:
+    """'unknown key(s) [...] (did you mean ...?); allowed: [...].'"""
+    guesses = [m for name in unknown for m in difflib.get_close_matches(name, allowed, 1)]
+    guess = f" (did you mean {' / '.join(map(repr, guesses))}?)" if guesses else ""
+    return f"unknown {what}(s) {unknown}{guess}; allowed: {sorted(allowed)}."
+
+
+# ---------------------------------------------------------------------------- value checks
+
+_KINDS = {bool: "true or false", int: "an int", float: "a number", str: "a string"}
+_PLURAL = {bool: "bools", int: "ints", float: "numbers", str: "strings"}
+
+
+def _typed(cls: type, values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``values`` converted to the types of ``cls``'s fields (list -> tuple, int -> float);
+    ConfigError naming `prefix.key`, the value and the type wanted otherwise."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        try:
+            out[key] = _convert(value, hints[key])
+        except TypeError:
+            raise ConfigError(
+                f"{prefix}.{key} must be {_describe(hints[key])}; got {_shown(value)}"
+                f"{_hint(value, hints[key])}."
+            ) from None
+    return out
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    """``value`` as type ``hint``; TypeError when it is not one (True is not an int, the
+    text "false" not a bool, 1.5 not an int)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is types.UnionType:  # X | None
+        if value is None:
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)))
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a YAML list
+        if not isinstance(value, list | tuple):
+            raise TypeError
+        return tuple(_convert(v, args[0]) for v in value)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and number and isinstance(value, int):
+        return value
+    if hint is float and number and math.isfinite(value):
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    raise TypeError
+
+
+def _describe(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is types.UnionType:
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_PLURAL[args[0]]}"
+    return _KINDS[hint]
+
+
+def _hint(value: Any, hint: Any) -> str:
+    """Why a text value that looks right is refused."""
+    if not isinstance(value, str):
+        return ""
+    wanted = typing.get_args(hint) or (hint,)
+    if bool in wanted and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+        return " (quoted, it is text: write true or false without quotes)"
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    if int in wanted or float in wanted:
+        if "e" in value.lower() and "." not in value:  # YAML 1.1 needs the dot: 1e-3 is text
+            return f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-3)"
+        return " (quoted, it is text: write the number without quotes)"
+    return ""
+
+
+def _shown(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -252,51 +483,25 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 
 
 def _open_unit(name: str, value: float) -> None:
-    if not 0.0 < float(value) < 1.0:
+    if not 0.0 < value < 1.0:
         raise ConfigError(
             f"The {name!r} parameter must be a fraction in (0, 1). Got {value!r} instead."
         )
 
 
-def from_dict(cls: type, data: dict[str, Any] | None, section: str):
-    """Build dataclass ``cls`` from ``data``; unknown keys raise a ConfigError naming them."""
-    data = dict(data or {})
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
+def _at_least(name: str, value: float, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{name} must be >= {low}. Got {value!r}.")
+
+
+def _jobs(name: str, value: int) -> None:
+    if value == 0:
+        raise ConfigError(f"{name} must be an int >= 1, or -1 for every core. Got {value!r}.")
+
+
+def _device(name: str, value: str) -> None:
+    if not _DEVICE.fullmatch(value):
         raise ConfigError(
-            f"Unknown key(s) {unknown} in params section {section!r}; allowed: {sorted(known)}."
+            f"{name} must be 'auto', 'cpu', 'cuda' or 'cuda:<index>' (e.g. 'cuda:1'). "
+            f"Got {value!r}."
         )
-    for name, value in data.items():
-        if isinstance(value, list):
-            data[name] = tuple(value)
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise ConfigError(f"params section {section!r}: {exc}") from exc
-
-
-def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
-    """The raw params.yaml mapping; an absent file is an empty mapping (library defaults)."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}.")
-    return data
-
-
-def section(cls: type, name: str, path: Path | str = PARAMS_FILE, **overrides):
-    """The ``name`` section of params.yaml as ``cls``; ``overrides`` that are not None win."""
-    data = dict(load_params(path).get(name) or {})
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return from_dict(cls, data, name)
-
-
-def asdict(params) -> dict[str, Any]:
-    """Plain-JSON form of a params dataclass, for sidecars."""
-    return {
-        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()
-    }

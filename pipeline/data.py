@@ -8,6 +8,7 @@ draws stratified, seeded splits; `write_manifest` writes the files atomically;
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import importlib.resources
@@ -15,7 +16,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -27,13 +27,15 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from pipeline.atomic import atomic_file
 from pipeline.config import PrepareParams, asdict
 from pipeline.dedupe import HASH_INPUT, groups_of, near_duplicate_pairs, perceptual_hash
 from pipeline.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("sample_id", "path", "label", "label_name", "split")
-DEFAULT_MAX_PIXELS = PrepareParams.max_pixels
+# Decoding after `prepare` (extract, predict): prepare.max_pixels checked the manifest's images.
+DEFAULT_MAX_PIXELS = 64_000_000
 
 # ELPV defect probability 0, 1/3, 2/3, 1 (four classes) or p < 0.5 vs p >= 0.5 (two).
 ELPV_CLASSES = {
@@ -710,7 +712,8 @@ def write_manifest(csv_path: Path | str, prepared: PreparedManifest) -> tuple[Pa
     """Write the csv, its json sidecar and skipped.csv (always, possibly header-only).
 
     Identical inputs give identical bytes ("\\n" line endings, no timestamps). Each file is
-    written to a temporary file in the same folder and renamed into place.
+    written to a temporary file in the same folder; all are renamed into place once all
+    are written.
     Returns (csv, json, skipped) paths.
     """
     csv_path = Path(csv_path)
@@ -732,20 +735,10 @@ def write_manifest(csv_path: Path | str, prepared: PreparedManifest) -> tuple[Pa
         manifest_json_path(csv_path): json.dumps(meta, indent=2) + "\n",
         skipped_path(csv_path): _csv_text(("path", "reason"), prepared.skipped),
     }
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    temps = {}
-    try:
+    with contextlib.ExitStack() as stack:  # every file written before any is renamed
         for target, text in files.items():
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            temps[target] = tmp
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                f.write(text)
-        for target, tmp in temps.items():
-            os.replace(tmp, target)
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            tmp = stack.enter_context(atomic_file(target))
+            tmp.write_text(text, encoding="utf-8", newline="")
     return tuple(files)
 
 

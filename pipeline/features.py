@@ -1,13 +1,14 @@
 """Stage one's product: every manifest image's penultimate embedding and logits, streamed
 into an HDF5 feature cache. Rows of unchanged samples are reused from the previous cache;
-under torchrun the new rows are shared out by whole batches and merged by rank 0."""
+under torchrun the new rows are shared out by whole batches and merged by rank 0.
+`embed_images` is the one way images become features: `defuse predict` uses it too."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +19,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pipeline import distributed, layout
-from pipeline.backbones import embed
+from pipeline.atomic import atomic_file
+from pipeline.backbones import BackboneInfo, embed
 from pipeline.cache import CacheWriter, FeatureCache, reusable_cache
 from pipeline.checkpoint import backbone_info_of, load_checkpoint
 from pipeline.config import ExtractParams
 from pipeline.data import Manifest
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import CacheError, CheckpointError, ConfigError
 from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
 from pipeline.transforms import ImageDataset, eval_transform, model_input
 
@@ -61,10 +63,12 @@ def extract(
     the file is byte-identical to a plain run's.
     """
     model, sidecar = load_checkpoint(checkpoint_dir)
-    if tuple(sidecar["class_names"]) != tuple(manifest.class_names):
-        raise CacheError(
-            f"Checkpoint {checkpoint_dir} was trained on classes {sidecar['class_names']} but "
-            f"{manifest.path} has {list(manifest.class_names)}; re-run finetune on this manifest."
+    if sidecar.get("manifest_sha256") != manifest.sha256:  # its val / test may be train images
+        raise CheckpointError(
+            f"Checkpoint {checkpoint_dir} was fine-tuned on manifest "
+            f"{sidecar.get('manifest_sha256')}, but {manifest.path} is manifest {manifest.sha256}: "
+            "its val and test images may be ones it trained on. Re-run "
+            f"`defuse finetune {sidecar['backbone']}` on this manifest (or `dvc repro`)."
         )
     info = backbone_info_of(sidecar)
     preprocessing = {
@@ -91,7 +95,6 @@ def extract(
         "checkpoint_sha256": sidecar["weights_sha256"],
         "manifest_sha256": manifest.sha256,
         "versions": library_versions(),
-        "created": sidecar["created"],  # the weights' time: identical inputs give identical bytes
         "cross_fit": len(fold_models),  # 0, or K: train rows come from the fold models
         "fold_checkpoint_sha256": fold_shas,
     }
@@ -104,6 +107,11 @@ def extract(
                 "extract it in one process, without torchrun."
             )
         progress = progress and here.is_main
+        if here.is_main:  # shards (and their temporary files) a killed torchrun left; the
+            # others wait before writing theirs
+            for stale in out.parent.glob(f"*.{out.name}.shard-*"):
+                stale.unlink()
+        distributed.barrier()
         models = [(-1, model), *((k, m) for k, (m, _) in enumerate(fold_models))]
         groups = []  # each model runs the new rows it embeds
         for k, net in models:
@@ -113,16 +121,9 @@ def extract(
                     distributed.batch_shard(len(rows), params.batch_size, here.rank, here.size)
                 ]
             if len(rows):
-                loader = DataLoader(
-                    ImageDataset.from_manifest(
-                        manifest, rows, eval_transform(info), info.input_size
-                    ),
-                    batch_size=params.batch_size,
-                    num_workers=params.num_workers,
-                    pin_memory=device.type == "cuda",
-                )
-                net = prepare_model(net, device)
-                groups.append(_batches(net, loader, rows, info, device, params.tta, progress))
+                paths = [manifest.image_path(int(r)) for r in rows]
+                batches = embed_images(net, info, paths, params, device, progress)
+                groups.append(_at_rows(rows, batches))
         with _merged(itertools.chain(*groups), out, new_rows, params.batch_size) as computed:
             if here.is_main:
                 reused = _reused(old, old_row)
@@ -188,16 +189,42 @@ def _write_cache(
 
 
 @torch.inference_mode()
-def _batches(model, loader, rows: np.ndarray, info, device, tta: bool, progress: bool):
-    """Yield ``(manifest rows, embeddings, logits)`` per batch of ``loader``, which reads the
-    manifest ``rows``; float32 numpy arrays on the CPU."""
-    model.eval()
+def embed_images(
+    model: torch.nn.Module,
+    info: BackboneInfo,
+    paths: Sequence[Path],
+    params: ExtractParams,
+    device: torch.device,
+    progress: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """What a feature cache holds for each image of ``paths``: per batch of
+    ``params.batch_size``, ``(positions in paths (b,), embeddings (b, D) rounded to
+    params.dtype, logits (b, n_classes) float32)``.
+
+    The checkpoint's eval preprocessing (``info``: resize, no crop), ``params.tta`` (mean over
+    flips) and bf16 autocast on CUDA; ``params.num_workers`` loader processes.
+    """
+    loader = DataLoader(
+        ImageDataset(paths, None, eval_transform(info), info.input_size),
+        batch_size=params.batch_size,
+        num_workers=params.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    model = prepare_model(model, device).eval()
     for images, _, index in tqdm(
-        loader, desc=f"extract {info.name}", unit="batch", disable=not progress
+        loader, desc=f"embed {info.name}", unit="batch", disable=not progress
     ):
         with autocast(device):
-            emb, logits = _tta_embed(model, model_input(images, info, device), tta)
-        yield rows[index.numpy()], emb.float().cpu().numpy(), logits.float().cpu().numpy()
+            emb, logits = _tta_embed(model, model_input(images, info, device), params.tta)
+        with np.errstate(over="ignore"):  # float16 overflow: the cache writer refuses the inf
+            emb = emb.float().cpu().numpy().astype(params.dtype, copy=False)
+        yield index.numpy(), emb, logits.float().cpu().numpy()
+
+
+def _at_rows(rows: np.ndarray, batches: Iterator[tuple]) -> Iterator[tuple]:
+    """``batches`` of `embed_images` over the manifest ``rows``, indexed by manifest row."""
+    for index, emb, logits in batches:
+        yield rows[index], emb, logits
 
 
 def _shard(out: Path, rank: int) -> Path:
@@ -221,8 +248,7 @@ def _merged(batches: Iterator[tuple], out: Path, new_rows: np.ndarray, batch_siz
     try:
         error = None
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with h5py.File(_shard(out, here.rank), "w") as f:
+            with atomic_file(_shard(out, here.rank)) as tmp, h5py.File(tmp, "w") as f:
                 for k, (_, emb, logits) in enumerate(batches):
                     f[f"{k}/embeddings"], f[f"{k}/logits"] = emb, logits
         except Exception as exc:  # tell the others before raising, so that none waits for us

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
-import datetime as dt
+import io
 import logging
 import math
 import time
@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from pipeline import distributed
+from pipeline.atomic import write_text
 from pipeline.backbones import backbone_info, create_backbone, embed, freeze_stages, set_train_mode
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import FinetuneParams, asdict
@@ -283,6 +284,7 @@ def finetune(
                 manifest.label[test_idx], test_logits.argmax(1).numpy(), names
             )
 
+        # No clock time: DVC hashes the checkpoint, so the same weights must give the same bytes.
         sidecar = {
             "backbone": backbone,
             "num_classes": n_classes,
@@ -299,7 +301,6 @@ def finetune(
             "val_metrics": {k: val_metrics[k] for k in ("accuracy", "f1_macro", "n")},
             "manifest_sha256": manifest.sha256,
             "held_out": None if held_out is None else [manifest.sample_id[i] for i in held_out],
-            "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
             "versions": library_versions(),
         }
         if here.is_main:
@@ -309,9 +310,9 @@ def finetune(
 
 
 def write_history(history: list[dict], path: Path) -> None:
-    """Per-epoch CSV for `dvc plots` (the papers' accuracy and loss curves)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(history)
+    """Per-epoch CSV for `dvc plots` (the papers' accuracy and loss curves), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, buf.getvalue())

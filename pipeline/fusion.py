@@ -107,6 +107,7 @@ def fit_head(
         "dims": list(features.dims),
         "input": head.input,
         "cache_sha256": dict(features.checksums),
+        "extraction": features.extraction,  # `defuse predict` refuses other checkpoints
         "class_names": names,
         "n_train": len(train),
         "n_train_out_of_fold": 0

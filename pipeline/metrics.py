@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
+from pipeline.atomic import write_text
 from pipeline.errors import DataError
 
 DECIMALS = 6  # stable JSON: float noise below this would show as a DVC metrics change
@@ -71,14 +70,5 @@ def _round(x) -> float:
 
 def write_json(path: Path | str, obj: Any) -> Path:
     """Write ``obj`` as indented JSON with sorted keys and a trailing newline, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"  # fails before any file is touched
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return write_text(path, text)

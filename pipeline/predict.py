@@ -1,25 +1,27 @@
-"""Classify new images with the fused model: every fine-tuned backbone embeds them, the
-fusion head decides. Unreadable images are reported per file; the rest are still classified."""
+"""Classify new images with the fused model: every fine-tuned backbone embeds them through
+the extraction code the caches came from, the fusion head decides. Unreadable images are
+reported per file; the rest are still classified."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from pipeline import layout
-from pipeline.backbones import embed
-from pipeline.checkpoint import backbone_info_of, load_checkpoint
+from pipeline.atomic import write_text
+from pipeline.checkpoint import backbone_info_of, load_checkpoint, read_sidecar
+from pipeline.config import ExtractParams
 from pipeline.data import load_image
-from pipeline.errors import CheckpointError, DataError
+from pipeline.errors import CheckpointError, ConfigError, DataError
+from pipeline.features import embed_images
 from pipeline.heads import load_head
-from pipeline.runtime import autocast, prepare_model, resolve_device
-from pipeline.transforms import ImageDataset, eval_transform, model_input
+from pipeline.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -56,48 +58,96 @@ def find_images(inputs: list[Path]) -> list[Path]:
 def predict(
     inputs: list[Path],
     head_dir: Path,
+    params: ExtractParams,
     models_dir: Path = layout.MODELS,
-    batch_size: int = 32,
-    device: str = "auto",
     progress: bool = True,
 ) -> Predictions:
-    """Class probabilities of every readable image under ``inputs``."""
+    """Class probabilities of every readable image under ``inputs``.
+
+    Each backbone embeds the images as `extract` does (`embed_images` with ``params``, the
+    `extract` section); the checkpoints and the `extract` params that shape features must be
+    those the head's caches were made with, checked before any image is read. DataError
+    when ``inputs`` hold no file, or no readable image.
+    """
     head, sidecar = load_head(head_dir)
+    checkpoints = [_pinned(b, sidecar, head_dir, models_dir, params) for b in sidecar["backbones"]]
+    found = find_images(inputs)
+    if not found:
+        raise DataError(f"No files under {', '.join(map(str, inputs))}: nothing to classify.")
     paths, failures = [], []
-    for path in find_images(inputs):
+    for path in found:
         try:
             load_image(path, size=64)  # a cheap full decode: catches truncated and non-image files
             paths.append(path)
         except DataError as exc:
             failures.append((path, str(exc)))
     if not paths:
-        return Predictions(
-            [], np.zeros((0, len(sidecar["class_names"]))), sidecar["class_names"], failures
+        raise DataError(
+            f"None of the {len(found)} file(s) under {', '.join(map(str, inputs))} is a readable "
+            f"image, e.g. {failures[0][1]}"
         )
 
-    run_on = resolve_device(device)
+    device = resolve_device(params.device)
     blocks = []
-    for backbone in sidecar["backbones"]:
-        model, ckpt = load_checkpoint(layout.checkpoint_dir(backbone, models_dir))
-        if ckpt["class_names"] != sidecar["class_names"]:
-            raise CheckpointError(
-                f"Checkpoint of {backbone} predicts {ckpt['class_names']} but head {head_dir} "
-                f"predicts {sidecar['class_names']}; they come from different manifests."
-            )
-        info = backbone_info_of(ckpt)
-        model = prepare_model(model, run_on)
-        loader = DataLoader(
-            ImageDataset(paths, None, eval_transform(info), info.input_size), batch_size=batch_size
-        )
-        out = []
-        with torch.inference_mode():
-            for images, _, _ in tqdm(
-                loader, desc=f"embed {backbone}", unit="batch", disable=not progress
-            ):
-                with autocast(run_on):
-                    emb, logits = embed(model, model_input(images, info, run_on))
-                out.append((emb if head.input == "embeddings" else logits).float().cpu().numpy())
-        blocks.append(np.concatenate(out))
+    for directory in checkpoints:
+        model, ckpt = load_checkpoint(directory)
+        batches = list(embed_images(model, backbone_info_of(ckpt), paths, params, device, progress))
+        emb, logits = (np.concatenate([b[i] for b in batches]) for i in (1, 2))
+        blocks.append(emb.astype(np.float32) if head.input == "embeddings" else logits)
     return Predictions(
         paths, head.predict_proba(np.concatenate(blocks, axis=1)), sidecar["class_names"], failures
     )
+
+
+def _pinned(
+    backbone: str, sidecar: dict, head_dir: Path, models_dir: Path, params: ExtractParams
+) -> Path:
+    """The checkpoint folder of ``backbone`` in ``models_dir``: CheckpointError unless it is
+    the checkpoint whose cache the head was trained on, ConfigError unless ``params`` extract
+    as that cache was extracted."""
+    pinned = (sidecar.get("extraction") or {}).get(backbone)
+    if pinned is None:
+        raise CheckpointError(
+            f"Head {head_dir} does not record the checkpoints its caches came from (an older "
+            f"defuse made it); re-run `defuse fuse {sidecar['head']}` (or `dvc repro`)."
+        )
+    directory = layout.checkpoint_dir(backbone, models_dir)
+    sha = read_sidecar(directory)["weights_sha256"]
+    if sha != pinned["checkpoint_sha256"]:
+        raise CheckpointError(
+            f"Head {head_dir} was trained on features of {backbone} checkpoint "
+            f"{pinned['checkpoint_sha256']}, but {directory} is checkpoint {sha}. Re-run "
+            f"`defuse extract {backbone}` and `defuse fuse {sidecar['head']}` (or `dvc repro`), "
+            "or restore that checkpoint."
+        )
+    for key in ("dtype", "tta"):
+        if pinned[key] != getattr(params, key):
+            raise ConfigError(
+                f"Head {head_dir} was trained on {backbone} features extracted with "
+                f"extract.{key}={pinned[key]!r}, but the params give {getattr(params, key)!r}; "
+                f"set it back, or re-run `dvc repro` with the new value."
+            )
+    return directory
+
+
+def check_output(out: Path) -> None:
+    """Refuse an ``out`` that `write_predictions` cannot write, before any image is read."""
+    if out.is_dir():
+        raise DataError(f"--out {out}: a folder, not a file; name a file ending in .csv or .json.")
+    if out.suffix not in (".csv", ".json"):
+        raise DataError(
+            f"--out {out}: unknown format {out.suffix or '(no suffix)'!r}; use .csv or .json."
+        )
+
+
+def write_predictions(predictions: Predictions, out: Path) -> Path:
+    """``out`` (.csv or .json, see `check_output`) with one row per classified image."""
+    check_output(out)
+    rows = predictions.rows()
+    if out.suffix == ".json":
+        return write_text(out, json.dumps(rows, indent=2) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(out, buf.getvalue())

@@ -42,13 +42,13 @@ def evaluate(manifest, features_dir, heads_dir, reports, params_path, seeds):
     reports/metrics/fusion_vs_single.json, confusion data for `dvc plots`, PNG figures, and
     reports/summary.md with the papers' tables and a one-sentence verdict.
     """
-    from pipeline.config import EvaluateParams, FuseParams, head_params, load_params, section
+    from pipeline.config import FuseParams, evaluate_params, head_params, load_params, section
     from pipeline.data import read_manifest
     from pipeline.fusion import evaluate as run
     from pipeline.fusion import fused_features, seed_study
     from pipeline.report import verdict, write_reports
 
-    params = section(EvaluateParams, "evaluate", params_path, seeds=seeds)
+    params = evaluate_params(params_path, seeds=seeds)
     man = read_manifest(manifest)
     features = fused_features(man, features_dir, params_path)
     backbones = list(features.backbones)

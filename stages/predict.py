@@ -1,7 +1,5 @@
 """`defuse predict IMAGES_OR_FOLDER...`: classify new images with the fused model."""
 
-import csv
-import json
 from pathlib import Path
 
 import click
@@ -25,32 +23,28 @@ from stages import options
     help="A .csv or .json file.",
 )
 @options.params
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=int, help="Override extract.batch_size.")
+@click.option("--device", help="Override extract.device (auto, cpu, cuda, cuda:1).")
 def predict(inputs, head, heads_dir, models, out, params_path, batch_size, device):
     """Classify images (files or folders) with the fine-tuned backbones and a fusion head.
 
+    Images are embedded as `defuse extract` embeds them (params.yaml's `extract` section:
+    TTA, dtype), by the very checkpoints whose caches the head was trained on (checked).
     Writes one row per image: path, predicted class and one probability per class.
     Unreadable images are listed on stderr and do not stop the batch.
     """
-    from pipeline.config import EvaluateParams, section
+    from pipeline.config import ExtractParams, evaluate_params, section
+    from pipeline.predict import check_output, write_predictions
     from pipeline.predict import predict as run
 
-    head = head or section(EvaluateParams, "evaluate", params_path).final_head
-    result = run(list(inputs), layout.head_dir(head, heads_dir), models, batch_size, device)
-    rows = result.rows()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".json":
-        out.write_text(json.dumps(rows, indent=2) + "\n")
-    else:
-        with open(out, "w", newline="") as f:
-            writer = csv.DictWriter(
-                f, fieldnames=list(rows[0]) if rows else ["path", "predicted"], lineterminator="\n"
-            )
-            writer.writeheader()
-            writer.writerows(rows)
+    check_output(out)
+    head = head or evaluate_params(params_path).final_head
+    params = section(ExtractParams, "extract", params_path, batch_size=batch_size, device=device)
+    result = run(list(inputs), layout.head_dir(head, heads_dir), params, models)
+    write_predictions(result, out)
     for _, reason in result.failures:
         click.echo(f"unreadable: {reason}", err=True)
     click.echo(
-        f"{len(rows)} image(s) classified with head {head!r} -> {out}; {len(result.failures)} unreadable"
+        f"{len(result.paths)} image(s) classified with head {head!r} -> {out}; "
+        f"{len(result.failures)} unreadable"
     )

@@ -1,10 +1,39 @@
-"""Shared fixtures: tiny real image files made in tmp_path."""
+"""Shared fixtures: tiny real image files made in tmp_path, and complete params built from
+the project's params.yaml (the library has no defaults to fall back on)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def full_params(**sections) -> dict:
+    """The project's params.yaml with ``sections`` laid over it: each given section's keys
+    replace its own; `backbones` and `heads` (mappings of entries) are replaced whole."""
+    params = yaml.safe_load(REPO_PARAMS.read_text())
+    for name, body in sections.items():
+        params[name] = body if name in ("backbones", "heads") else {**params[name], **body}
+    return params
+
+
+def write_params(path: Path, **sections) -> Path:
+    """A complete params file at ``path``: `full_params(**sections)`."""
+    path.write_text(yaml.safe_dump(full_params(**sections), sort_keys=False))
+    return path
+
+
+def params_of(cls, name: str, **overrides):
+    """``cls`` built from section ``name`` of the project's params.yaml with ``overrides``."""
+    from pipeline.config import from_dict
+
+    return from_dict(cls, full_params(**{name: overrides})[name], name, REPO_PARAMS)
 
 
 @pytest.fixture
@@ -40,7 +69,14 @@ def make_manifest(root: Path, out: Path):
     from pipeline.config import PrepareParams
     from pipeline.data import build_manifest, read_manifest, write_manifest
 
-    params = PrepareParams(source="folder", root=str(root), test_fraction=0.25, val_fraction=0.25)
+    params = params_of(
+        PrepareParams,
+        "prepare",
+        source="folder",
+        root=str(root),
+        test_fraction=0.25,
+        val_fraction=0.25,
+    )
     write_manifest(out, build_manifest(params))
     return read_manifest(out)
 
@@ -58,6 +94,49 @@ def tinted_folder(root: Path, counts: dict[str, int], size: int = 24, seed: int 
     return root
 
 
+def killed_cache_writer(path) -> Path:
+    """Kill a CacheWriter for ``path`` half-way through; return the file it leaves behind
+    (its HDF5 metadata never flushed: h5py raises KeyError on it)."""
+    code = (
+        "import os, sys, numpy as np\n"
+        "from pipeline.cache import CacheWriter\n"
+        "attrs = dict(backbone='b', class_names=['a', 'b', 'c'], checkpoint_sha256='c' * 64,\n"
+        "             manifest_sha256='m' * 64, input_size=32, mean=[0.5] * 3, std=[0.5] * 3,\n"
+        "             layer='pre_logits', tta=False, versions='{}')\n"
+        "w = CacheWriter(sys.argv[1], 50, 16, 3, 'float32', attrs).__enter__()\n"
+        "w.write(0, np.ones((25, 16)), np.ones((25, 3)), [f'{i:064x}' for i in range(25)],\n"
+        "        np.arange(25) % 3, ['train'] * 25)\n"
+        "os._exit(9)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_PARAMS.parent)}
+    done = subprocess.run([sys.executable, "-c", code, str(path)], env=env)
+    assert done.returncode == 9
+    (left,) = Path(path).parent.glob(f".{Path(path).name}.tmp-*")
+    return left
+
+
+def checkpoint_for(src: Path, manifest, dest: Path) -> Path:
+    """A copy of checkpoint ``src`` whose sidecar says it was fine-tuned on ``manifest``: the
+    same weights (and sha256), so `extract` on either manifest can reuse the other's rows."""
+    import json
+    import shutil
+
+    from pipeline.checkpoint import SIDECAR
+
+    shutil.copytree(src, dest)
+    sidecar = json.loads((dest / SIDECAR).read_text())
+    (dest / SIDECAR).write_text(json.dumps({**sidecar, "manifest_sha256": manifest.sha256}))
+    return dest
+
+
+@pytest.fixture
+def umask():
+    """The umask a test sets with ``umask(0o022)``, restored afterwards."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A prepared 3-class folder and a fine-tuned tf_efficientnet_lite0 (random init, 32 px).
@@ -73,7 +152,7 @@ def tiny_run(tmp_path_factory):
     result = finetune(
         manifest,
         "tf_efficientnet_lite0",
-        FinetuneParams(**TINY_FINETUNE),
+        params_of(FinetuneParams, "finetune", **TINY_FINETUNE),
         base / "models" / "lite0",
         progress=False,
     )

@@ -1,13 +1,16 @@
 """Feature cache format: real HDF5 files in tmp_path, written, damaged and read back."""
 
+import contextlib
 import hashlib
 import os
+import stat
 import time
 from types import SimpleNamespace
 
 import h5py
 import numpy as np
 import pytest
+from conftest import killed_cache_writer
 
 from pipeline.cache import (
     ATTRS,
@@ -48,7 +51,6 @@ def _attrs(backbone="lite0", **over):
         checkpoint_sha256="c" * 64,
         manifest_sha256=MANIFEST_SHA,
         versions={"defuse": "0.1.0", "torch": "2.5", "timm": "1.0", "h5py": "3.16", "numpy": "2"},
-        created="2024-01-02T03:04:05+00:00",
         **{k: v for k, v in PREP.items() if k != "dtype"},
     )
     return attrs | over
@@ -126,12 +128,13 @@ def test_float16_round_trip(tmp_path):
         _write(tmp_path / "half.h5", data, dtype="float16")
 
 
-def test_identical_inputs_give_identical_bytes(tmp_path):
+def test_identical_inputs_give_identical_bytes(tmp_path, umask):
     a = _write(tmp_path / "a" / "m.h5", _data())
     time.sleep(1.0)  # HDF5 object times have 1 s resolution: make any stored clock differ
     b = _write(tmp_path / "b" / "m.h5", _data(), batch=7)  # other batching, same content
     assert a.read_bytes() == b.read_bytes()
     assert file_sha256(a) == hashlib.sha256(a.read_bytes()).hexdigest()
+    assert stat.S_IMODE(a.stat().st_mode) == 0o644
 
 
 def test_caches_in_different_orders_align_by_sample_id(tmp_path):
@@ -218,7 +221,7 @@ def test_lazy_rows_check_values_and_files_as_they_read(good):
 def test_checksums_refused_after_the_file_is_replaced(good, tmp_path):
     path, data = good
     fused = load_features([path])
-    _write(path, data, created="later")
+    _write(path, data, versions={"numpy": "3"})
     with pytest.raises(CacheError, match="changed since"):
         fused.checksums  # noqa: B018
 
@@ -243,7 +246,7 @@ def test_writer_refuses_missing_rows_and_duplicate_ids(tmp_path):
             w.write(0, *(data[k][:25] for k in ("embeddings", "logits", "sample_id", "label",
                                                 "split")))  # fmt: skip
     data["sample_id"][3] = data["sample_id"][4]
-    with pytest.raises(CacheError, match=f"sample_id {data['sample_id'][4]} appears more"):
+    with pytest.raises(CacheError, match=f"sample_id '{data['sample_id'][4]}' appears 2 times"):
         _write(tmp_path / "x.h5", data)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(CacheError, match="missing attributes"):
@@ -260,11 +263,13 @@ def _corrupt_cases():
     return {
         "truncated": (lambda p, d, t: n2(p), "not a readable HDF5 file"),
         "not hdf5": (lambda p, d, t: p.write_text("sample_id,label\n"), "not a readable HDF5"),
+        "killed writer": (lambda p, d, t: os.replace(killed_cache_writer(p), p),
+                          "unreadable feature cache"),
         "schema": (lambda p, d, t: _edit(p, lambda f: f.attrs.__setitem__("schema", 7)),
                    "schema version 7 is not supported (this defuse reads schema 1)"),
         "duplicate id": (
             lambda p, d, t: _edit(p, lambda f: f["sample_id"].__setitem__(9, d["sample_id"][8])),
-            f"sample_id {_data()['sample_id'][8]} appears more than once"),
+            f"sample_id '{_data()['sample_id'][8]}' appears 2 times (rows [8, 9])"),
         "nan": (lambda p, d, t: _edit(p, lambda f: f["embeddings"].__setitem__((7, 2), np.nan)),
                 f"embeddings of sample {_data()['sample_id'][7]} (row 7) contain NaN or inf"),
         "inf": (lambda p, d, t: _edit(p, lambda f: f["embeddings"].__setitem__((4, 0), np.inf)),
@@ -368,6 +373,32 @@ def test_reusable_cache_needs_same_checkpoint_and_preprocessing(good, tmp_path):
         reusable_cache(path, "c" * 64, {"layer": "pre_logits"})
 
 
-def test_temp_file_sits_beside_the_target(tmp_path):
+def test_temp_file_sits_beside_the_target_and_stale_ones_go(tmp_path):
     w = CacheWriter(tmp_path / "lite0.h5", N, D, C, attrs=_attrs())
-    assert w.tmp == tmp_path / f".lite0.h5.tmp-{os.getpid()}"
+    assert w.tmp.parent == tmp_path and w.tmp.name.startswith(f".lite0.h5.tmp-{os.getpid()}-")
+    killed_cache_writer(tmp_path / "lite0.h5")  # a killed extraction's temporary file, left behind
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".lite0.h5.tmp-")]) == 1
+    _write(tmp_path / "lite0.h5", _data())
+    assert [p.name for p in tmp_path.iterdir()] == ["lite0.h5"]
+    assert read_cache(tmp_path / "lite0.h5").embeddings.shape == (N, D)
+
+
+def test_random_damage_gives_a_cache_error_never_another_exception(good, tmp_path):
+    """Truncations and bit flips anywhere in the file: each reader refuses the file cleanly
+    (or reads it, when the flip hit padding) and never raises anything but CacheError."""
+    path, _ = good
+    data = path.read_bytes()
+    rng = np.random.default_rng(0)
+    damaged = tmp_path / "damaged.h5"
+    for trial in range(60):
+        b = bytearray(data)
+        if trial % 3 == 0:
+            b = b[: rng.integers(len(b))]
+        else:  # the first 4 KiB hold most of the metadata
+            for i in rng.integers(4096 if trial % 3 == 1 else len(b), size=4):
+                b[i] ^= 1 << rng.integers(8)
+        damaged.write_bytes(bytes(b))
+        for read in (read_cache, verify_cache, cache_info, lambda p: load_features([p]),
+                     lambda p: reusable_cache(p, "c" * 64, PREP)):  # fmt: skip
+            with contextlib.suppress(CacheError):
+                read(damaged)

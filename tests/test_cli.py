@@ -4,6 +4,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from conftest import write_params
 
 from stages.cli import COMMANDS, main
 
@@ -44,22 +45,51 @@ def test_unknown_param_key_is_named(tmp_path):
     assert result.exit_code == 1 and "sourse" in result.output
 
 
+@pytest.mark.parametrize(
+    ("stage", "text", "says"),
+    [
+        ("finetune", {"finetune": {"epochs": "three"}}, "finetune.epochs must be an int; got 'three'"),
+        ("finetune", {"finetune": {"epochs": 1.5}}, "finetune.epochs must be an int; got 1.5"),
+        ("finetune", {"finetune": {"device": "gpu"}}, "finetune.device must be 'auto', 'cpu', 'cuda'"),
+        ("finetune", {"finetune": {"lr": "fast"}}, "finetune.lr must be a number; got 'fast'"),
+        ("finetune", {"finetune": {"pretrained": "false"}}, "finetune.pretrained must be true or false"),
+        ("extract", {"extract": {"tta": "false"}}, "extract.tta must be true or false"),
+        ("evaluate", {"evaluate": {"final_head": "mpl"}}, "evaluate.final_head is 'mpl', not an entry"),
+        ("predict", {"evaluate": {"final_head": "mpl"}}, "evaluate.final_head is 'mpl', not an entry"),
+        ("finetune", "finetune:\n  epochs: [3\n", "not valid YAML at line 3"),
+        ("extract", "extract: [64]\n", "section 'extract' must be a mapping of keys; got [64]"),
+        ("prepare", "finetun: {}\n", "unknown section(s) ['finetun'] (did you mean 'finetune'?)"),
+        ("fuse", None, "no such params file"),
+    ],
+)  # fmt: skip
+def test_bad_params_are_one_clean_line_and_exit_1(tmp_path, stage, text, says):
+    path = tmp_path / "params.yaml"
+    if isinstance(text, dict):
+        write_params(path, **text)
+    elif text is not None:
+        path.write_text(text)
+    args = {"finetune": ["finetune", "tf_efficientnet_lite0"], "extract": ["extract", "x"],
+            "fuse": ["fuse", "logreg"], "predict": ["predict", str(tmp_path)]}.get(stage, [stage])  # fmt: skip
+    result = CliRunner().invoke(main, [*args, "--params", str(path)])
+    assert result.exit_code == 1, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith(f"Error: {path}: ")
+    assert says in result.output
+
+
 def test_finetune_extract_fuse_evaluate_predict_through_the_cli(tiny_run, tmp_path, monkeypatch):
     """The stages glue the library together: one pass on the tiny run, in a scratch folder."""
     import shutil
 
-    import yaml
-
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_run["base"] / "cache", "cache")
     shutil.copytree(tiny_run["checkpoint"], "cache/models/tf_efficientnet_lite0")
-    params = {
-        "backbones": {"tf_efficientnet_lite0": {"input_size": 32}},
-        "extract": {"batch_size": 16, "num_workers": 0},
-        "heads": {"logreg": {"C": 1.0}, "late": {}},
-        "evaluate": {"final_head": "logreg"},
-    }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(
+        tmp_path / "params.yaml",
+        backbones={"tf_efficientnet_lite0": {"input_size": 32}},
+        extract={"batch_size": 16, "num_workers": 0},
+        heads={"logreg": {"C": 1.0}, "late": {}},
+        evaluate={"final_head": "logreg", "seeds": [0]},
+    )
     run = CliRunner().invoke
     for args in (
         ["extract", "tf_efficientnet_lite0"],
@@ -84,3 +114,13 @@ def test_finetune_extract_fuse_evaluate_predict_through_the_cli(tiny_run, tmp_pa
     rows = (tmp_path / "pred.csv").read_text().splitlines()
     assert rows[0] == "path,predicted,p_clean,p_crack,p_scratch" and len(rows) == 2
     assert "notes.txt" in result.output  # reported, not fatal
+
+
+def test_cache_verify_reports_a_killed_writers_file_as_fail(tmp_path):
+    from conftest import killed_cache_writer
+
+    path = tmp_path / "f.h5"
+    killed_cache_writer(path).rename(path)
+    result = CliRunner().invoke(main, ["cache", "verify", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"FAIL {path}\n     - {path}: unreadable feature cache" in result.output

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_params
 
 from pipeline import layout
 
@@ -18,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.e2e
 
+# Laid over the project's params.yaml (conftest.full_params): the file must be complete.
 PARAMS = {
     "prepare": {
         "source": "folder",
@@ -68,7 +70,7 @@ def project(tmp_path, image_folder):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / item)
     image_folder({"crack": 12, "scratch": 12, "clean": 12}, root=root / "images", size=24)
-    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+    write_params(root / "params.yaml", **PARAMS)
     (root / ".gitignore").write_text("__pycache__/\n")
     _git(root, "init", "-q")
     _run([BIN / "dvc", "init", "-q"], root)

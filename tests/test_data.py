@@ -3,10 +3,12 @@ import hashlib
 import io
 import json
 import math
+import stat
 import warnings
 
 import numpy as np
 import pytest
+from conftest import params_of
 from PIL import Image
 
 from pipeline.config import PrepareParams
@@ -28,7 +30,7 @@ from pipeline.errors import DataError
 def _params(root, **kw):
     # 6 images a class satisfy these fractions (each class needs >= 4)
     kw = {"test_fraction": 0.25, "val_fraction": 0.34, **kw}
-    return PrepareParams(source="folder", root=str(root), **kw)
+    return params_of(PrepareParams, "prepare", source="folder", root=str(root), **kw)
 
 
 def _jpeg_bytes(size=(32, 32), seed=0):
@@ -281,7 +283,7 @@ def test_duplicate_across_classes_is_an_error(image_folder):
 
 def _csv_params(labels, **kw):
     kw = {"test_fraction": 0.25, "val_fraction": 0.34, **kw}
-    return PrepareParams(source="csv", labels=str(labels), **kw)
+    return params_of(PrepareParams, "prepare", source="csv", root=None, labels=str(labels), **kw)
 
 
 def _labels_file(root, rows, header="path,label,split"):
@@ -536,7 +538,14 @@ def test_elpv_as_a_labels_file_keeps_its_fixed_test_split(elpv4, tmp_path):
     labels = dict(zip(elpv4.rel_path, elpv4.label.tolist(), strict=True))
     test = set(elpv4.rel_path[i] for i in elpv4.indices("test"))
     rows = [(p, elpv4.class_names[labels[p]], "test" if p in test else "") for p in sorted(labels)]
-    params = PrepareParams(source="csv", labels=str(_labels_file(tmp_path, rows)), seed=5)
+    params = params_of(
+        PrepareParams,
+        "prepare",
+        source="csv",
+        root=None,
+        labels=str(_labels_file(tmp_path, rows)),
+        seed=5,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ELPV's cross-class and straddling groups
         prepared = build_manifest(params)
@@ -557,7 +566,7 @@ def test_manifest_json_lists_the_groups(tmp_path):
 # --- files -------------------------------------------------------------------------------------
 
 
-def test_same_inputs_give_identical_bytes(image_folder, tmp_path):
+def test_same_inputs_give_identical_bytes(image_folder, tmp_path, umask):
     root = image_folder({"a": 6, "b": 6, "c": 7})
     outs = [tmp_path / name / "manifest.csv" for name in ("one", "two", "seed1")]
     write_manifest(outs[0], build_manifest(_params(root)))
@@ -574,6 +583,7 @@ def test_same_inputs_give_identical_bytes(image_folder, tmp_path):
         "manifest.json",
         "skipped.csv",
     ]  # no temporary files left
+    assert {stat.S_IMODE(p.stat().st_mode) for p in outs[0].parent.iterdir()} == {0o644}
 
 
 def test_read_manifest_round_trip(image_folder, tmp_path, monkeypatch):
@@ -645,7 +655,9 @@ def _elpv_labels():
 @pytest.fixture(scope="module")
 def elpv4(tmp_path_factory):
     out = tmp_path_factory.mktemp("elpv") / "manifest.csv"
-    params = PrepareParams(source="elpv", test_fraction=0.25, val_fraction=0.15)
+    params = params_of(
+        PrepareParams, "prepare", source="elpv", test_fraction=0.25, val_fraction=0.15
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         write_manifest(out, build_manifest(params))
@@ -691,7 +703,7 @@ def test_elpv_near_duplicate_groups_each_sit_in_one_split(elpv4):
 
 
 def test_elpv_two_classes():
-    prepared = build_manifest(PrepareParams(source="elpv", elpv_classes=2))
+    prepared = build_manifest(params_of(PrepareParams, "prepare", source="elpv", elpv_classes=2))
     labels = _elpv_labels()
     defective = sum(p >= 0.5 for p, _ in labels.values())
     assert (len(labels), defective) == (2624, 821)

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import make_manifest, tinted_folder
+from conftest import checkpoint_for, make_manifest, tinted_folder, write_params
 from safetensors.torch import load_file
 
 from pipeline import distributed
@@ -44,6 +43,7 @@ PARAMS = {
         "color_jitter": 0,
         "class_weighted": False,
     },
+    "backbones": {BACKBONE: {"input_size": 32}},
     "extract": {"batch_size": 4, "num_workers": 0},
 }
 
@@ -63,7 +63,7 @@ def ddp_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
     root = tinted_folder(base / "images", {"crack": 12, "scratch": 12, "clean": 12})
     manifest = make_manifest(root, base / "cache" / "manifest.csv")
-    (base / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    write_params(base / "params.yaml", **PARAMS)
     run = _torchrun(
         *("finetune", BACKBONE, "--params", "params.yaml", "--manifest", "cache/manifest.csv"),
         *("--out", "models/ddp", "--reports", "reports"),
@@ -108,8 +108,9 @@ def test_sharded_extraction_is_byte_identical_and_reuses_rows(ddp_run, one_threa
     for path in some.rglob("*.png"):
         if int(path.stem) >= 6:
             path.unlink()
-    earlier = tmp_path / "earlier.h5"
-    extract(make_manifest(some, tmp_path / "some.csv"), checkpoint, earlier, params, False)
+    earlier, fewer = tmp_path / "earlier.h5", make_manifest(some, tmp_path / "some.csv")
+    same_weights = checkpoint_for(checkpoint, fewer, tmp_path / "ckpt")  # see test_features
+    extract(fewer, same_weights, earlier, params, False)
     for name in ("ddp", "one"):
         (tmp_path / name).mkdir()
         shutil.copy(earlier, tmp_path / name / "f.h5")

@@ -1,11 +1,13 @@
 """`extract` on a tiny fine-tuned model: rows, determinism, incremental reuse, interruption."""
 
+import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_manifest, tinted_folder
+from conftest import checkpoint_for, make_manifest, params_of, tinted_folder
 
 from pipeline.backbones import embed
 from pipeline.cache import read_cache
@@ -16,7 +18,7 @@ from pipeline.errors import DataError
 from pipeline.features import extract
 from pipeline.transforms import eval_transform, model_input
 
-PARAMS = ExtractParams(batch_size=8, num_workers=0)
+PARAMS = params_of(ExtractParams, "extract", batch_size=8, num_workers=0)
 
 
 def test_cache_holds_every_manifest_row_with_the_models_outputs(tiny_run, tmp_path):
@@ -63,13 +65,16 @@ def test_grown_manifest_runs_only_new_rows_and_drops_removed_ones(tiny_run, tmp_
         shutil.copy(path, root / path.parent.name / f"new_{path.name}")
     (root / "clean" / "000.png").unlink()
     grown = make_manifest(root, tmp_path / "m2" / "manifest.csv")
-    result = extract(grown, tiny_run["checkpoint"], out, PARAMS, progress=False)
+    # extract refuses a checkpoint of another manifest: these are its weights, said to be
+    # fine-tuned on the grown one (reuse follows the weights' sha256)
+    ckpt = checkpoint_for(tiny_run["checkpoint"], grown, tmp_path / "ckpt")
+    result = extract(grown, ckpt, out, PARAMS, progress=False)
     assert result.n_computed == 5
     assert result.n_reused == len(manifest) - 1
     assert set(read_cache(out).sample_id) == set(grown.sample_id)
 
     fresh = tmp_path / "fresh.h5"
-    extract(grown, tiny_run["checkpoint"], fresh, PARAMS, progress=False)
+    extract(grown, ckpt, fresh, PARAMS, progress=False)
     np.testing.assert_allclose(
         read_cache(out).embeddings, read_cache(fresh).embeddings, rtol=1e-4, atol=1e-5
     )
@@ -88,7 +93,7 @@ def test_failed_extraction_leaves_the_previous_cache(tiny_run, tmp_path):
             manifest,
             tiny_run["checkpoint"],
             out,
-            ExtractParams(batch_size=8, num_workers=0, tta=True),
+            replace(PARAMS, tta=True),
             progress=False,
         )
     assert out.read_bytes() == before
@@ -103,7 +108,7 @@ def test_tta_averages_flipped_views(tiny_run, tmp_path):
         tiny_run["manifest"],
         tiny_run["checkpoint"],
         tmp_path / "b.h5",
-        ExtractParams(batch_size=8, num_workers=0, tta=True),
+        replace(PARAMS, tta=True),
         progress=False,
     )
     a, b = read_cache(plain.path), read_cache(tta.path)
@@ -112,8 +117,6 @@ def test_tta_averages_flipped_views(tiny_run, tmp_path):
 
 
 def test_cross_fitted_train_rows_come_from_the_fold_that_never_saw_them(tiny_run, tmp_path):
-    from dataclasses import replace
-
     from conftest import TINY_FINETUNE
 
     from pipeline import layout
@@ -123,7 +126,7 @@ def test_cross_fitted_train_rows_come_from_the_fold_that_never_saw_them(tiny_run
     from pipeline.finetune import cross_fit_folds, finetune
 
     manifest, ckpt = tiny_run["manifest"], tmp_path / "lite0"
-    params = FinetuneParams(**TINY_FINETUNE, cross_fit=2)
+    params = params_of(FinetuneParams, "finetune", **TINY_FINETUNE, cross_fit=2)
     finetune(manifest, "tf_efficientnet_lite0", replace(params, epochs=1), ckpt, progress=False)
     folds = cross_fit_folds(manifest, 2, params.seed)
     assert sorted(np.concatenate(folds)) == sorted(manifest.indices("train"))
@@ -191,3 +194,37 @@ def test_extract_brings_images_to_the_square_as_the_checkpoint_says(tiny_run, tm
         with torch.inference_mode():
             emb, _ = embed(model, model_input(x[None], info, torch.device("cpu")))
         assert np.allclose(cache.embeddings[0], emb[0].numpy(), atol=1e-5) is same
+
+
+def test_a_checkpoint_fine_tuned_on_another_manifest_is_refused(tiny_run, tmp_path):
+    """Another seed re-draws the splits: the old backbone saw some of the new test images."""
+    from pipeline.config import PrepareParams
+    from pipeline.data import build_manifest, read_manifest, write_manifest
+    from pipeline.errors import CheckpointError
+
+    params = params_of(PrepareParams, "prepare", source="folder", root=str(tiny_run["root"]),
+                       test_fraction=0.25, val_fraction=0.25, seed=1)  # fmt: skip
+    write_manifest(tmp_path / "manifest.csv", build_manifest(params))
+    other = read_manifest(tmp_path / "manifest.csv")
+    trained_on = tiny_run["manifest"].sha256
+    with pytest.raises(CheckpointError) as err:
+        extract(other, tiny_run["checkpoint"], tmp_path / "f.h5", PARAMS, progress=False)
+    message, other_sha = str(err.value), other.sha256
+    assert (
+        f"fine-tuned on manifest {trained_on}, but {other.path} is manifest {other_sha}" in message
+    )
+    assert "`defuse finetune tf_efficientnet_lite0` on this manifest (or `dvc repro`)" in message
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_a_corrupt_cache_is_recomputed_and_killed_runs_leftovers_removed(tiny_run, tmp_path):
+    from conftest import killed_cache_writer
+
+    out = tmp_path / "f.h5"
+    os.replace(killed_cache_writer(out), out)  # the file a killed writer leaves, in its place
+    killed_cache_writer(out)  # and a killed run's temporary file beside it
+    (tmp_path / ".f.h5.shard-1").write_bytes(b"a killed torchrun's shard")
+    result = extract(tiny_run["manifest"], tiny_run["checkpoint"], out, PARAMS, progress=False)
+    assert result.n_computed == len(tiny_run["manifest"]) and result.n_reused == 0
+    assert read_cache(out).embeddings.shape == (len(tiny_run["manifest"]), 1280)
+    assert [p.name for p in tmp_path.iterdir()] == ["f.h5"]

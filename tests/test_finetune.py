@@ -2,16 +2,18 @@
 
 import json
 import shutil
+import stat
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_FINETUNE
+from conftest import TINY_FINETUNE, params_of
 from torch.utils.data import DataLoader
 
 from pipeline.checkpoint import SIDECAR, WEIGHTS, backbone_info_of, load_checkpoint, save_checkpoint
-from pipeline.config import FinetuneParams
+from pipeline.config import ExtractParams, FinetuneParams
 from pipeline.errors import CheckpointError, DataError
+from pipeline.features import extract
 from pipeline.finetune import class_weights, finetune, predict_logits
 from pipeline.transforms import ImageDataset, eval_transform
 
@@ -50,15 +52,27 @@ def test_loaded_checkpoint_reproduces_the_best_model(tiny_run):
     assert accuracy == pytest.approx(tiny_run["result"].val_metrics["accuracy"], abs=1e-6)
 
 
-def test_same_seed_same_weights(tiny_run, tmp_path):
+def test_same_seed_gives_the_same_checkpoint_and_cache_bytes(tiny_run, tmp_path, umask):
+    """No clock time in what DVC hashes: a rerun changes neither file, nor the cache."""
     again = finetune(
         tiny_run["manifest"],
         "tf_efficientnet_lite0",
-        FinetuneParams(**TINY_FINETUNE),
+        params_of(FinetuneParams, "finetune", **TINY_FINETUNE),
         tmp_path / "m",
         progress=False,
     )
     assert again.sidecar["weights_sha256"] == tiny_run["result"].sidecar["weights_sha256"]
+    for name in (WEIGHTS, SIDECAR):
+        assert (tmp_path / "m" / name).read_bytes() == (tiny_run["checkpoint"] / name).read_bytes()
+    params = params_of(ExtractParams, "extract", batch_size=16, num_workers=0)
+    for ckpt, out in ((tiny_run["checkpoint"], "a.h5"), (tmp_path / "m", "b.h5")):
+        extract(tiny_run["manifest"], ckpt, tmp_path / out, params, progress=False)
+    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
+    modes = {
+        p.name: stat.S_IMODE(p.stat().st_mode)
+        for p in [tmp_path / "m", *(tmp_path / "m").iterdir()]
+    }
+    assert modes == {"m": 0o755, WEIGHTS: 0o644, SIDECAR: 0o644}  # umask 022
 
 
 def test_tampered_weights_are_refused(tiny_run, tmp_path):
@@ -102,14 +116,16 @@ def test_empty_val_split_is_an_error(tiny_run):
         finetune(
             no_val,
             "tf_efficientnet_lite0",
-            FinetuneParams(**TINY_FINETUNE),
+            params_of(FinetuneParams, "finetune", **TINY_FINETUNE),
             tiny_run["base"] / "x",
             progress=False,
         )
 
 
 def test_resize_mode_trains_and_is_recorded(tiny_run, tmp_path):
-    params = FinetuneParams(**{**TINY_FINETUNE, "epochs": 1}, resize="letterbox")
+    params = params_of(
+        FinetuneParams, "finetune", **{**TINY_FINETUNE, "epochs": 1}, resize="letterbox"
+    )
     finetune(tiny_run["manifest"], "tf_efficientnet_lite0", params, tmp_path / "m", progress=False)
     side = json.loads((tmp_path / "m" / SIDECAR).read_text())
     assert side["resize"] == side["params"]["resize"] == "letterbox"

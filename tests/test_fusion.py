@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import yaml
+from conftest import write_params
 
 from pipeline import layout
 from pipeline.cache import CacheWriter, LazyRows, load_features
@@ -56,7 +56,6 @@ def write_cache(path, backbone, dim, seed, split=None, manifest_sha="m" * 64):
         "layer": "pre_logits",
         "tta": False,
         "versions": "{}",
-        "created": "2026-01-01T00:00:00",
     }
     with CacheWriter(path, N, dim, 3, "float32", attrs) as w:
         w.write(0, emb, logits, [f"{i:064x}" for i in range(N)], y, split)
@@ -184,12 +183,10 @@ def test_fuse_params_memory_budget_switches_to_streaming(features, tmp_path):
     params = tmp_path / "params.yaml"
     folder = features.paths[0].parent
     for memory_gb, lazy in ((2.0, False), (1e-9, True)):
-        params.write_text(
-            yaml.safe_dump({"fuse": {"backbones": ["a", "b"], "memory_gb": memory_gb}})
-        )
+        write_params(params, fuse={"backbones": ["a", "b"], "memory_gb": memory_gb})
         fused = fused_features(manifest, folder, params)
         assert isinstance(fused.X, LazyRows) is lazy and fused.max_bytes == int(memory_gb * 1e9)
-    params.write_text(yaml.safe_dump({"fuse": {"memory_gb": 0}}))
+    write_params(params, fuse={"memory_gb": 0})
     with pytest.raises(ConfigError, match=r"fuse\.memory_gb must be a number > 0\. Got 0\."):
         fused_features(manifest, folder, params)
 

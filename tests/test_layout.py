@@ -1,20 +1,23 @@
-"""Paths are said once: dvc.yaml's vars and params keys agree with the library."""
+"""Paths are said once: dvc.yaml's vars and params keys agree with the library, and each
+stage's dependencies are the code it runs."""
 
+import ast
 from pathlib import Path
 
 import yaml
 
 from pipeline import layout
 from pipeline.config import (
-    EvaluateParams,
+    SECTIONS,
+    CompareParams,
     ExtractParams,
     FuseParams,
     PrepareParams,
+    evaluate_params,
     finetune_params,
-    from_dict,
     section,
 )
-from pipeline.heads import make_head
+from pipeline.heads import HEADS, make_head
 from pipeline.selection import grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,16 +51,56 @@ def test_dvc_outputs_match_what_the_stages_write():
     assert evaluate == declared
 
 
-def test_shipped_params_files_are_valid():
+def test_shipped_params_files_are_valid_and_complete():
     for path in [REPO / "params.yaml", *sorted((REPO / "pipeline" / "presets").glob("*.yaml"))]:
         raw = yaml.safe_load(path.read_text())
-        section(PrepareParams, "prepare", path)
+        assert set(raw) == set(SECTIONS), path
+        for cls, name in ((PrepareParams, "prepare"), (ExtractParams, "extract"),
+                          (FuseParams, "fuse"), (CompareParams, "compare")):  # fmt: skip
+            section(cls, name, path)
         for backbone, overrides in raw["backbones"].items():
             assert overrides, f"{path}: backbones.{backbone} needs at least one key (DVC tracks it)"
             finetune_params(backbone, path)
-        from_dict(ExtractParams, raw["extract"], "extract")
-        from_dict(FuseParams, raw["fuse"], "fuse")
-        from_dict(EvaluateParams, raw["evaluate"], "evaluate")
+        evaluate_params(path)
         for head, params in raw["heads"].items():
-            for candidate in grid(params or {}):  # every grid point is a valid head
+            # every value stated, but those fuse supplies: fuse.block_norm, the caches'
+            # widths and fuse.seed
+            supplied = {"block_norm", "block_dims", "random_state"}
+            assert set(params) == set(HEADS[head]._get_param_names()) - supplied, (path, head)
+            for candidate in grid(params):  # every grid point is a valid head
                 make_head(head, **candidate)
+
+
+def _imports(path: Path) -> set[str]:
+    """The `pipeline.*` and `stages.*` modules a file imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {m for m in found if (REPO / (m.replace(".", "/") + ".py")).is_file()}
+
+
+def _code_deps(stage_file: Path) -> set[str]:
+    """Every pipeline/ file ``stage_file`` runs, following imports transitively (through
+    stages/options.py too), plus the stage file itself."""
+    seen, todo = set(), [stage_file.relative_to(REPO).with_suffix("").as_posix().replace("/", ".")]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += _imports(REPO / (module.replace(".", "/") + ".py"))
+    files = {m.replace(".", "/") + ".py" for m in seen if m.startswith("pipeline.")}
+    return files | {stage_file.relative_to(REPO).as_posix()}
+
+
+def test_dvc_stages_list_exactly_the_code_they_run_and_the_manifest():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        deps = (stage.get("do") or stage)["deps"]
+        declared = {d for d in deps if d.endswith(".py")}
+        assert declared == _code_deps(REPO / "stages" / f"{name}.py"), name
+        if name != "prepare":
+            assert "${manifest}" in deps, name

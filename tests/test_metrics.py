@@ -1,6 +1,7 @@
 """classification_metrics on hand-computed examples; write_json's on-disk form."""
 
 import json
+import stat
 
 import pytest
 
@@ -44,10 +45,11 @@ def test_label_outside_class_names():
         classification_metrics([0, 3], [0, 1], ["a", "b", "c"])
 
 
-def test_write_json_sorted_newline_atomic(tmp_path):
+def test_write_json_sorted_newline_atomic(tmp_path, umask):
     path = write_json(tmp_path / "sub" / "m.json", {"b": 1, "a": [1.5]})
     assert path.read_text() == '{\n  "a": [\n    1.5\n  ],\n  "b": 1\n}\n'
     with pytest.raises(TypeError):
         write_json(path, {"bad": object()})
     assert json.loads(path.read_text()) == {"a": [1.5], "b": 1}
     assert [p.name for p in path.parent.iterdir()] == ["m.json"]  # no temp file left
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # umask 022: teammates can read it

@@ -2,8 +2,8 @@ import csv
 import json
 
 import pytest
-import yaml
 from click.testing import CliRunner
+from conftest import write_params
 
 from stages.cli import main
 
@@ -12,10 +12,10 @@ FRACTIONS = ["--test-fraction", "0.25", "--val-fraction", "0.34"]
 
 @pytest.fixture
 def run(tmp_path):
-    """Invoke `defuse prepare` with an absent params file (library defaults) unless given."""
+    """Invoke `defuse prepare` with the project's params (elpv: options override) unless given."""
+    project = write_params(tmp_path / "project.yaml")
 
-    def invoke(*args, params=None):
-        params = params or tmp_path / "absent.yaml"
+    def invoke(*args, params=project):
         return CliRunner().invoke(main, ["prepare", "--params", str(params), *map(str, args)])
 
     return invoke
@@ -48,9 +48,8 @@ def test_classes_option_sets_label_order(run, image_folder, tmp_path):
 
 def test_options_default_to_the_params_file(run, image_folder, tmp_path):
     root = image_folder({"a": 6, "b": 6})
-    params = tmp_path / "params.yaml"
     section = {"source": "folder", "root": str(root), "test_fraction": 0.25, "val_fraction": 0.34}
-    params.write_text(yaml.safe_dump({"prepare": {**section, "seed": 3}}))
+    params = write_params(tmp_path / "params.yaml", prepare={**section, "seed": 3})
     out = tmp_path / "m.csv"
     result = run("--out", out, params=params)
     assert result.exit_code == 0, result.output
@@ -129,13 +128,34 @@ def test_summary_lists_the_near_duplicate_groups(run, image_folder, tmp_path):
         ({"source": "csv", "labels": "l.csv", "root": "x"}, "prepare.root must be null"),
         ({"source": "folder", "root": "x", "labels": "l.csv"}, "prepare.labels is for"),
         ({"include": ["*.png"]}, "prepare.include is for the folder and csv sources"),
-        ({"source": "folder", "root": "x", "exclude": "*.png"}, "must be a list of glob"),
+        ({"source": "folder", "root": "x", "exclude": "*.png"}, "prepare.exclude must be a list"),
+        ({"source": "folder", "root": "x", "exclude": [""]}, "must be a list of glob"),
         ({"near_duplicate_bits": 32}, "must be null (off) or an int in [0, 32). Got 32"),
-        ({"near_duplicate_bits": True}, "near_duplicate_bits must be null"),
+        ({"near_duplicate_bits": True}, "prepare.near_duplicate_bits must be"),
     ],
 )
 def test_bad_user_data_params_are_clean_errors(run, tmp_path, section, message):
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"prepare": section}))
+    params = write_params(tmp_path / "params.yaml", prepare=section)
     result = run("--out", tmp_path / "m.csv", params=params)
     assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_a_missing_params_file_is_an_error_that_keeps_the_manifest(
+    run, image_folder, tmp_path, monkeypatch
+):
+    """Without params.yaml nothing falls back to the ELPV default over a folder's manifest."""
+    root = image_folder({"a": 6, "b": 6})
+    out = tmp_path / "cache" / "manifest.csv"
+    assert run("--source", "folder", "--root", root, *FRACTIONS, "--out", out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    result = run("--out", out, params=tmp_path / "absent.yaml")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: {tmp_path / 'absent.yaml'}: no such params file. Every stage reads its "
+        "hyper-parameters from it: run from the project folder, or pass --params "
+        "(pipeline/presets/ holds the papers')."
+    ]
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the default --params is missing too
+    result = CliRunner().invoke(main, ["prepare", "--out", str(out)])
+    assert result.exit_code == 1 and "params.yaml: no such params file" in result.output
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before

@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import params_of
 from PIL import Image
 from torchvision import transforms as T
 
@@ -58,7 +59,7 @@ def test_resizing_grey_in_one_channel_equals_resizing_it_replicated(images):
 
 
 def test_train_transform_gives_uint8_at_input_size(images):
-    params = FinetuneParams(rotation=180, color_jitter=0.2)
+    params = params_of(FinetuneParams, "finetune", rotation=180, color_jitter=0.2)
     dataset = ImageDataset(images, None, train_transform(INFO, params), INFO.input_size)
     for i in range(len(images)):
         image = dataset[i][0]
@@ -109,7 +110,9 @@ def test_center_crop_keeps_the_middle_of_the_longer_side():
 
 
 def test_train_transform_brings_the_image_to_the_square_the_same_way():
-    params = FinetuneParams(hflip=False, vflip=False, rotation=0, color_jitter=0)
+    params = params_of(
+        FinetuneParams, "finetune", hflip=False, vflip=False, rotation=0, color_jitter=0
+    )
     for mode in RESIZE_MODES:
         info = replace(INFO, resize=mode)
         image = _bands()

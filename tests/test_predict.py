@@ -1,0 +1,117 @@
+"""`predict` on new images: the extraction code and checkpoints the head's caches came from,
+and clean errors for outputs it cannot write and inputs with nothing to classify."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import params_of, write_params
+
+from pipeline import layout
+from pipeline.cache import load_features
+from pipeline.checkpoint import load_checkpoint, read_sidecar, save_checkpoint
+from pipeline.config import ExtractParams, FuseParams
+from pipeline.errors import CheckpointError, ConfigError, DataError
+from pipeline.features import extract
+from pipeline.fusion import fit_head
+from pipeline.heads import load_head, save_head
+from pipeline.predict import predict
+from stages.cli import main
+
+BACKBONE = "tf_efficientnet_lite0"
+# TTA and float16 shape the features: predict must repeat both to match the cache
+EXTRACT = {"batch_size": 8, "num_workers": 0, "tta": True, "dtype": "float16"}
+LOGREG = {"C": 1.0, "class_weighted": False, "max_iter": 1000}
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_run, tmp_path_factory):
+    """tiny_run's checkpoint, its cache and a logreg head fitted on it, laid out as a project."""
+    base = tmp_path_factory.mktemp("predict")
+    models = base / "models"
+    shutil.copytree(tiny_run["checkpoint"], layout.checkpoint_dir(BACKBONE, models))
+    params = params_of(ExtractParams, "extract", **EXTRACT)
+    cache = layout.feature_cache(BACKBONE, base / "features")
+    extract(tiny_run["manifest"], layout.checkpoint_dir(BACKBONE, models), cache, params, False)
+    features = load_features([cache], [BACKBONE], manifest=tiny_run["manifest"])
+    head, sidecar = fit_head(features, "logreg", LOGREG, params_of(FuseParams, "fuse"))
+    head_dir = save_head(head, base / "heads" / "logreg", sidecar)
+    return {"base": base, "models": models, "params": params, "features": features,
+            "head_dir": head_dir, "manifest": tiny_run["manifest"]}  # fmt: skip
+
+
+def test_predict_on_the_test_images_gives_the_heads_probabilities_on_their_cached_rows(fused):
+    features, manifest = fused["features"], fused["manifest"]
+    test = np.flatnonzero(features.split == "test")
+    paths = [manifest.image_path(int(i)) for i in test]
+    result = predict(paths, fused["head_dir"], fused["params"], fused["models"], progress=False)
+    head, sidecar = load_head(fused["head_dir"])
+    assert (
+        sidecar["extraction"][BACKBONE]["checkpoint_sha256"]
+        == read_sidecar(layout.checkpoint_dir(BACKBONE, fused["models"]))["weights_sha256"]
+    )
+    assert result.paths == paths and not result.failures
+    np.testing.assert_allclose(result.proba, head.predict_proba(features.X[test]), atol=1e-5)
+
+
+def test_extract_params_other_than_the_caches_are_refused(fused):
+    plain = params_of(ExtractParams, "extract", **{**EXTRACT, "tta": False})
+    with pytest.raises(ConfigError, match=r"extracted with extract\.tta=True, but the params give"):
+        predict([fused["manifest"].image_path(0)], fused["head_dir"], plain, fused["models"])
+
+
+def test_another_checkpoint_is_refused_before_any_image_is_read(fused, tmp_path):
+    models = tmp_path / "models"
+    ckpt = shutil.copytree(layout.checkpoint_dir(BACKBONE, fused["models"]), models / BACKBONE)
+    model, sidecar = load_checkpoint(ckpt)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # fine-tuned again: other weights, same sidecar
+    pinned, now = sidecar["weights_sha256"], save_checkpoint(model, ckpt, sidecar)["weights_sha256"]
+    assert now != pinned
+    (tmp_path / "empty").mkdir()  # nothing to read: the refusal must come first
+    with pytest.raises(CheckpointError) as err:
+        predict([tmp_path / "empty"], fused["head_dir"], fused["params"], models)
+    message = str(err.value)
+    assert f"features of {BACKBONE} checkpoint {pinned}, but {ckpt} is checkpoint {now}" in message
+    assert f"`defuse extract {BACKBONE}` and `defuse fuse logreg` (or `dvc repro`)" in message
+
+
+def test_nothing_to_classify_is_an_error(fused, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"No files under .*empty: nothing to classify"):
+        predict([tmp_path / "empty"], fused["head_dir"], fused["params"], fused["models"])
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"None of the 1 file\(s\) .* is a readable image"):
+        predict([tmp_path / "notes.txt"], fused["head_dir"], fused["params"], fused["models"])
+
+
+def _cli(fused, tmp_path, *args, models=None):
+    params = write_params(tmp_path / "params.yaml", extract=EXTRACT)
+    return CliRunner().invoke(main, [
+        "predict", *map(str, args), "--head", "logreg", "--params", str(params),
+        "--heads", str(fused["head_dir"].parent), "--models", str(models or fused["models"]),
+    ])  # fmt: skip
+
+
+def test_the_cli_writes_csv_or_json_and_refuses_other_outputs_before_any_work(fused, tmp_path):
+    image = fused["manifest"].image_path(0)
+    result = _cli(fused, tmp_path, image, "--out", tmp_path / "p.json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "p.json").read_text())
+    assert rows[0]["path"] == str(image) and set(rows[0]) > {"predicted", "p_crack"}
+
+    absent = tmp_path / "no-models"  # were the checkpoints loaded first, this would be the error
+    (tmp_path / "folder").mkdir()
+    for out, says in ((tmp_path / "folder", "a folder, not a file; name a file ending in .csv or .json."),
+                      (tmp_path / "p.xlsx", "unknown format '.xlsx'; use .csv or .json.")):  # fmt: skip
+        result = _cli(fused, tmp_path, image, "--out", out, models=absent)
+        assert (result.exit_code, result.output) == (1, f"Error: --out {out}: {says}\n")
+    assert not (tmp_path / "p.xlsx").exists()
+
+    (tmp_path / "empty").mkdir()
+    result = _cli(fused, tmp_path, tmp_path / "empty", "--out", tmp_path / "p.csv")
+    assert result.exit_code == 1 and "nothing to classify" in result.output
+    assert not (tmp_path / "p.csv").exists()
