@@ -173,10 +173,6 @@ def test_extract_brings_images_to_the_square_as_the_checkpoint_says(tiny_run, tm
 
     from pipeline.checkpoint import SIDECAR
 
-    ckpt = shutil.copytree(tiny_run["checkpoint"], tmp_path / "lite0")
-    sidecar = json.loads((ckpt / SIDECAR).read_text())
-    assert sidecar["resize"] == "stretch"  # finetune's default, recorded
-    (ckpt / SIDECAR).write_text(json.dumps({**sidecar, "resize": "letterbox"}))
     rng = np.random.default_rng(0)
     for name in tiny_run["manifest"].class_names:
         (tmp_path / "wide" / name).mkdir(parents=True)
@@ -184,6 +180,10 @@ def test_extract_brings_images_to_the_square_as_the_checkpoint_says(tiny_run, tm
             pixels = rng.integers(0, 256, (24, 48, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "wide" / name / f"{i}.png")
     manifest = make_manifest(tmp_path / "wide", tmp_path / "manifest.csv")
+    ckpt = checkpoint_for(tiny_run["checkpoint"], manifest, tmp_path / "lite0")
+    sidecar = json.loads((ckpt / SIDECAR).read_text())
+    assert sidecar["resize"] == "stretch"  # finetune's default, recorded
+    (ckpt / SIDECAR).write_text(json.dumps({**sidecar, "resize": "letterbox"}))
     cache = read_cache(extract(manifest, ckpt, tmp_path / "f.h5", PARAMS, progress=False).path)
 
     model, side = load_checkpoint(ckpt)
