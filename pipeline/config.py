@@ -31,6 +31,8 @@ SECTIONS = ("prepare", "finetune", "backbones", "extract", "fuse", "heads", "eva
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 SOURCES = ("elpv", "folder", "csv")
 RESIZE_MODES = ("stretch", "letterbox", "center_crop")  # how a non-square image meets the input
+BLOCK_NORMS = ("none", "standardize", "l2")  # per-backbone treatment of fused embeddings
+SELECT_BY = ("log_loss", "accuracy", "f1_macro")  # val scores that pick a head's candidate
 
 
 class _Section:
@@ -210,8 +212,8 @@ class FuseParams(_Section):
         _at_least("fuse.seed", self.seed, 0)
         if self.memory_gb <= 0:
             raise ConfigError(f"fuse.memory_gb must be a number > 0. Got {self.memory_gb!r}.")
-        _choice("fuse.block_norm", self.block_norm, ("none", "standardize", "l2"))
-        _choice("fuse.select_by", self.select_by, ("log_loss", "accuracy", "f1_macro"))
+        _choice("fuse.block_norm", self.block_norm, BLOCK_NORMS)
+        _choice("fuse.select_by", self.select_by, SELECT_BY)
         _jobs("fuse.n_jobs", self.n_jobs)
 
     @property

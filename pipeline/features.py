@@ -63,13 +63,7 @@ def extract(
     the file is byte-identical to a plain run's.
     """
     model, sidecar = load_checkpoint(checkpoint_dir)
-    if sidecar.get("manifest_sha256") != manifest.sha256:  # its val / test may be train images
-        raise CheckpointError(
-            f"Checkpoint {checkpoint_dir} was fine-tuned on manifest "
-            f"{sidecar.get('manifest_sha256')}, but {manifest.path} is manifest {manifest.sha256}: "
-            "its val and test images may be ones it trained on. Re-run "
-            f"`defuse finetune {sidecar['backbone']}` on this manifest (or `dvc repro`)."
-        )
+    _check_lineage(checkpoint_dir, sidecar, manifest)
     info = backbone_info_of(sidecar)
     preprocessing = {
         "input_size": info.input_size,
@@ -139,6 +133,18 @@ def _reused(old: FeatureCache | None, old_row: np.ndarray) -> Iterator[tuple]:
         yield chunk, old.embeddings[old_row[chunk]], old.logits[old_row[chunk]]
 
 
+def _check_lineage(directory: Path, sidecar: dict, manifest: Manifest) -> None:
+    """Refuse a checkpoint (or fold model) fine-tuned on another manifest: its val and test
+    rows may be images it trained on."""
+    if sidecar.get("manifest_sha256") != manifest.sha256:
+        raise CheckpointError(
+            f"Checkpoint {directory} was fine-tuned on manifest "
+            f"{sidecar.get('manifest_sha256')}, but {manifest.path} is manifest {manifest.sha256}: "
+            "its val and test images may be ones it trained on. Re-run "
+            f"`defuse finetune {sidecar['backbone']}` on this manifest (or `dvc repro`)."
+        )
+
+
 def _cross_fit(checkpoint_dir: Path, sidecar: dict, manifest: Manifest) -> tuple[np.ndarray, list]:
     """For a cross-fitted checkpoint: the fold model of each manifest row ((N,) int8, -1 for
     the model trained on all of train) and the fold models with their sidecars; a plain
@@ -148,14 +154,8 @@ def _cross_fit(checkpoint_dir: Path, sidecar: dict, manifest: Manifest) -> tuple
     index = {sid: i for i, sid in enumerate(manifest.sample_id)}
     for j in range(k):
         model, side = load_checkpoint(layout.fold_dir(checkpoint_dir, j))
-        rows = [index.get(sid) for sid in side.get("held_out") or []]
-        if side.get("manifest_sha256") != manifest.sha256 or None in rows:
-            raise CacheError(
-                f"Fold model {layout.fold_dir(checkpoint_dir, j)} was trained on another manifest "
-                f"(sha256 {side.get('manifest_sha256')}, this one {manifest.sha256}); re-run "
-                f"`defuse finetune {sidecar['backbone']}` (or `dvc repro`)."
-            )
-        fold_of[rows] = j
+        _check_lineage(layout.fold_dir(checkpoint_dir, j), side, manifest)  # so its ids are here
+        fold_of[[index[sid] for sid in side.get("held_out") or []]] = j
         folds.append((model, side))
     train = manifest.indices("train")
     if k and (fold_of[train] < 0).any():

@@ -16,9 +16,16 @@ from pipeline.cache import FusedFeatures, LazyRows, load_features
 from pipeline.config import FuseParams, backbone_names, section
 from pipeline.data import Manifest
 from pipeline.errors import CheckpointError, ConfigError, DataError
-from pipeline.heads import HEADS, Head, load_head, make_head, streaming_heads
+from pipeline.heads import HEADS, Head, load_head, streaming_heads
 from pipeline.metrics import classification_metrics
-from pipeline.selection import FIXED, candidate_params, choose, fit_many, grid, grid_axes
+from pipeline.selection import (
+    FIXED,
+    accepted_params,
+    candidate_params,
+    choose,
+    fit_many,
+    grid_axes,
+)
 
 
 def fused_features(
@@ -206,7 +213,7 @@ def seed_study(
     test = _rows(features, "test")
     names, fitted, out = list(features.class_names), fitted or {}, {}
     for name, params in heads.items():
-        seeded = "random_state" in make_head(name, **grid(params)[0]).get_params()
+        seeded = "random_state" in accepted_params(name, params)
         runs = {"seeds": list(seeds) if seeded else [fuse.seed], "accuracy": [], "f1_macro": []}
         for seed in runs["seeds"]:
             metrics = fitted.get(name) if seed == fuse.seed else None

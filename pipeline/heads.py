@@ -27,6 +27,7 @@ from torch import nn
 
 from pipeline.atomic import atomic_dir
 from pipeline.cache import LazyRows
+from pipeline.config import BLOCK_NORMS
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.metrics import write_json
 
@@ -81,7 +82,6 @@ NON_NEGATIVE = (lambda v: _is_real(v) and v >= 0, "a float in [0, inf)")
 UNIT_HALF_OPEN = (lambda v: _is_real(v) and 0 <= v < 1, "a float in [0, 1)")
 BOOL = (lambda v: isinstance(v, bool | np.bool_), "a bool")
 SEED = (lambda v: v is None or (_is_int(v) and v >= 0), "an int >= 0 or None")
-BLOCK_NORMS = ("none", "standardize", "l2")
 BLOCK_NORM = (lambda v: v in BLOCK_NORMS, f"one of {list(BLOCK_NORMS)}")
 DIMS = (
     lambda v: (
@@ -123,12 +123,18 @@ class BlockScaler:
             return np.asarray(X, dtype=np.float32)
         return ((self._normalize(X) - self.mean_) / self.scale_).astype(np.float32)
 
+    PREFIX = "scaler."  # its arrays' names among a head's
+
     def arrays(self) -> dict[str, np.ndarray]:
-        return {} if self.norm == "none" else {"mean": self.mean_, "scale": self.scale_}
+        """The fitted statistics, named for a head's safetensors file."""
+        if self.norm == "none":
+            return {}
+        return {f"{self.PREFIX}mean": self.mean_, f"{self.PREFIX}scale": self.scale_}
 
     def set_arrays(self, arrays: dict[str, np.ndarray]) -> BlockScaler:
+        """Restore what `arrays` gave, from a head's arrays (others are ignored)."""
         if self.norm != "none":
-            self.mean_, self.scale_ = arrays["mean"], arrays["scale"]
+            self.mean_, self.scale_ = arrays[f"{self.PREFIX}mean"], arrays[f"{self.PREFIX}scale"]
         return self
 
     def _bounds(self, width: int) -> list[tuple[int, int]]:
@@ -512,12 +518,10 @@ class MLPHead(Head):
 
     def _arrays(self):
         net = {f"net.{k}": v.numpy() for k, v in self.net_.state_dict().items()}
-        return net | {f"scaler.{k}": v for k, v in self.scaler_.arrays().items()}
+        return net | self.scaler_.arrays()
 
     def _set_arrays(self, arrays):
-        self.scaler_ = BlockScaler(self.block_norm, self.block_dims).set_arrays(
-            {k[len("scaler.") :]: v for k, v in arrays.items() if k.startswith("scaler.")}
-        )
+        self.scaler_ = BlockScaler(self.block_norm, self.block_dims).set_arrays(arrays)
         self.net_ = self._build(self.n_features_in_, len(self.classes_))
         self.net_.load_state_dict(
             {
@@ -604,14 +608,11 @@ class _LinearHead(Head):
         return self._scores_to_proba(self.scaler_.transform(X) @ self.coef_.T + self.intercept_)
 
     def _arrays(self):
-        arrays = {"coef": self.coef_, "intercept": self.intercept_}
-        return arrays | {f"scaler.{k}": v for k, v in self.scaler_.arrays().items()}
+        return {"coef": self.coef_, "intercept": self.intercept_} | self.scaler_.arrays()
 
     def _set_arrays(self, arrays):
         self.coef_, self.intercept_ = arrays["coef"], arrays["intercept"]
-        self.scaler_ = BlockScaler(self.block_norm, self.block_dims).set_arrays(
-            {k[len("scaler.") :]: v for k, v in arrays.items() if k.startswith("scaler.")}
-        )
+        self.scaler_ = BlockScaler(self.block_norm, self.block_dims).set_arrays(arrays)
 
 
 LINEAR_CONSTRAINTS = {"class_weighted": BOOL, "block_norm": BLOCK_NORM, "block_dims": DIMS}

@@ -13,10 +13,10 @@ from joblib import Parallel, delayed
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 
 from pipeline.cache import LazyRows
+from pipeline.config import SELECT_BY
 from pipeline.errors import ConfigError
 from pipeline.heads import Head, make_head
 
-SELECT_BY = ("log_loss", "accuracy", "f1_macro")
 FIXED = ("block_dims",)  # list-valued by nature: never a grid axis
 
 
@@ -36,13 +36,18 @@ def grid(params: dict[str, Any]) -> list[dict[str, Any]]:
     return [params | dict(zip(axes, combo, strict=True)) for combo in combos]
 
 
+def accepted_params(name: str, params: dict[str, Any]) -> set[str]:
+    """The constructor params of head ``name`` (its params.yaml entry checked on the way)."""
+    return set(make_head(name, **grid(params)[0]).get_params())
+
+
 def candidate_params(
     name: str, params: dict[str, Any], dims: list[int], block_norm: str, seed: int
 ) -> list[dict[str, Any]]:
     """The candidates of head ``name`` from its params.yaml entry ``params``: its grid, with
     ``block_norm`` (unless the entry sets one) and the blocks' widths ``dims`` for embedding
     heads, and ``seed`` for heads with random state."""
-    accepted = make_head(name, **grid(params)[0]).get_params()
+    accepted = accepted_params(name, params)
     base = dict(params)
     if "block_norm" in accepted:
         base = {"block_norm": block_norm, **base, "block_dims": list(dims)}
