@@ -317,17 +317,6 @@ def _balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     return len(y) / (n_classes * np.bincount(y, minlength=n_classes))
 
 
-def _keep_freed_memory() -> None:
-    """Have glibc keep freed blocks up to 31 MB for reuse instead of unmapping them.
-
-    A training step allocates about 40 MB of temporaries (weight casts, gradients, optimizer
-    scratch). A fresh process's glibc unmaps them and page-faults them in again every step:
-    2x slower fits here. Freeing one 31 MB block raises glibc's adaptive mmap threshold to
-    that size, the state a long-running process reaches by itself. Harmless elsewhere.
-    """
-    np.empty(31 << 20, dtype=np.uint8)
-
-
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
@@ -410,7 +399,6 @@ class MLPHead(Head):
         self.precision = precision
 
     def _fit(self, X, y, val):
-        _keep_freed_memory()
         gen = torch.Generator()
         if self.random_state is None:
             gen.seed()

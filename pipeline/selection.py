@@ -16,6 +16,7 @@ from pipeline.cache import LazyRows
 from pipeline.config import SELECT_BY
 from pipeline.errors import ConfigError
 from pipeline.heads import Head, make_head
+from pipeline.runtime import keep_freed_memory
 
 FIXED = ("block_dims",)  # list-valued by nature: never a grid axis
 
@@ -90,6 +91,7 @@ class Candidate:
 
 
 def _fit_one(name, params, X, y, X_val, y_val) -> Candidate:
+    keep_freed_memory()  # joblib's workers are fresh processes, not forks of the CLI's
     start = time.perf_counter()
     head = make_head(name, **params).fit(X, y, X_val, y_val)
     return Candidate(params, head, head.predict_proba(X_val), time.perf_counter() - start)

@@ -10,6 +10,7 @@ import importlib
 import click
 
 from pipeline.errors import DefuseError
+from pipeline.runtime import keep_freed_memory
 
 # name -> "module:attribute"; a new stage adds one line here.
 COMMANDS = {
@@ -53,6 +54,7 @@ class _LazyGroup(click.Group):
             formatter.write_dl(rows)
 
     def invoke(self, ctx):
+        keep_freed_memory()  # before any stage allocates; loader workers fork with it
         try:
             return super().invoke(ctx)
         except DefuseError as exc:
