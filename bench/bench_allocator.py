@@ -28,7 +28,10 @@ POLICIES = ("glibc default", "keep_freed_memory")
 
 def _usage() -> dict[str, float]:
     """CPU seconds and minor faults of this process and its reaped children (loader workers)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     return {
         "wall": time.perf_counter(),
         "user": me.ru_utime + kids.ru_utime,
