@@ -5,11 +5,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt
 import numpy as np
+
+from pipeline.plotting import plt, save_figure
 
 SUMMARY_COLUMNS = (
     ("accuracy", "Accuracy"),
@@ -18,23 +16,6 @@ SUMMARY_COLUMNS = (
     ("f1_macro", "F1"),
     ("f1_weighted", "F1 (weighted)"),
 )
-
-
-def plot_history(history: list[dict], path: Path, title: str) -> None:
-    """Train and val accuracy and loss per epoch: the papers' curves."""
-    epochs = [int(r["epoch"]) for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), constrained_layout=True)
-    for ax, metric in zip(axes, ("acc", "loss"), strict=True):
-        for split, style in (("train", "-o"), ("val", "-s")):
-            ax.plot(
-                epochs, [r[f"{split}_{metric}"] for r in history], style, label=split, markersize=3
-            )
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy" if metric == "acc" else "loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    _save(fig, path)
 
 
 def plot_confusion(metrics: dict, path: Path, title: str) -> None:
@@ -54,7 +35,7 @@ def plot_confusion(metrics: dict, path: Path, title: str) -> None:
     ax.set_ylabel("true")
     ax.set_title(f"{title} (acc {metrics['accuracy']:.3f})")
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_comparison(results: dict[str, dict], path: Path) -> None:
@@ -71,13 +52,7 @@ def plot_comparison(results: dict[str, dict], path: Path) -> None:
     ax.set_ylim(0, 1.15)  # room for the legend above the bars
     ax.set_title("Test split: single models vs fusion")
     ax.legend(loc="upper left", ncols=2)
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _row(name: str, kind: str, m: dict) -> str:
