@@ -229,6 +229,7 @@ class EvaluateParams(_Section):
     seeds: tuple[int, ...]  # each head refitted per seed: mean +- std on test
     bootstrap_draws: int  # paired-bootstrap resamplings of the test images
     bootstrap_seed: int
+    gallery: int  # the final head's most confident test errors pictured, with Grad-CAM; 0 = off
 
     def _check(self):
         if not self.seeds or min(self.seeds) < 0:
@@ -237,6 +238,7 @@ class EvaluateParams(_Section):
             )
         _at_least("evaluate.bootstrap_draws", self.bootstrap_draws, 1)
         _at_least("evaluate.bootstrap_seed", self.bootstrap_seed, 0)
+        _at_least("evaluate.gallery", self.gallery, 0)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
 from pipeline import layout
 from pipeline.cache import FusedFeatures, LazyRows, load_features
@@ -171,29 +172,33 @@ def evaluate(features: FusedFeatures, head_dirs: dict[str, Path]) -> dict[str, d
     from the cache) and of every fusion head.
 
     Returns ``{name: {"kind": "single" | "fusion", "y_true": (n,), "y_pred": (n,),
-    "metrics": dict, "sidecar": the head's sidecar, or None for a single model}}``.
+    "p_pred": (n,) the probability it gave its prediction, "metrics": dict, "sidecar": the
+    head's sidecar, or None for a single model}}``, rows in the caches' order of the test split.
     """
     test = _rows(features, "test")
     names = list(features.class_names)
     y = features.y[test]
-    preds = {
-        b: ("single", logits[test].argmax(1), None)
+    preds = {  # name -> (kind, label of each column, test probabilities (n, columns), sidecar)
+        b: ("single", np.arange(len(names)), softmax(logits[test].astype(np.float64), 1), None)
         for b, logits in zip(features.backbones, features.logits, strict=True)
     }
     for name, directory in head_dirs.items():
         head, sidecar = load_head(directory)
         check_head(sidecar, features, directory)
-        preds[name] = ("fusion", head.predict(_select(head_input(features, head), test)), sidecar)
-    return {
-        name: {
+        proba = head.predict_proba(_select(head_input(features, head), test))
+        preds[name] = ("fusion", head.classes_, proba, sidecar)
+    results = {}
+    for name, (kind, labels, proba, sidecar) in preds.items():
+        y_pred = labels[proba.argmax(1)]  # what head.predict returns
+        results[name] = {
             "kind": kind,
             "y_true": y,
             "y_pred": y_pred,
+            "p_pred": proba.max(1),
             "metrics": classification_metrics(y, y_pred, names),
             "sidecar": sidecar,
         }
-        for name, (kind, y_pred, sidecar) in preds.items()
-    }
+    return results
 
 
 def seed_study(

@@ -37,7 +37,8 @@ def finetune_reports(backbone: str, root: Path = REPORTS) -> dict[str, Path]:
 
 
 def evaluate_reports(root: Path = REPORTS) -> dict[str, Path]:
-    """`defuse evaluate` outputs: headline metrics, full details, confusion data, figures."""
+    """`defuse evaluate` outputs: headline metrics, full details, confusion data, figures, the
+    pictures of the errors."""
     return {
         "summary": root / "summary.md",
         "metrics": root / "metrics" / "test.json",
@@ -45,4 +46,5 @@ def evaluate_reports(root: Path = REPORTS) -> dict[str, Path]:
         "evidence": root / "metrics" / "fusion_vs_single.json",  # intervals, p-values, seeds
         "confusion": root / "plots" / "confusion",  # <model>.csv: actual,predicted per test image
         "figures": root / "figures",
+        "gallery": root / "gallery",  # errors.png and gradcam_<backbone>.png
     }

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt
 import numpy as np
+
+from pipeline.atomic import atomic_dir
+from pipeline.plotting import plt, save_figure
+
+if TYPE_CHECKING:
+    from pipeline.explain import Gallery
 
 SUMMARY_COLUMNS = (
     ("accuracy", "Accuracy"),
@@ -18,23 +22,6 @@ SUMMARY_COLUMNS = (
     ("f1_macro", "F1"),
     ("f1_weighted", "F1 (weighted)"),
 )
-
-
-def plot_history(history: list[dict], path: Path, title: str) -> None:
-    """Train and val accuracy and loss per epoch: the papers' curves."""
-    epochs = [int(r["epoch"]) for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), constrained_layout=True)
-    for ax, metric in zip(axes, ("acc", "loss"), strict=True):
-        for split, style in (("train", "-o"), ("val", "-s")):
-            ax.plot(
-                epochs, [r[f"{split}_{metric}"] for r in history], style, label=split, markersize=3
-            )
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy" if metric == "acc" else "loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    _save(fig, path)
 
 
 def plot_confusion(metrics: dict, path: Path, title: str) -> None:
@@ -54,7 +41,7 @@ def plot_confusion(metrics: dict, path: Path, title: str) -> None:
     ax.set_ylabel("true")
     ax.set_title(f"{title} (acc {metrics['accuracy']:.3f})")
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_comparison(results: dict[str, dict], path: Path) -> None:
@@ -71,13 +58,94 @@ def plot_comparison(results: dict[str, dict], path: Path) -> None:
     ax.set_ylim(0, 1.15)  # room for the legend above the bars
     ax.set_title("Test split: single models vs fusion")
     ax.legend(loc="upper left", ncols=2)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def plot_images(
+    images, captions: list[str], path: Path, title: str, heat: np.ndarray | None = None
+) -> None:
+    """A grid of ``images`` ((h, w, 3) uint8 each), each above its caption; ``heat`` (n, h, w)
+    in [0, 1]: heat maps laid over them, with a colour bar."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    width = max(2.4 * cols, 5.5) + (1.0 if heat is not None else 0.0)  # room for the title
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(width, 2.7 * rows + 0.5), squeeze=False, constrained_layout=True
+    )
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for k, (ax, image, caption) in enumerate(zip(axes.flat, images, captions, strict=False)):
+        ax.imshow(image)
+        if heat is not None:
+            overlay = ax.imshow(heat[k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.set_title(caption, fontsize=8)
+    if heat is not None:
+        fig.colorbar(overlay, ax=axes, shrink=0.6, label="Grad-CAM (1 = the image's maximum)")
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_gallery(gallery: Gallery, folder: Path) -> dict[str, str]:
+    """``folder``/errors.png (the errors, captioned with the head's probability) and one
+    gradcam_<backbone>.png per backbone explained; returns {"errors" or backbone: file name}."""
+    names = gallery.class_names
+    top = [f"{f}\ntrue: {names[t]}" for f, t in zip(gallery.names, gallery.true, strict=True)]
+    files = {"errors": "errors.png"}
+    plot_images(
+        gallery.thumbnails,
+        [
+            f"{c}\npred: {names[p]} ({q:.2f})"
+            for c, p, q in zip(top, gallery.pred, gallery.prob, strict=True)
+        ],
+        folder / files["errors"],
+        f"`{gallery.head}` on test: {_which_errors(gallery)}, the most confident first\n"
+        "(in brackets: its probability of the class it predicted)",
+    )
+    for backbone, cam in gallery.cams.items():
+        files[backbone] = f"gradcam_{backbone}.png"
+        plot_images(
+            cam.images,
+            [
+                f"{c}\np({names[p]}) = {q:.2f}"
+                for c, p, q in zip(top, gallery.pred, cam.prob, strict=True)
+            ],
+            folder / files[backbone],
+            f"Grad-CAM of {backbone} for the class `{gallery.head}` predicted\n"
+            f"(p: {backbone}'s own probability of that class)",
+            cam.heat,
+        )
+    return files
+
+
+def _which_errors(gallery: Gallery) -> str:
+    shown, n = len(gallery.names), gallery.n_errors
+    return f"all its {n} errors" if shown == n else f"{shown} of its {n} errors"
+
+
+def _gallery_lines(gallery: Gallery, links: dict[str, str]) -> list[str]:
+    lines = ["", f"## Pictures of the errors (`{gallery.head}`, test split)", ""]
+    if not gallery.n_errors:
+        return [*lines, f"`{gallery.head}` got all {gallery.n_test} test images right."]
+    lines += [
+        f"`{gallery.head}` on the {gallery.n_test} test images: {_which_errors(gallery)}, the "
+        "most confident first (`evaluate.gallery` caps them), with the true class, the "
+        "predicted class and the head's probability of it.",
+        "",
+        f"![errors]({links['errors']})",
+    ]
+    if gallery.cams:
+        lines += [
+            "",
+            "Grad-CAM of the same images by each fine-tuned backbone, for the class the head "
+            "predicted: red where the gradient of the backbone's own classifier logit for that "
+            "class, on its last feature map, found the most evidence; p is the backbone's own "
+            "probability of the class.",
+        ]
+    for backbone in gallery.cams:
+        lines += ["", f"### Grad-CAM: {backbone}", "", f"![gradcam_{backbone}]({links[backbone]})"]
+    for backbone, why in gallery.skipped.items():
+        lines += ["", f"**Grad-CAM skipped for `{backbone}`**: {why}"]
+    return lines
 
 
 def _row(name: str, kind: str, m: dict) -> str:
@@ -280,13 +348,16 @@ def write_reports(
     seeds: dict[str, dict] | None = None,
     draws: int = 10_000,
     seed: int = 0,
+    gallery: Gallery | None = None,
 ) -> dict | None:
     """Everything `defuse evaluate` leaves for people and for DVC; returns the evidence.
 
     ``results`` as returned by :func:`pipeline.fusion.evaluate`; ``paths`` from
     :func:`pipeline.layout.evaluate_reports`; ``curves`` maps a backbone to its fine-tuning
     curves PNG (linked from the summary when it exists); ``seeds`` from
-    :func:`pipeline.fusion.seed_study`; ``draws`` and ``seed`` drive the paired bootstrap.
+    :func:`pipeline.fusion.seed_study`; ``draws`` and ``seed`` drive the paired bootstrap;
+    ``gallery`` from :func:`pipeline.explain.gallery` is drawn into ``paths["gallery"]``
+    (left empty without one) and shown in its own section.
     """
     from pipeline.metrics import write_json
 
@@ -336,5 +407,10 @@ def write_reports(
         seeds,
         selections,
     )
+    with atomic_dir(paths["gallery"]) as folder:
+        files = plot_gallery(gallery, folder) if gallery is not None and gallery.names else {}
+    if gallery is not None:
+        links = {k: str((paths["gallery"] / f).relative_to(summary_dir)) for k, f in files.items()}
+        text += "\n".join(_gallery_lines(gallery, links)) + "\n"
     paths["summary"].write_text(text)
     return evidence

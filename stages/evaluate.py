@@ -1,5 +1,7 @@
 """`defuse evaluate`: the evaluate stage."""
 
+import time
+
 import click
 
 from pipeline import layout
@@ -26,6 +28,7 @@ def _seed_list(ctx, param, value):
 @options.manifest
 @options.features
 @options.heads
+@options.models
 @options.reports
 @options.params
 @click.option(
@@ -33,17 +36,21 @@ def _seed_list(ctx, param, value):
     callback=_seed_list,
     help="Head seeds to refit for mean ± std, e.g. '0-4' [evaluate.seeds].",
 )
-def evaluate(manifest, features_dir, heads_dir, reports, params_path, seeds):
+def evaluate(manifest, features_dir, heads_dir, models, reports, params_path, seeds):
     """Score every fine-tuned model and every fusion head on the test split.
 
     Each head is set against the best single model with paired-bootstrap 95 % intervals and
     McNemar's test, and refitted with every seed in `evaluate.seeds` for mean ± std.
     Writes reports/metrics/test.json (DVC metrics), per-class details, the evidence in
-    reports/metrics/fusion_vs_single.json, confusion data for `dvc plots`, PNG figures, and
-    reports/summary.md with the papers' tables and a one-sentence verdict.
+    reports/metrics/fusion_vs_single.json, confusion data for `dvc plots`, PNG figures,
+    reports/summary.md with the papers' tables and a one-sentence verdict, and
+    reports/gallery/: the final head's most confident test errors (`evaluate.gallery` of
+    them) and each backbone's Grad-CAM of them, from its checkpoint in --models (a
+    backbone without one is skipped, and said so).
     """
     from pipeline.config import FuseParams, evaluate_params, head_params, load_params, section
     from pipeline.data import read_manifest
+    from pipeline.explain import gallery
     from pipeline.fusion import evaluate as run
     from pipeline.fusion import fused_features, seed_study
     from pipeline.report import verdict, write_reports
@@ -68,6 +75,18 @@ def evaluate(manifest, features_dir, heads_dir, reports, params_path, seeds):
         "backbones": backbones,
         "fused_dim": int(features.X.shape[1]),
     }
+    pictures = None
+    if params.gallery:
+        start = time.perf_counter()
+        final = results[params.final_head]
+        pictures = gallery(man, features, final, params.final_head, params.gallery, models)
+        for backbone, why in pictures.skipped.items():
+            click.echo(f"Grad-CAM skipped for {backbone}: {why}", err=True)
+        click.echo(
+            f"Gallery: {len(pictures.names)} of {pictures.n_errors} test errors; Grad-CAM by "
+            f"{len(pictures.cams)} of {len(backbones)} backbones in "
+            f"{time.perf_counter() - start:.1f} s"
+        )
     paths = layout.evaluate_reports(reports)
     curves = {b: layout.finetune_reports(b, reports)["curves"] for b in backbones}
     evidence = write_reports(
@@ -79,6 +98,7 @@ def evaluate(manifest, features_dir, heads_dir, reports, params_path, seeds):
         study,
         params.bootstrap_draws,
         params.bootstrap_seed,
+        pictures,
     )
     click.echo(f"Report: {paths['summary']}")
     for name, r in results.items():

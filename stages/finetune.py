@@ -34,7 +34,7 @@ def finetune(backbone, manifest, out, reports, params_path, epochs, batch_size, 
     from pipeline.finetune import cross_fit_folds, write_history
     from pipeline.finetune import finetune as run
     from pipeline.metrics import write_json
-    from pipeline.report import plot_history
+    from pipeline.plotting import plot_history
     from pipeline.runtime import resolve_device
 
     params = finetune_params(

@@ -19,6 +19,7 @@ from pipeline.backbones import (
     set_train_mode,
 )
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.explain import grad_cam
 
 SIZE = 75  # the smallest input every registered backbone takes (Inception-v3/v4 need 75)
 CLASSES = 3
@@ -121,6 +122,16 @@ def test_timm_interface(built):
     model.reset_classifier(5)
     assert model.get_classifier().out_features == 5
     model.reset_classifier(CLASSES)
+
+
+def test_grad_cam_maps_the_input_and_gives_the_models_probabilities(built):
+    _, model = built
+    x, classes = _images(), torch.tensor([0, CLASSES - 1])
+    heat, prob = grad_cam(model.eval(), x, classes)
+    assert heat.shape == (2, SIZE, SIZE) and torch.isfinite(heat).all()
+    assert heat.min() >= 0 and heat.max() <= 1
+    with torch.no_grad():
+        torch.testing.assert_close(prob, model(x).softmax(1)[[0, 1], classes])
 
 
 def test_backbone_info_is_cached_and_overridable():

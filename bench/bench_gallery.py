@@ -1,0 +1,75 @@
+"""What `defuse evaluate`'s pictures of the errors cost: thumbnails, Grad-CAM by each backbone
+of params.yaml (at its input size there) and the PNGs, for `evaluate.gallery` ELPV cells.
+
+Run: .venv/bin/python bench/bench_gallery.py [--images 16] [--out DIR]
+Checkpoints are the ImageNet weights with a new 4-class layer (speed does not depend on
+fine-tuning; the pictures then show ImageNet features, not defects); the "errors" are the
+first --images cells. Lines read `<what>: <seconds> s`; the budget is 60 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.backbones import backbone_info, create_backbone
+from pipeline.checkpoint import save_checkpoint
+from pipeline.config import backbone_names, evaluate_params, finetune_params
+from pipeline.data import ELPV_CLASSES, elpv_root
+from pipeline.explain import Gallery, explain, thumbnail
+from pipeline.report import plot_gallery
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=evaluate_params().gallery)
+    parser.add_argument("--out", type=Path, help="Keep the PNGs here (default: a temp folder).")
+    args = parser.parse_args()
+    paths = sorted((elpv_root() / "images").glob("*.png"))[: args.images]
+    classes = np.arange(len(paths)) % 4
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp) / "gallery"
+        out.mkdir(parents=True, exist_ok=True)
+        cams, total = {}, 0.0
+        for backbone in backbone_names():
+            info = backbone_info(backbone, finetune_params(backbone).input_size)
+            model = create_backbone(backbone, 4, pretrained=True, quiet=True)
+            sidecar = {
+                **{k: v for k, v in dataclasses.asdict(info).items() if k != "name"},
+                "backbone": backbone,
+                "class_names": list(ELPV_CLASSES[4]),
+            }
+            sha = save_checkpoint(model, Path(tmp) / backbone, sidecar)["weights_sha256"]
+            start = time.perf_counter()
+            cams[backbone] = explain(Path(tmp) / backbone, paths, classes, sha)
+            took = time.perf_counter() - start
+            total += took
+            print(f"Grad-CAM {backbone} at {info.input_size} px, {len(paths)} images: {took:.2f} s")
+        start = time.perf_counter()
+        gallery = Gallery(
+            head="bench",
+            n_test=len(paths),
+            n_errors=len(paths),
+            class_names=ELPV_CLASSES[4],
+            names=tuple(p.name for p in paths),
+            thumbnails=tuple(thumbnail(p) for p in paths),
+            true=(classes + 1) % 4,
+            pred=classes,
+            prob=np.linspace(0.99, 0.5, len(paths)),
+            cams=cams,
+            skipped={},
+        )
+        plot_gallery(gallery, out)
+        took = time.perf_counter() - start
+        total += took
+        print(f"thumbnails and {1 + len(cams)} PNGs: {took:.2f} s")
+        print(f"gallery total: {total:.2f} s (budget 60 s)")
+
+
+if __name__ == "__main__":
+    main()
