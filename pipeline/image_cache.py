@@ -169,6 +169,7 @@ class ImageCache:
     attrs: dict
     sample_id: np.ndarray  # (N,) S64
     channels: np.ndarray  # (N,) uint8: 1 or 3
+    shape: tuple  # of the pixels, (N, S, S, C)
     identity: tuple  # (size, mtime_ns, inode) of the file that was read
 
     def rows_for(self, sample_ids: Sequence[str]) -> np.ndarray:
@@ -232,11 +233,11 @@ def read_image_cache(path: Path | str) -> ImageCache:
             depth = pixels.shape[3]
             if len(channels) != n or not np.isin(channels, (1, depth)).all():
                 raise CacheError(f"{path}: channels must be 1 or {depth} per row")
-            identity = _identity(f)
+            shape, identity = pixels.shape, _identity(f)
     # h5py reports damaged metadata as any of these (see pipeline/cache.py)
     except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
         raise CacheError(f"{path}: not a readable HDF5 image cache ({e})") from None
-    return ImageCache(path, attrs, ids.astype(_ID), channels, identity)
+    return ImageCache(path, attrs, ids.astype(_ID), channels, shape, identity)
 
 
 def open_image_cache(path: Path | str, info: BackboneInfo) -> ImageCache:
@@ -293,11 +294,12 @@ class Squares:
         if self._pid != os.getpid():
             self._pixels, self._pid = self._open(), os.getpid()
         try:
-            return self._pixels[row, ..., : self.channels[i]]
+            pixels = self._pixels[row]  # the whole row: one contiguous read
         except OSError as e:
             raise CacheError(
                 f"{self.path}: cannot read row {row} ({e}); the file is corrupt"
             ) from None
+        return pixels[..., : self.channels[i]]
 
     def image(self, i: int) -> Image.Image | None:
         """Image ``i`` as the loaders' transforms take it (L or RGB), or None."""
@@ -337,13 +339,11 @@ def is_image_cache(path: Path | str) -> bool:
 def image_cache_info(path: Path | str) -> dict:
     """Attributes, shape, size in bytes and grey / colour counts (pixels not read)."""
     cache = read_image_cache(path)
-    with h5py.File(path, "r") as f:
-        shape = f["pixels"].shape
     grey = int((cache.channels == 1).sum())
     return dict(
         path=str(cache.path),
         attrs=cache.attrs,
-        shape=tuple(shape),
+        shape=cache.shape,
         bytes=cache.path.stat().st_size,
         images={"grey": grey, "colour": len(cache.channels) - grey},
     )
