@@ -9,16 +9,19 @@ size, unless --image-size) written to a temp folder, and the weights are random
 the bare loops all run with bf16 autocast and channels-last, as `pipeline/runtime.py` sets.
 
 1. resnet50 and inception_v3, each with the fusion preset's settings for it (batch, frozen
-   stages, optimizer, augmentation, loader workers): two epochs of `finetune()`, the second
-   timed (the first pays loader start-up and CUDA's lazy initialisation), against forward +
-   backward + step on random tensors already on the device; then `extract()` into an HDF5
-   cache (the whole call, best of 2) against a bare forward loop. Lines read `<what>:
-   <measured> / <reference> = <ratio>`, then timm's published throughput for the model,
-   measured on other GPUs, for scale.
+   stages, optimizer, augmentation, loader workers): the images decoded once into an image
+   cache (`decode_images`, timed); two epochs of `finetune()`, the second timed (the first
+   pays loader start-up and CUDA's lazy initialisation), against forward + backward + step
+   on random tensors already on the device; then `extract()` into an HDF5 cache (the whole
+   call, best of 2) against a bare forward loop. Each reading the image cache, as the DAG
+   does, and decoding every file, as before it. Lines read `<what>: <measured> /
+   <reference> = <ratio>`, then timm's published throughput for the model, measured on
+   other GPUs, for scale.
 2. Both paper presets, each as a params file derived from the preset (random weights, one
    epoch, the synthetic images in the paper's number of classes), through the DAG's stage
-   commands in a temp project: `defuse prepare`, `finetune B` and `extract B` for every
-   backbone, `fuse H` for every head, `evaluate`. Pass or FAIL, and the time taken.
+   commands in a temp project: `defuse prepare`, `decode B`, `finetune B` and `extract B`
+   for every backbone, `fuse H` for every head, `evaluate`. Pass or FAIL, and the time
+   taken.
 
 --smoke: 64x48 images, 75 px inputs (the smallest inception_v3 and v4 accept), one batch
 per pass, one timing of each, one thread, no loader workers, each preset's first backbone
@@ -48,6 +51,8 @@ from bench_finetune import bare_training
 from pipeline.config import ExtractParams, finetune_params, section
 from pipeline.data import Manifest
 from pipeline.finetune import finetune
+from pipeline.image_cache import decode_images
+from pipeline.transforms import target_info
 from stages.cli import main as defuse
 
 PRESETS = Path(__file__).resolve().parents[1] / "pipeline" / "presets"
@@ -114,33 +119,42 @@ def throughput(backbone: str, data: Manifest, mode: Mode, tmp: Path) -> None:
         num_workers=mode.num_workers,
         input_size=mode.input_size,
     )
-    checkpoint = tmp / backbone
-    result = finetune(data, backbone, params, checkpoint, progress=False)
-    n_train, size = len(data.indices("train")), result.sidecar["input_size"]
-    ours = n_train / result.history[-1]["train_s"]
+    checkpoint, info = tmp / backbone, target_info(backbone, params)
+    start = time.perf_counter()
+    images = decode_images(data, info, tmp / f"{backbone}-images.h5", progress=False).path
+    took = time.perf_counter() - start
+    print(f"{backbone} decode once ({len(data)} images at {info.input_size} px): {took:.1f} s")
+    ways = (("decoding every file", None), ("image cache", images))
+    n_train, size = len(data.indices("train")), info.input_size
     bare = bare_training(backbone, params, data.n_classes, n_train, mode.device)
     what = (
         f"{n_train} images at {size} px, batch {params.batch_size}, "
         f"{params.frozen_stages} stages frozen, {params.num_workers} workers"
     )
-    print(
-        f"{backbone} finetune epoch images/s ({what}): {ours:.1f} / bare loop {bare:.1f} "
-        f"= {ours / bare:.2f}"
-    )
+    for how, cache in ways:
+        result = finetune(data, backbone, params, checkpoint, progress=False, images=cache)
+        ours = n_train / result.history[-1]["train_s"]
+        print(
+            f"{backbone} finetune epoch images/s ({what}, {how}): {ours:.1f} / bare loop "
+            f"{bare:.1f} = {ours / bare:.2f}"
+        )
 
     extract_params = section(
         ExtractParams, "extract", FUSION, device=mode.device, num_workers=mode.num_workers
     )
     out, batch = tmp / f"{backbone}.h5", extract_params.batch_size
-    ours = max(timed_extract(data, checkpoint, out, extract_params) for _ in range(mode.repeat))
     bare = max(
         bare_forward(backbone, len(data), batch, size, mode.device) for _ in range(mode.repeat)
     )
     what = f"{len(data)} images at {size} px, batch {batch}, {extract_params.num_workers} workers"
-    print(
-        f"{backbone} extract images/s ({what}): {ours:.1f} / bare forward {bare:.1f} "
-        f"= {ours / bare:.2f}"
-    )
+    for how, cache in ways:
+        ours = max(
+            timed_extract(data, checkpoint, out, extract_params, cache) for _ in range(mode.repeat)
+        )
+        print(
+            f"{backbone} extract images/s ({what}, {how}): {ours:.1f} / bare forward {bare:.1f} "
+            f"= {ours / bare:.2f}"
+        )
     for kind in ("inference", "training"):
         rate, px, n = TIMM_PUBLISHED[backbone, kind]
         print(
@@ -177,7 +191,7 @@ def run_preset(preset: Path, mode: Mode, project: Path) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     commands = [["prepare"]]
     for backbone in params["backbones"]:
-        commands += [["finetune", backbone], ["extract", backbone]]
+        commands += [["decode", backbone], ["finetune", backbone], ["extract", backbone]]
     commands += [["fuse", head] for head in params["heads"]] + [["evaluate"]]
     print(
         f"preset {preset.stem}: backbones {', '.join(params['backbones'])}; heads "

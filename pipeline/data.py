@@ -117,6 +117,7 @@ def load_image(
     size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     keep_gray: bool = False,
+    sha256: str | None = None,
 ) -> Image.Image:
     """Decode ``path`` fully into an RGB image; raise DataError naming the path if it cannot.
 
@@ -135,13 +136,30 @@ def load_image(
       (YCbCr, ...) -> Pillow's convert("RGB"), a DataError where Pillow has none.
     ``keep_gray``: single-channel sources (1, L, I, I;16, F) come back as the L image that
     the policy would replicate: the loaders resize one channel, not three, and expand later.
+    ``sha256``: the file's manifest ``sample_id``; bytes that hash otherwise (the file changed
+    since `defuse prepare`) are a DataError, so what is stored under that id is that file.
     """
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read image file: {exc.strerror or exc}") from exc
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(
+            f"{path}: its bytes no longer hash to its sample_id {sha256} in the manifest: the "
+            "file changed since `defuse prepare`; run it again (or `dvc repro`)."
+        )
     return _decode(data, path, size, max_pixels, keep_gray)
+
+
+def decoded_channels(path: Path | str) -> int:
+    """Channels of ``load_image(path, keep_gray=True)``: 1 (an L image) or 3, from the
+    file's header alone; DataError naming the path if it is not an image."""
+    try:
+        with Image.open(path) as im:
+            return 1 if _is_gray(im.mode) else 3
+    except OSError as exc:  # Pillow's UnidentifiedImageError included
+        raise DataError(f"{path}: cannot read the image header: {exc}") from exc
 
 
 def _decode(

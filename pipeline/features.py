@@ -26,6 +26,7 @@ from pipeline.checkpoint import backbone_info_of, load_checkpoint
 from pipeline.config import ExtractParams
 from pipeline.data import Manifest
 from pipeline.errors import CacheError, CheckpointError, ConfigError
+from pipeline.image_cache import Squares, open_image_cache
 from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
 from pipeline.transforms import ImageDataset, eval_transform, model_input
 
@@ -55,8 +56,12 @@ def extract(
     out: Path,
     params: ExtractParams,
     progress: bool = True,
+    images: Path | None = None,
 ) -> ExtractResult:
     """Write ``out`` for every manifest row, in manifest order, running only new samples.
+
+    ``images``: the image cache (`defuse decode`) holding the checkpoint's squares of every
+    manifest image, read instead of decoding the files (same pixels); None decodes them.
 
     Under torchrun each process runs whole batches of the new samples (rank r: batches r,
     r + N, ... of the single-process order) and rank 0 writes the cache from all of them, so
@@ -65,6 +70,7 @@ def extract(
     model, sidecar = load_checkpoint(checkpoint_dir)
     _check_lineage(checkpoint_dir, sidecar, manifest)
     info = backbone_info_of(sidecar)
+    cache = open_image_cache(images, info) if images is not None else None
     preprocessing = {
         "input_size": info.input_size,
         "mean": list(info.mean),
@@ -116,7 +122,8 @@ def extract(
                 ]
             if len(rows):
                 paths = [manifest.image_path(int(r)) for r in rows]
-                batches = embed_images(net, info, paths, params, device, progress)
+                squares = cache.manifest_squares(manifest, rows) if cache else None
+                batches = embed_images(net, info, paths, params, device, progress, squares)
                 groups.append(_at_rows(rows, batches))
         with _merged(itertools.chain(*groups), out, new_rows, params.batch_size) as computed:
             if here.is_main:
@@ -196,16 +203,18 @@ def embed_images(
     params: ExtractParams,
     device: torch.device,
     progress: bool = True,
+    squares: Squares | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """What a feature cache holds for each image of ``paths``: per batch of
     ``params.batch_size``, ``(positions in paths (b,), embeddings (b, D) rounded to
     params.dtype, logits (b, n_classes) float32)``.
 
     The checkpoint's eval preprocessing (``info``: resize, no crop), ``params.tta`` (mean over
-    flips) and bf16 autocast on CUDA; ``params.num_workers`` loader processes.
+    flips) and bf16 autocast on CUDA; ``params.num_workers`` loader processes. ``squares``:
+    the image cache's rows of ``paths``, read instead of decoding the files they hold.
     """
     loader = DataLoader(
-        ImageDataset(paths, None, eval_transform(info), info.input_size),
+        ImageDataset(paths, None, eval_transform(info), info.input_size, squares),
         batch_size=params.batch_size,
         num_workers=params.num_workers,
         pin_memory=device.type == "cuda",

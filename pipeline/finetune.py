@@ -13,7 +13,7 @@ import io
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +26,21 @@ from tqdm.auto import tqdm
 
 from pipeline import distributed
 from pipeline.atomic import write_text
-from pipeline.backbones import backbone_info, create_backbone, embed, freeze_stages, set_train_mode
+from pipeline.backbones import create_backbone, embed, freeze_stages, set_train_mode
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import FinetuneParams, asdict
 from pipeline.data import Manifest
 from pipeline.errors import ConfigError, DataError
+from pipeline.image_cache import open_image_cache
 from pipeline.metrics import classification_metrics
 from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
-from pipeline.transforms import ImageDataset, eval_transform, model_input, train_transform
+from pipeline.transforms import (
+    ImageDataset,
+    eval_transform,
+    model_input,
+    target_info,
+    train_transform,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +145,15 @@ def finetune(
     out_dir: Path,
     progress: bool = True,
     held_out: np.ndarray | None = None,
+    images: Path | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``backbone`` on the manifest's train split; write the checkpoint to ``out_dir``.
 
     ``held_out``: train rows this model must not see (a cross-fitting fold model); they are
     listed by sample id in its sidecar, and the test split is not scored.
+    ``images``: the image cache (`defuse decode`) holding this backbone's squares of every
+    manifest image, read instead of decoding the files each epoch (same pixels, same
+    result); None decodes the files.
 
     Under torchrun every process runs this: DDP over the train rows with ``batch_size`` as the
     global batch, the eval rows shared out and gathered so that every process picks the same
@@ -159,7 +170,12 @@ def finetune(
     n_classes = len(manifest.class_names)
     device = resolve_device(params.device)
     rank_batch = _rank_batch(params.batch_size, distributed.world().size)
-    info = replace(backbone_info(backbone, params.input_size), resize=params.resize)
+    info = target_info(backbone, params)
+    cache = open_image_cache(images, info) if images is not None else None
+
+    def dataset(rows: np.ndarray, transform) -> ImageDataset:
+        squares = cache.manifest_squares(manifest, rows) if cache else None
+        return ImageDataset.from_manifest(manifest, rows, transform, info.input_size, squares)
 
     # A forked RNG keeps the seed local: head init, augmentation and dropout follow it.
     with distributed.process_group(device) as here, torch.random.fork_rng(devices=[]):
@@ -189,9 +205,7 @@ def finetune(
                 model, device_ids=[device.index] if cuda else None
             )
 
-        train_set = ImageDataset.from_manifest(
-            manifest, train_idx, train_transform(info, params), info.input_size
-        )
+        train_set = dataset(train_idx, train_transform(info, params))
         # One permutation per epoch whatever the world size; rank r takes every size-th sample
         # of it, so a step's global batch holds the same samples as a single process's batch.
         sampler = DistributedSampler(
@@ -205,10 +219,7 @@ def finetune(
             mine = rows[distributed.batch_shard(len(rows), size, here.rank, here.size)]
             logits = torch.empty(0, n_classes)
             if len(mine):
-                dataset = ImageDataset.from_manifest(
-                    manifest, mine, eval_transform(info), info.input_size
-                )
-                loader = _loader(dataset, size, params, device)
+                loader = _loader(dataset(mine, eval_transform(info)), size, params, device)
                 logits = predict_logits(model, loader, info, device, desc, progress)[0]
             return distributed.gather_rows(logits, len(rows), size)
 

@@ -4,10 +4,15 @@ from pathlib import Path
 
 CACHE = Path("cache")
 MANIFEST = CACHE / "manifest.csv"  # + manifest.json (source, root, classes) + skipped.csv
+IMAGES = CACHE / "images"  # <backbone>.h5: every image decoded once, squared for the backbone
 MODELS = CACHE / "models"  # <backbone>/model.safetensors + model.json
 FEATURES = CACHE / "features"  # <backbone>.h5
 HEADS = CACHE / "heads"  # <head>/head.safetensors + head.json
 REPORTS = Path("reports")
+
+
+def image_cache(backbone: str, root: Path = IMAGES) -> Path:
+    return root / f"{backbone}.h5"
 
 
 def checkpoint_dir(backbone: str, root: Path = MODELS) -> Path:

@@ -1,6 +1,7 @@
 """Classify new images with the fused model: every fine-tuned backbone embeds them through
-the extraction code the caches came from, the fusion head decides. Unreadable images are
-reported per file; the rest are still classified."""
+the extraction code the caches came from, the fusion head decides. An image whose bytes are
+in a backbone's image cache (by sha256, for the checkpoint's squares) is read from there.
+Unreadable images are reported per file; the rest are still classified."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import numpy as np
 
 from pipeline import layout
 from pipeline.atomic import write_text
+from pipeline.cache import file_sha256
 from pipeline.checkpoint import backbone_info_of, load_checkpoint, read_sidecar
 from pipeline.config import ExtractParams
 from pipeline.data import load_image
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.features import embed_images
 from pipeline.heads import load_head
+from pipeline.image_cache import usable_image_cache
 from pipeline.runtime import resolve_device
 
 
@@ -61,23 +64,36 @@ def predict(
     params: ExtractParams,
     models_dir: Path = layout.MODELS,
     progress: bool = True,
+    images_dir: Path = layout.IMAGES,
 ) -> Predictions:
     """Class probabilities of every readable image under ``inputs``.
 
     Each backbone embeds the images as `extract` does (`embed_images` with ``params``, the
     `extract` section); the checkpoints and the `extract` params that shape features must be
-    those the head's caches were made with, checked before any image is read. DataError
-    when ``inputs`` hold no file, or no readable image.
+    those the head's caches were made with, checked before any image is read. A backbone's
+    image cache in ``images_dir`` made for its checkpoint's squares serves the files whose
+    sha256 it holds; the others are decoded. DataError when ``inputs`` hold no file, or no
+    readable image.
     """
     head, sidecar = load_head(head_dir)
     checkpoints = [_pinned(b, sidecar, head_dir, models_dir, params) for b in sidecar["backbones"]]
     found = find_images(inputs)
     if not found:
         raise DataError(f"No files under {', '.join(map(str, inputs))}: nothing to classify.")
+    infos = [backbone_info_of(read_sidecar(d)) for d in checkpoints]
+    caches = [
+        usable_image_cache(layout.image_cache(b, images_dir), info)
+        for b, info in zip(sidecar["backbones"], infos, strict=True)
+    ]
+    ids = {path: file_sha256(path) for path in found} if any(caches) else {}
+    held = set()  # sha256 of files an image cache holds: decoded once already, fine then
+    for cache in filter(None, caches):
+        held |= set(ids.values()) & set(cache.sample_id.astype(str).tolist())
     paths, failures = [], []
     for path in found:
         try:
-            load_image(path, size=64)  # a cheap full decode: catches truncated and non-image files
+            if ids.get(path) not in held:
+                load_image(path, size=64)  # a cheap full decode: catches truncated, non-image files
             paths.append(path)
         except DataError as exc:
             failures.append((path, str(exc)))
@@ -89,9 +105,10 @@ def predict(
 
     device = resolve_device(params.device)
     blocks = []
-    for directory in checkpoints:
-        model, ckpt = load_checkpoint(directory)
-        batches = list(embed_images(model, backbone_info_of(ckpt), paths, params, device, progress))
+    for directory, info, cache in zip(checkpoints, infos, caches, strict=True):
+        model, _ = load_checkpoint(directory)
+        squares = cache.squares([ids[p] for p in paths]) if cache else None
+        batches = list(embed_images(model, info, paths, params, device, progress, squares))
         emb, logits = (np.concatenate([b[i] for b in batches]) for i in (1, 2))
         blocks.append(emb.astype(np.float32) if head.input == "embeddings" else logits)
     return Predictions(

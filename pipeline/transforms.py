@@ -2,7 +2,9 @@
 
 Images meet the square input as the checkpoint says (`BackboneInfo.resize`): stretched to
 (size, size) by default, which crops nothing (defects often sit at the borders), letterboxed,
-or center-cropped.
+or center-cropped. `ToSquare` leaves an image already at that square alone, so the image
+cache's rows (`defuse decode`: each image decoded and squared once) go through the same
+transforms as a freshly decoded file and come out the same.
 Loader workers do the per-image work on uint8 (grey images in one channel) and ship uint8
 batches: a quarter of the bytes to copy and pin. `model_input` normalizes a whole batch
 where the model runs, in one vectorized op.
@@ -11,6 +13,7 @@ where the model runs, in one vectorized op.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-from pipeline.backbones import BackboneInfo
+from pipeline.backbones import BackboneInfo, backbone_info
 from pipeline.config import RESIZE_MODES, FinetuneParams
 from pipeline.data import Manifest, load_image
 from pipeline.errors import ConfigError
@@ -53,6 +56,26 @@ class Letterbox:
         return F.pad(image, [left, top, self.size - w - left, self.size - h - top], fill=fill)
 
 
+def target_info(backbone: str, params: FinetuneParams) -> BackboneInfo:
+    """What ``backbone`` is fine-tuned on under ``params``: its preprocessing at
+    ``params.input_size`` (None: native) and ``params.resize``. The checkpoint records it
+    for extract and predict; `defuse decode` squares the images to it."""
+    return replace(backbone_info(backbone, params.input_size), resize=params.resize)
+
+
+class ToSquare:
+    """Any image to (input_size, input_size) per ``info.resize``. An image already that
+    square is returned as it is: every mode maps it to itself (a test checks), and the image
+    cache's rows are such squares."""
+
+    def __init__(self, info: BackboneInfo):
+        self.size = info.input_size
+        self.steps = T.Compose(_to_square(info))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image if image.size == (self.size, self.size) else self.steps(image)
+
+
 def _to_square(info: BackboneInfo) -> list:
     """The steps that bring any image to (input_size, input_size) per ``info.resize``."""
     size, interpolation = info.input_size, _INTERPOLATION[info.interpolation]
@@ -67,12 +90,12 @@ def _to_square(info: BackboneInfo) -> list:
 
 def eval_transform(info: BackboneInfo) -> T.Compose:
     """Deterministic: to the square input, to a uint8 tensor (C, H, W)."""
-    return T.Compose([*_to_square(info), T.PILToTensor()])
+    return T.Compose([ToSquare(info), T.PILToTensor()])
 
 
 def train_transform(info: BackboneInfo, params: FinetuneParams) -> T.Compose:
     """The fusion paper's online augmentation: flips, rotation by any angle, colour change."""
-    steps = _to_square(info)
+    steps = [ToSquare(info)]
     if params.hflip:
         steps.append(T.RandomHorizontalFlip())
     if params.vflip:
@@ -96,26 +119,40 @@ def model_input(images: torch.Tensor, info: BackboneInfo, device: torch.device) 
 
 
 class ImageDataset(Dataset):
-    """Image files as ``(image (3, H, W) uint8, label, index)`` triples; label -1 if unknown."""
+    """Image files as ``(image (3, H, W) uint8, label, index)`` triples; label -1 if unknown.
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None, transform, size: int):
+    ``squares``: the image cache's rows of these files (`pipeline.image_cache.Squares`);
+    an image it holds is read from there, already decoded and squared, the others (all of
+    them without it) are decoded from their files.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int] | None,
+        transform,
+        size: int,
+        squares=None,
+    ):
         self.paths = list(paths)
         self.labels = np.full(len(self.paths), -1) if labels is None else np.asarray(labels)
         self.transform = transform
         self.size = size  # decode hint: big JPEGs decode at reduced scale (draft mode)
+        self.squares = squares
 
     @classmethod
     def from_manifest(
-        cls, manifest: Manifest, rows: np.ndarray, transform, size: int
+        cls, manifest: Manifest, rows: np.ndarray, transform, size: int, squares=None
     ) -> ImageDataset:
         """Manifest ``rows`` in the given order; the index returned is the position in ``rows``."""
-        return cls(
-            [manifest.image_path(int(r)) for r in rows], manifest.label[rows], transform, size
-        )
+        paths = [manifest.image_path(int(r)) for r in rows]
+        return cls(paths, manifest.label[rows], transform, size, squares)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        image = self.transform(load_image(self.paths[i], size=self.size, keep_gray=True))
-        return image.expand(3, -1, -1), int(self.labels[i]), i
+        image = self.squares.image(i) if self.squares is not None else None
+        if image is None:
+            image = load_image(self.paths[i], size=self.size, keep_gray=True)
+        return self.transform(image).expand(3, -1, -1), int(self.labels[i]), i

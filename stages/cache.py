@@ -1,4 +1,4 @@
-"""`defuse cache info|verify PATH...`: look inside feature caches and check them."""
+"""`defuse cache info|verify PATH...`: look inside feature and image caches and check them."""
 
 import json
 from pathlib import Path
@@ -21,21 +21,27 @@ _models = options.path_option(
 )
 
 
-def _context(path: Path, manifest: Path, models: Path):
-    """The manifest and the checkpoint sha256 a cache should agree with, where present."""
-    from pipeline.cache import cache_info
+def _problems(path: Path, manifest: Path, models: Path) -> list[str]:
+    """What keeps a feature or image cache from agreeing with the manifest (and, for a feature
+    cache, its checkpoint), where those are present; [] when it is sound."""
+    from pipeline.cache import cache_info, verify_cache
     from pipeline.checkpoint import read_sidecar
     from pipeline.data import read_manifest
+    from pipeline.image_cache import is_image_cache, verify_image_cache
 
+    man = read_manifest(manifest) if manifest.is_file() else None
+    if is_image_cache(path):
+        return verify_image_cache(path, man)
     backbone = cache_info(path)["attrs"]["backbone"]
     ckpt = layout.checkpoint_dir(backbone, models)
     sha = read_sidecar(ckpt)["weights_sha256"] if (ckpt / "model.json").is_file() else None
-    return (read_manifest(manifest) if manifest.is_file() else None), sha
+    return verify_cache(path, man, sha)
 
 
 @click.group()
 def cache():
-    """Inspect and verify HDF5 feature caches (data only: nothing in them is executed)."""
+    """Inspect and verify HDF5 feature caches and image caches (data only: nothing in them is
+    executed)."""
 
 
 @cache.command()
@@ -44,17 +50,18 @@ def cache():
 @_models
 def info(paths, manifest, models):
     """Print each cache's metadata, shape, dtype, size and consistency with the current
-    manifest and checkpoint."""
-    from pipeline.cache import cache_info, verify_cache
+    manifest and checkpoint (an image cache: with the manifest)."""
+    from pipeline.cache import cache_info
+    from pipeline.image_cache import image_cache_info, is_image_cache
 
     for path in paths:
-        meta = cache_info(path)
+        images = is_image_cache(path)
+        meta = image_cache_info(path) if images else cache_info(path)
         click.echo(f"{path}")
         click.echo(json.dumps(meta, indent=2, default=str))
-        problems = verify_cache(path, *_context(path, manifest, models))
-        click.echo(
-            "  consistent with manifest and checkpoint" if not problems else "  INCONSISTENT:"
-        )
+        problems = _problems(path, manifest, models)
+        agrees = "manifest" if images else "manifest and checkpoint"
+        click.echo(f"  consistent with {agrees}" if not problems else "  INCONSISTENT:")
         for problem in problems:
             click.echo(f"    - {problem}")
 
@@ -65,13 +72,12 @@ def info(paths, manifest, models):
 @_models
 def verify(paths, manifest, models):
     """Re-hash and check every cache; exit 1 on any problem."""
-    from pipeline.cache import verify_cache
     from pipeline.errors import DefuseError
 
     bad = 0
     for path in paths:
         try:
-            problems = verify_cache(path, *_context(path, manifest, models))
+            problems = _problems(path, manifest, models)
         except DefuseError as exc:  # a cache that cannot even be opened is one more failure
             problems = [str(exc)]
         bad += bool(problems)

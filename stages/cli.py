@@ -15,6 +15,7 @@ from pipeline.runtime import keep_freed_memory
 # name -> "module:attribute"; a new stage adds one line here.
 COMMANDS = {
     "prepare": "stages.prepare:prepare",
+    "decode": "stages.decode:decode",
     "finetune": "stages.finetune:finetune",
     "extract": "stages.extract:extract",
     "fuse": "stages.fuse:fuse",
@@ -27,13 +28,14 @@ COMMANDS = {
 
 HELP = {
     "prepare": "Build cache/manifest.csv: content-addressed, checked, stratified splits.",
+    "decode": "Decode every image once to one backbone's square input: its image cache.",
     "finetune": "Fine-tune one backbone; write its checkpoint, curves and metrics.",
     "extract": "Write one backbone's penultimate embeddings to an HDF5 feature cache.",
     "fuse": "Train one fusion head on the concatenated cached embeddings.",
     "evaluate": "Test metrics of every model and head; reports/summary.md and figures.",
     "compare": "Leaderboard of heads x backbone subsets by cross-validation.",
     "predict": "Classify new images with the fine-tuned backbones and a fusion head.",
-    "cache": "Inspect (info) or check (verify) feature caches.",
+    "cache": "Inspect (info) or check (verify) feature and image caches.",
     "demo": "Run the whole DAG on the embedded default (ELPV + EfficientNet-Lite trio).",
 }
 
@@ -67,6 +69,6 @@ def main():
     """defuse: classify surface-defect images by fusing fine-tuned CNN embeddings.
 
     Stages run in this order (dvc.yaml wires them; `dvc repro` runs what changed):
-    prepare -> finetune BACKBONE -> extract BACKBONE -> fuse HEAD -> evaluate.
+    prepare -> decode BACKBONE -> finetune BACKBONE -> extract BACKBONE -> fuse HEAD -> evaluate.
     Every option defaults to params.yaml.
     """

@@ -19,14 +19,16 @@ from stages import options
 @click.option(
     "--out", type=click.Path(path_type=Path), help="Feature cache [cache/features/BACKBONE.h5]."
 )
+@options.images
 @options.params
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), help="Override extract.dtype.")
 @click.option("--tta/--no-tta", default=None, help="Override extract.tta (mean over flips).")
 @click.option("--device", help="Override extract.device.")
-def extract(backbone, manifest, checkpoint, out, params_path, dtype, tta, device):
+def extract(backbone, manifest, checkpoint, out, images, params_path, dtype, tta, device):
     """Write BACKBONE's penultimate embeddings and logits for every manifest image.
 
-    Eval preprocessing of the checkpoint (resize, no crop, no augmentation). Samples whose
+    Eval preprocessing of the checkpoint (resize, no crop, no augmentation), on the squares
+    of BACKBONE's image cache (`defuse decode BACKBONE`). Samples whose
     rows are already in the cache with the same checkpoint and preprocessing are reused.
     The file is written under a temporary name and renamed only when complete. Under
     torchrun the processes share the new samples by whole batches and rank 0 writes the file,
@@ -43,6 +45,7 @@ def extract(backbone, manifest, checkpoint, out, params_path, dtype, tta, device
         checkpoint or layout.checkpoint_dir(backbone),
         out or layout.feature_cache(backbone),
         params,
+        images=options.image_cache(images, backbone),
     )
     if distributed.world().is_main:
         click.echo(

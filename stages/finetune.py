@@ -14,15 +14,17 @@ from stages import options
 @click.option(
     "--out", type=click.Path(path_type=Path), help="Checkpoint folder [cache/models/BACKBONE]."
 )
+@options.images
 @options.reports
 @options.params
 @click.option("--epochs", type=int, help="Override finetune.epochs.")
 @click.option("--batch-size", type=int, help="Override finetune.batch_size.")
 @click.option("--device", help="Override finetune.device (auto, cpu, cuda, cuda:1).")
-def finetune(backbone, manifest, out, reports, params_path, epochs, batch_size, device):
+def finetune(backbone, manifest, out, images, reports, params_path, epochs, batch_size, device):
     """Fine-tune BACKBONE on the manifest's train split (best epoch on val).
 
-    Reads params.yaml's `finetune` section overridden by `backbones.BACKBONE`. Writes the
+    Reads params.yaml's `finetune` section overridden by `backbones.BACKBONE`, and the
+    images from BACKBONE's image cache (`defuse decode BACKBONE`). Writes the
     checkpoint (model.safetensors + model.json), the per-epoch history CSV and its PNG, and
     the val and test metrics JSON. With `finetune.cross_fit: K` it then trains K fold
     models into the checkpoint's folds/<k>/, each without one K-th of the train rows, so
@@ -42,9 +44,10 @@ def finetune(backbone, manifest, out, reports, params_path, epochs, batch_size, 
     )
     out = out or layout.checkpoint_dir(backbone)
     man = read_manifest(manifest)
+    images = options.image_cache(images, backbone)
     # Under torchrun the process group spans the reports too: every process ends after them.
     with distributed.process_group(resolve_device(params.device)) as here:
-        result = run(man, backbone, params, out)
+        result = run(man, backbone, params, out, images=images)
         if here.is_main:  # rank 0 writes; the others wait at the barrier
             paths = layout.finetune_reports(backbone, reports)
             write_history(result.history, paths["history"])
@@ -63,7 +66,9 @@ def finetune(backbone, manifest, out, reports, params_path, epochs, batch_size, 
             )
         # After the main model, whose folder save_checkpoint replaces whole.
         for k, held_out in enumerate(cross_fit_folds(man, params.cross_fit, params.seed)):
-            fold = run(man, backbone, params, layout.fold_dir(out, k), held_out=held_out)
+            fold = run(
+                man, backbone, params, layout.fold_dir(out, k), held_out=held_out, images=images
+            )
             if here.is_main:
                 click.echo(
                     f"  fold {k + 1}/{params.cross_fit} (without {len(held_out)} train rows): "

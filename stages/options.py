@@ -25,3 +25,23 @@ features = path_option(
 models = path_option("--models", layout.MODELS, "Folder of fine-tuned checkpoints <backbone>/.")
 heads = path_option("--heads", layout.HEADS, "Folder of fitted heads <head>/.", "heads_dir")
 reports = path_option("--reports", layout.REPORTS, "Folder for metrics, plot data and figures.")
+images = click.option(
+    "--images",
+    type=click.Path(path_type=Path),
+    help="Image cache written by `defuse decode` [cache/images/BACKBONE.h5 if present, else "
+    "the images are decoded from their files].",
+)
+
+
+def image_cache(given: Path | None, backbone: str) -> Path | None:
+    """--images if given; else the layout's image cache of ``backbone`` if it exists; else
+    None, said on stderr: the images are then decoded from their files (slower, same pixels)."""
+    path = given or layout.image_cache(backbone)
+    if given or path.is_file():
+        return path
+    click.echo(
+        f"No image cache {path}: decoding every image from its file "
+        f"(`defuse decode {backbone}` decodes them once).",
+        err=True,
+    )
+    return None

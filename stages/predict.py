@@ -15,6 +15,12 @@ from stages import options
 )
 @options.heads
 @options.models
+@options.path_option(
+    "--images",
+    layout.IMAGES,
+    "Folder of image caches <backbone>.h5: images whose bytes they hold are not decoded.",
+    "images_dir",
+)
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
@@ -25,7 +31,7 @@ from stages import options
 @options.params
 @click.option("--batch-size", type=int, help="Override extract.batch_size.")
 @click.option("--device", help="Override extract.device (auto, cpu, cuda, cuda:1).")
-def predict(inputs, head, heads_dir, models, out, params_path, batch_size, device):
+def predict(inputs, head, heads_dir, models, images_dir, out, params_path, batch_size, device):
     """Classify images (files or folders) with the fine-tuned backbones and a fusion head.
 
     Images are embedded as `defuse extract` embeds them (params.yaml's `extract` section:
@@ -40,7 +46,7 @@ def predict(inputs, head, heads_dir, models, out, params_path, batch_size, devic
     check_output(out)
     head = head or evaluate_params(params_path).final_head
     params = section(ExtractParams, "extract", params_path, batch_size=batch_size, device=device)
-    result = run(list(inputs), layout.head_dir(head, heads_dir), params, models)
+    result = run(list(inputs), layout.head_dir(head, heads_dir), params, models, True, images_dir)
     write_predictions(result, out)
     for _, reason in result.failures:
         click.echo(f"unreadable: {reason}", err=True)

@@ -91,7 +91,11 @@ def test_finetune_extract_fuse_evaluate_predict_through_the_cli(tiny_run, tmp_pa
         evaluate={"final_head": "logreg", "seeds": [0]},
     )
     run = CliRunner().invoke
+    result = run(main, ["extract", "tf_efficientnet_lite0"])
+    assert result.exit_code == 0, result.output  # no image cache yet: said, then decoded
+    assert "No image cache cache/images/tf_efficientnet_lite0.h5: decoding every" in result.output
     for args in (
+        ["decode", "tf_efficientnet_lite0", "--workers", "1"],
         ["extract", "tf_efficientnet_lite0"],
         ["fuse", "logreg"],
         ["fuse", "late"],
@@ -99,11 +103,16 @@ def test_finetune_extract_fuse_evaluate_predict_through_the_cli(tiny_run, tmp_pa
     ):
         result = run(main, args)
         assert result.exit_code == 0, (args, result.output)
+        assert "No image cache" not in result.output
     metrics = json.loads((tmp_path / "reports/metrics/test.json").read_text())
     assert set(metrics) == {"tf_efficientnet_lite0", "logreg", "late"}
 
-    result = run(main, ["cache", "verify", "cache/features/tf_efficientnet_lite0.h5"])
-    assert result.exit_code == 0 and "OK" in result.output
+    caches = ["cache/features/tf_efficientnet_lite0.h5", "cache/images/tf_efficientnet_lite0.h5"]
+    result = run(main, ["cache", "verify", *caches])
+    assert result.exit_code == 0 and result.output.count("OK") == 2, result.output
+    result = run(main, ["cache", "info", caches[1]])
+    assert result.exit_code == 0 and "consistent with manifest" in result.output
+    assert '"resize": "stretch"' in result.output and '"input_size": 32' in result.output
 
     images = tiny_run["root"] / "crack"
     (tmp_path / "new").mkdir()

@@ -1,6 +1,7 @@
 """The real DVC DAG end to end, in a temporary git + DVC repo on a tiny synthetic image folder:
-a full repro, a no-op repro, a head-parameter change that reruns only fusion, and caches
-pushed to a local remote and pulled into a fresh clone that fuses without re-extracting."""
+a full repro, a no-op repro, a head-parameter change that reruns only fusion, a training one
+that decodes nothing again, and caches pushed to a local remote and pulled into a fresh clone
+that fuses without re-extracting."""
 
 import os
 import re
@@ -83,6 +84,7 @@ def test_dag_reruns_only_what_changed_and_shares_caches(project, tmp_path):
     first = _run([dvc, "repro"], project)
     assert _ran(first) >= {
         "prepare",
+        "decode@tf_efficientnet_lite0",
         "finetune@tf_efficientnet_lite0",
         "extract@tf_efficientnet_lite0",
         "fuse@mlp",
@@ -101,6 +103,15 @@ def test_dag_reruns_only_what_changed_and_shares_caches(project, tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _ran(_run([dvc, "repro"], project)) == {"fuse@logreg", "evaluate"}
     assert (cache.stat().st_mtime_ns, cache.read_bytes()) == before
+
+    # A training parameter reruns fine-tuning on the decoded images, never their decoding.
+    trained = {**params, "finetune": {**params["finetune"], "lr": 5.0e-4}}
+    (project / "params.yaml").write_text(yaml.safe_dump(trained, sort_keys=False))
+    status = _run([dvc, "status"], project)
+    assert "finetune@tf_efficientnet_lite0:" in status and "decode@" not in status, status
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    images = project / layout.image_cache("tf_efficientnet_lite0")
+    assert "OK" in _run([BIN / "defuse", "cache", "verify", str(images)], project)
 
     # Share through a local DVC remote; a fresh clone pulls and only fuses.
     remote = tmp_path / "remote"

@@ -17,6 +17,7 @@ from pipeline.data import (
     ELPV_CLASSES,
     SPLITS,
     build_manifest,
+    decoded_channels,
     elpv_root,
     load_image,
     manifest_json_path,
@@ -115,6 +116,36 @@ def test_keep_gray_returns_the_channel_the_policy_replicates(tmp_path):
         assert np.array_equal(np.asarray(gray.convert("RGB")), _pixels(tmp_path / name)), name
     Image.new("RGB", (2, 2), (1, 2, 3)).save(tmp_path / "rgb.png")
     assert load_image(tmp_path / "rgb.png", keep_gray=True).mode == "RGB"
+
+
+def test_decoded_channels_foretells_keep_gray_from_the_header(tmp_path):
+    images = {
+        "l.png": Image.new("L", (3, 2)),
+        "i16.png": Image.fromarray(np.array([[1000, 65535]], dtype=np.uint16)),
+        "grey.jpg": Image.new("L", (40, 30)),
+        "rgb.jpg": Image.new("RGB", (40, 30)),
+        "cmyk.jpg": Image.new("CMYK", (40, 30)),
+        "p.png": Image.new("P", (3, 2)),
+        "la.png": Image.new("LA", (3, 2)),
+    }
+    for name, image in images.items():
+        image.save(tmp_path / name)
+        decoded = load_image(tmp_path / name, size=8, keep_gray=True)
+        assert decoded_channels(tmp_path / name) == len(decoded.getbands()), name
+    (tmp_path / "fake.png").write_text("no")
+    with pytest.raises(DataError, match=r"fake\.png: cannot read the image header"):
+        decoded_channels(tmp_path / "fake.png")
+
+
+def test_a_file_whose_bytes_left_its_sample_id_is_refused(tmp_path):
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "a.png")
+    sha = hashlib.sha256((tmp_path / "a.png").read_bytes()).hexdigest()
+    assert load_image(tmp_path / "a.png", sha256=sha).size == (4, 4)
+    Image.new("RGB", (4, 4), (3, 2, 1)).save(tmp_path / "a.png")
+    with pytest.raises(
+        DataError, match=rf"a\.png: its bytes no longer hash to its sample_id {sha}"
+    ):
+        load_image(tmp_path / "a.png", sha256=sha)
 
 
 def test_jpeg_draft_decodes_at_reduced_scale_never_below_size(tmp_path):

@@ -3,6 +3,7 @@
 import json
 import shutil
 import stat
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,10 +13,11 @@ from torch.utils.data import DataLoader
 
 from pipeline.checkpoint import SIDECAR, WEIGHTS, backbone_info_of, load_checkpoint, save_checkpoint
 from pipeline.config import ExtractParams, FinetuneParams
-from pipeline.errors import CheckpointError, DataError
+from pipeline.errors import CacheError, CheckpointError, DataError
 from pipeline.features import extract
 from pipeline.finetune import class_weights, finetune, predict_logits
-from pipeline.transforms import ImageDataset, eval_transform
+from pipeline.image_cache import decode_images
+from pipeline.transforms import ImageDataset, eval_transform, target_info
 
 
 def test_checkpoint_describes_itself(tiny_run):
@@ -73,6 +75,28 @@ def test_same_seed_gives_the_same_checkpoint_and_cache_bytes(tiny_run, tmp_path,
         for p in [tmp_path / "m", *(tmp_path / "m").iterdir()]
     }
     assert modes == {"m": 0o755, WEIGHTS: 0o644, SIDECAR: 0o644}  # umask 022
+
+
+def test_the_image_cache_gives_the_same_checkpoint_and_features_as_decoding(tiny_run, tmp_path):
+    """Training and extraction read the squares `defuse decode` wrote instead of the files:
+    the same pixels, so the same weights and the same cache bytes."""
+    manifest, params = tiny_run["manifest"], params_of(FinetuneParams, "finetune", **TINY_FINETUNE)
+    images = decode_images(
+        manifest, target_info("tf_efficientnet_lite0", params), tmp_path / "i.h5", 1, False
+    ).path
+    again = finetune(
+        manifest, "tf_efficientnet_lite0", params, tmp_path / "m", progress=False, images=images
+    )
+    assert again.sidecar["weights_sha256"] == tiny_run["result"].sidecar["weights_sha256"]
+    extract_params = params_of(ExtractParams, "extract", batch_size=16, num_workers=0)
+    extract(manifest, tiny_run["checkpoint"], tmp_path / "a.h5", extract_params, progress=False)
+    extract(manifest, tmp_path / "m", tmp_path / "b.h5", extract_params, False, images=images)
+    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
+
+    other = replace(params, input_size=48)  # the checkpoint would record other squares
+    with pytest.raises(CacheError, match=r"holds squares of input_size 32, but .* input_size 48"):
+        finetune(manifest, "tf_efficientnet_lite0", other, tmp_path / "x", False, images=images)
+    assert not (tmp_path / "x").exists()
 
 
 def test_tampered_weights_are_refused(tiny_run, tmp_path):

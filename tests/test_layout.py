@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_dvc_vars_match_layout():
     dvc_vars = yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"][0]
     assert Path(dvc_vars["manifest"]) == layout.MANIFEST
+    assert Path(dvc_vars["images"]) == layout.IMAGES
     assert Path(dvc_vars["models"]) == layout.MODELS
     assert Path(dvc_vars["features"]) == layout.FEATURES
     assert Path(dvc_vars["heads_dir"]) == layout.HEADS
@@ -104,3 +105,19 @@ def test_dvc_stages_list_exactly_the_code_they_run_and_the_manifest():
         assert declared == _code_deps(REPO / "stages" / f"{name}.py"), name
         if name != "prepare":
             assert "${manifest}" in deps, name
+
+
+def test_decode_writes_the_image_cache_finetune_and_extract_read():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    path = "${images}/${key}.h5"
+    assert str(layout.image_cache("${key}", Path("${images}"))) == path
+    assert stages["decode"]["do"]["outs"] == [path]
+    for name in ("finetune", "extract"):
+        stage = stages[name]["do"]
+        assert path in stage["deps"] and f"--images {path}" in stage["cmd"], name
+    # only the keys that set the square: a training parameter does not decode again
+    assert stages["decode"]["do"]["params"] == [
+        "finetune.input_size",
+        "finetune.resize",
+        "backbones.${key}",
+    ]

@@ -3,6 +3,8 @@ and clean errors for outputs it cannot write and inputs with nothing to classify
 
 import json
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,3 +117,42 @@ def test_the_cli_writes_csv_or_json_and_refuses_other_outputs_before_any_work(fu
     result = _cli(fused, tmp_path, tmp_path / "empty", "--out", tmp_path / "p.csv")
     assert result.exit_code == 1 and "nothing to classify" in result.output
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_reads_the_image_cache_for_files_it_holds_and_decodes_the_rest(
+    fused, tmp_path, monkeypatch
+):
+    import pipeline.predict
+    import pipeline.transforms
+    from pipeline.checkpoint import backbone_info_of
+    from pipeline.image_cache import decode_images
+
+    manifest = fused["manifest"]
+    test = [int(i) for i in np.flatnonzero(fused["features"].split == "test")]
+    paths = [manifest.image_path(i) for i in test]
+    new = tmp_path / "new.png"  # not in the cache: other bytes
+    new.write_bytes(paths[0].read_bytes() + b"\0")
+    info = backbone_info_of(read_sidecar(layout.checkpoint_dir(BACKBONE, fused["models"])))
+    images = tmp_path / "images"
+    decode_images(manifest, info, layout.image_cache(BACKBONE, images), 1, False)
+    decoded = []  # names of the files decoded, by predict's check and by the loader
+    for module in (pipeline.predict, pipeline.transforms):
+
+        def load_image(path, *args, _real=module.load_image, **kwargs):
+            decoded.append(Path(path).name)
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(module, "load_image", load_image)
+
+    args = (fused["head_dir"], fused["params"], fused["models"], False)
+    result = predict([*paths, new], *args, images_dir=images)
+    assert decoded == ["new.png", "new.png"]  # the readability check, then the loader
+    plain = predict([*paths, new], *args, images_dir=tmp_path / "none")
+    np.testing.assert_allclose(result.proba, plain.proba, atol=1e-6)
+
+    decoded.clear()  # a cache of other squares is passed by: every file is decoded
+    decode_images(
+        manifest, replace(info, input_size=40), layout.image_cache(BACKBONE, images), 1, False
+    )
+    predict(paths, *args, images_dir=images)
+    assert sorted(decoded) == sorted([p.name for p in paths] * 2)

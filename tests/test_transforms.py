@@ -12,7 +12,13 @@ from torchvision import transforms as T
 from pipeline.backbones import backbone_info
 from pipeline.config import RESIZE_MODES, FinetuneParams
 from pipeline.errors import ConfigError
-from pipeline.transforms import ImageDataset, eval_transform, model_input, train_transform
+from pipeline.transforms import (
+    ImageDataset,
+    _to_square,
+    eval_transform,
+    model_input,
+    train_transform,
+)
 
 INFO = backbone_info("tf_efficientnet_lite0", 32)
 CPU = torch.device("cpu")
@@ -122,3 +128,13 @@ def test_train_transform_brings_the_image_to_the_square_the_same_way():
 def test_unknown_resize_mode_is_refused():
     with pytest.raises(ConfigError, match=r"resize must be one of .*'stretch'.*Got 'fit'"):
         eval_transform(replace(INFO, resize="fit"))
+
+
+def test_an_image_already_square_at_the_size_is_left_as_it_is_by_every_mode():
+    """What lets the image cache's squares go through the same transforms unchanged."""
+    square = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8))
+    for mode in RESIZE_MODES:
+        info = replace(INFO, resize=mode)
+        steps = T.Compose([*_to_square(info), T.PILToTensor()])  # without ToSquare's shortcut
+        assert torch.equal(steps(square), T.PILToTensor()(square)), mode
+        assert torch.equal(eval_transform(info)(square), T.PILToTensor()(square)), mode
