@@ -23,7 +23,7 @@ from pipeline.backbones import backbone_info, create_backbone, embed
 from pipeline.checkpoint import read_sidecar
 from pipeline.config import backbone_names
 from pipeline.data import read_manifest
-from pipeline.runtime import prepare_model, resolve_device
+from pipeline.runtime import keep_freed_memory, prepare_model, resolve_device
 from pipeline.transforms import ImageDataset, eval_transform, model_input
 
 
@@ -44,6 +44,7 @@ def imagenet_embeddings(
 
 
 def main() -> None:
+    keep_freed_memory()  # the allocator policy every defuse process runs with
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", default=None)
     parser.add_argument("--manifest", default=str(layout.MANIFEST))

@@ -34,7 +34,7 @@ from pipeline.config import ExtractParams, asdict, finetune_params, section
 from pipeline.data import Manifest, manifest_json_path, read_manifest
 from pipeline.features import extract
 from pipeline.image_cache import decode_images
-from pipeline.runtime import autocast, prepare_model
+from pipeline.runtime import autocast, keep_freed_memory, prepare_model
 
 
 def make_checkpoint(backbone: str, data: Manifest, directory: Path) -> None:
@@ -101,6 +101,7 @@ def peak_rss(
     """Peak RSS (MB) of an extraction in a fresh process, and of its largest loader worker."""
     code = (
         "import resource; from pathlib import Path; from pipeline.config import ExtractParams;"
+        "from pipeline.runtime import keep_freed_memory; keep_freed_memory();"
         "from pipeline.data import read_manifest; from pipeline.features import extract;"
         f"extract(read_manifest({str(data.path)!r}), Path({str(checkpoint)!r}),"
         f" Path({str(out)!r}), ExtractParams(**{dataclasses.asdict(params)!r}),"
@@ -127,6 +128,7 @@ def quarter_manifest(data, tmp: Path):
 
 
 def main() -> None:
+    keep_freed_memory()  # the allocator policy every defuse process runs with
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

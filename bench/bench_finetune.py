@@ -27,7 +27,7 @@ from pipeline.backbones import backbone_info, create_backbone, freeze_stages, se
 from pipeline.config import finetune_params
 from pipeline.finetune import finetune
 from pipeline.image_cache import decode_images
-from pipeline.runtime import autocast, prepare_model
+from pipeline.runtime import autocast, keep_freed_memory, prepare_model
 from pipeline.transforms import target_info
 
 
@@ -64,6 +64,7 @@ def bare_training(
 
 
 def main() -> None:
+    keep_freed_memory()  # the allocator policy every defuse process runs with
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

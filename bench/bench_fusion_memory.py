@@ -32,6 +32,7 @@ from pipeline.cache import SPLITS, CacheWriter, load_features
 from pipeline.config import FuseParams, section
 from pipeline.fusion import fit_head
 from pipeline.heads import make_head
+from pipeline.runtime import keep_freed_memory
 
 BACKBONES = ("resnet50", "inception_v3", "legacy_xception")
 DIM, N_CLASSES, BATCH = 2048, 4, 8192
@@ -106,6 +107,7 @@ def report(what: str, measured_mb: float, reference_mb: float, note: str = "") -
 
 
 def main() -> None:
+    keep_freed_memory()  # the allocator policy every defuse process runs with
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--epochs", type=int, default=1, help="mlp epochs (fuse trains 50)")

@@ -23,9 +23,11 @@ from pipeline.config import backbone_names, evaluate_params, finetune_params
 from pipeline.data import ELPV_CLASSES, elpv_root
 from pipeline.explain import Gallery, explain, thumbnail
 from pipeline.report import plot_gallery
+from pipeline.runtime import keep_freed_memory
 
 
 def main() -> None:
+    keep_freed_memory()  # the allocator policy every defuse process runs with
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=evaluate_params().gallery)
     parser.add_argument("--out", type=Path, help="Keep the PNGs here (default: a temp folder).")

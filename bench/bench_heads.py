@@ -27,6 +27,7 @@ from pipeline.compare import compare
 from pipeline.config import CompareParams, FuseParams, head_params, load_params, section
 from pipeline.data import read_manifest
 from pipeline.fusion import fit_head, fused_features
+from pipeline.runtime import keep_freed_memory
 
 N_CLASSES = 4
 
@@ -61,6 +62,7 @@ def synthetic(folder: Path, rng: np.random.Generator) -> FusedFeatures:
 
 
 def main() -> None:
+    keep_freed_memory()  # the allocator policy every defuse process runs with
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", type=Path, help="a finished demo: use its caches")
     args = parser.parse_args()

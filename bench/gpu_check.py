@@ -52,6 +52,7 @@ from pipeline.config import ExtractParams, finetune_params, section
 from pipeline.data import Manifest
 from pipeline.finetune import finetune
 from pipeline.image_cache import decode_images
+from pipeline.runtime import keep_freed_memory
 from pipeline.transforms import target_info
 from stages.cli import main as defuse
 
@@ -234,6 +235,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def main() -> int:
+    keep_freed_memory()  # the allocator policy every defuse process runs with
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
