@@ -46,7 +46,7 @@ _BLOCK_SHARE = 32
 # ---------------------------------------------------------------------------- attributes
 
 
-def _encode(key: str, value):
+def encode_attr(key: str, value):
     """Python value -> what h5py stores: UTF-8 text (JSON for some), a numpy scalar or
     numeric array. Text is fixed-length bytes: a variable-length string lives in HDF5's global
     heap, where one damaged byte can hang the library's reader instead of failing."""
@@ -72,7 +72,7 @@ def _encode(key: str, value):
     )
 
 
-def _decode(key: str, raw):
+def decode_attr(key: str, raw):
     """What h5py returns -> plain Python (str, int, float, bool, list, dict)."""
     if isinstance(raw, bytes | np.bytes_):
         raw = raw.decode("utf-8")
@@ -84,7 +84,7 @@ def _decode(key: str, raw):
 def _same(key: str, value, stored) -> bool:
     """Whether a caller's value equals a stored attribute, compared after the same encoding."""
     try:
-        return _decode(key, _encode(key, value)) == stored
+        return decode_attr(key, encode_attr(key, value)) == stored
     except (CacheError, TypeError, ValueError):
         return False
 
@@ -137,7 +137,9 @@ class CacheWriter:
     def _file_attrs(self, given: dict) -> dict:
         derived = dict(schema=SCHEMA, dim=self.dim, n_classes=self.n_classes, dtype=self.dtype.name)
         for key, value in derived.items():
-            if key in given and not _same(key, given.pop(key), _decode(key, _encode(key, value))):
+            if key in given and not _same(
+                key, given.pop(key), decode_attr(key, encode_attr(key, value))
+            ):
                 raise CacheError(f"{self.path}: attribute {key!r} disagrees with {value!r}")
         missing = [k for k in ATTRS if k not in _DERIVED and k not in given]
         if missing:
@@ -149,7 +151,7 @@ class CacheWriter:
                 f"n_classes={self.n_classes}"
             )
         order = [*ATTRS, *sorted(set(given) - set(ATTRS))]
-        return {k: _encode(k, given[k]) for k in order}
+        return {k: encode_attr(k, given[k]) for k in order}
 
     def __enter__(self) -> CacheWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +167,7 @@ class CacheWriter:
             f.create_dataset("logits", (n, self.n_classes), np.float32, **kw)
             f.create_dataset("sample_id", (n,), _ID, **kw)
             f.create_dataset("label", (n,), np.int64, **kw)
-            f.create_dataset("split", (n,), np.uint8, **kw).attrs["split_names"] = _encode(
+            f.create_dataset("split", (n,), np.uint8, **kw).attrs["split_names"] = encode_attr(
                 "class_names", list(SPLITS)
             )
             f.create_dataset(FOLD, (n,), np.int8, fillvalue=-1, **kw)
@@ -421,7 +423,7 @@ def _open(path: str | os.PathLike, unique: bool = True) -> _Header:
 def _read_header(path: Path, f: h5py.File) -> _Header:
     if "schema" not in f.attrs:
         raise CacheError(f"{path}: missing attribute 'schema'; not a defuse feature cache")
-    schema = _decode("schema", f.attrs["schema"])
+    schema = decode_attr("schema", f.attrs["schema"])
     if schema != SCHEMA:
         raise CacheError(
             f"{path}: schema version {schema!r} is not supported (this defuse reads "
@@ -430,7 +432,7 @@ def _read_header(path: Path, f: h5py.File) -> _Header:
     missing = [k for k in ATTRS if k not in f.attrs] + [d for d in DATASETS if d not in f]
     if missing:
         raise CacheError(f"{path}: missing attributes / datasets {missing}")
-    attrs = {k: _decode(k, f.attrs[k]) for k in f.attrs}
+    attrs = {k: decode_attr(k, f.attrs[k]) for k in f.attrs}
     ds = {name: f[name] for name in DATASETS}
     # Check kinds before reading: a variable-length (object) dataset is never read.
     kinds = dict(embeddings="f", logits="f", sample_id="S", label="iu", split="u")
@@ -455,7 +457,7 @@ def _read_header(path: Path, f: h5py.File) -> _Header:
             f"{path}: {len(attrs['class_names'])} class_names for {n_classes} logit columns"
         )
     split_names = ds["split"].attrs.get("split_names")
-    if split_names is None or _decode("class_names", split_names) != list(SPLITS):
+    if split_names is None or decode_attr("class_names", split_names) != list(SPLITS):
         raise CacheError(f"{path}: split_names {split_names!r}, expected {list(SPLITS)}")
 
     # Whole-dataset reads: one contiguous read each, never a fancy index into h5py.
@@ -652,7 +654,7 @@ class FusedFeatures:
         costs more than the read itself; refused if a file was replaced since it was read."""
         for name, path, ident in zip(self.backbones, self.paths, self._identity, strict=True):
             if name not in self._sums:
-                if _identity(path) != ident:
+                if file_identity(path) != ident:
                     raise CacheError(f"{path}: changed since its features were loaded")
                 self._sums[name] = file_sha256(path)
         return dict(self._sums)
@@ -753,13 +755,13 @@ def _reopen(path: Path, identity: tuple) -> h5py.File:
         f = h5py.File(path, "r")
     except OSError as e:
         raise CacheError(f"{path}: cannot be reopened to read rows ({e})") from None
-    if _identity(path, f) != identity:
+    if file_identity(path, f) != identity:
         f.close()
         raise CacheError(f"{path}: changed since its features were loaded")
     return f
 
 
-def _identity(path: Path, f: h5py.File | None = None) -> tuple:
+def file_identity(path: Path, f: h5py.File | None = None) -> tuple:
     """(size, mtime_ns, inode) of `path`, or of the file `f` actually has open."""
     st = os.stat(path) if f is None else os.fstat(f.id.get_vfd_handle())
     return st.st_size, st.st_mtime_ns, st.st_ino
@@ -817,7 +819,7 @@ def _fuse(heads: list[_Header], backbones, manifest, max_bytes) -> FusedFeatures
         all_rows.append(rows)
 
     n, dims = len(ref.sample_id), tuple(h.embeddings.shape[1] for h in heads)
-    identities = tuple(_identity(h.path, h.file) for h in heads)
+    identities = tuple(file_identity(h.path, h.file) for h in heads)
     row_bytes = sum(dims) * np.dtype(np.float32).itemsize
     if max_bytes is None or n * row_bytes <= max_bytes:
         X = np.empty((n, sum(dims)), np.float32)

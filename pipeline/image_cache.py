@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_file
 from pipeline.backbones import BackboneInfo
+from pipeline.cache import decode_attr, encode_attr, file_identity
 from pipeline.data import Manifest, decoded_channels, load_image
 from pipeline.errors import CacheError
 from pipeline.transforms import ToSquare
@@ -54,8 +54,8 @@ def target(info: BackboneInfo) -> dict:
     }
 
 
-def _versions() -> str:
-    return json.dumps({name: importlib.metadata.version(name) for name in LIBRARIES})
+def _versions() -> dict[str, str]:
+    return {name: importlib.metadata.version(name) for name in LIBRARIES}
 
 
 def _square(path: Path, sample_id: str, info: BackboneInfo) -> np.ndarray:
@@ -107,7 +107,7 @@ def decode_images(
     ):
         run = pool.map if parallel else map
         for key, value in attrs.items():
-            f.attrs[key] = _encode(value)
+            f.attrs[key] = encode_attr(key, value)
         # track_times=False: no clock value in what DVC hashes; contiguous: a row is one read
         f.create_dataset("sample_id", data=np.array(manifest.sample_id, _ID), track_times=False)
         f.create_dataset("channels", data=channels, track_times=False)
@@ -143,22 +143,6 @@ def _previous(out: Path, wanted: dict) -> ImageCache | None:
 
 
 # ---------------------------------------------------------------------------- reading
-
-
-def _encode(value):
-    """A Python attribute value as h5py stores it: text as fixed-length bytes (not HDF5's
-    global heap), numbers as int64 / float64 (arrays)."""
-    if isinstance(value, str):
-        return np.bytes_(value.encode("utf-8"))
-    if isinstance(value, list):
-        return np.asarray(value, np.float64)
-    return np.int64(value)
-
-
-def _decode(raw):
-    if isinstance(raw, bytes | np.bytes_):
-        return raw.decode("utf-8")
-    return raw.tolist() if isinstance(raw, np.ndarray | np.generic) else raw
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,7 +193,7 @@ def read_image_cache(path: Path | str) -> ImageCache:
         raise CacheError(f"{path}: no such image cache")
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: _decode(v) for k, v in f.attrs.items()}
+            attrs = {k: decode_attr(k, v) for k, v in f.attrs.items()}
             if attrs.get("image_schema") != SCHEMA:
                 raise CacheError(
                     f"{path}: image_schema {attrs.get('image_schema')!r} is not {SCHEMA}; "
@@ -233,7 +217,7 @@ def read_image_cache(path: Path | str) -> ImageCache:
             depth = pixels.shape[3]
             if len(channels) != n or not np.isin(channels, (1, depth)).all():
                 raise CacheError(f"{path}: channels must be 1 or {depth} per row")
-            shape, identity = pixels.shape, _identity(f)
+            shape, identity = pixels.shape, file_identity(path, f)
     # h5py reports damaged metadata as any of these (see pipeline/cache.py)
     except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
         raise CacheError(f"{path}: not a readable HDF5 image cache ({e})") from None
@@ -262,11 +246,6 @@ def usable_image_cache(path: Path | str, info: BackboneInfo) -> ImageCache | Non
         return None
     cache = read_image_cache(path)
     return cache if {k: cache.attrs[k] for k in TARGET} == target(info) else None
-
-
-def _identity(f: h5py.File) -> tuple:
-    st = os.fstat(f.id.get_vfd_handle())
-    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 class Squares:
@@ -315,7 +294,7 @@ class Squares:
             f = h5py.File(self.path, "r")
         except OSError as e:
             raise CacheError(f"{self.path}: cannot be reopened to read rows ({e})") from None
-        if _identity(f) != self.identity:
+        if file_identity(self.path, f) != self.identity:
             f.close()
             raise CacheError(
                 f"{self.path}: replaced since its header was read (a `defuse decode` ran "

@@ -88,7 +88,7 @@ def predict(
     ids = {path: file_sha256(path) for path in found} if any(caches) else {}
     held = set()  # sha256 of files an image cache holds: decoded once already, fine then
     for cache in filter(None, caches):
-        held |= set(ids.values()) & set(cache.sample_id.astype(str).tolist())
+        held.update(cache.sample_id.astype(str).tolist())
     paths, failures = [], []
     for path in found:
         try:

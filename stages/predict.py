@@ -46,7 +46,9 @@ def predict(inputs, head, heads_dir, models, images_dir, out, params_path, batch
     check_output(out)
     head = head or evaluate_params(params_path).final_head
     params = section(ExtractParams, "extract", params_path, batch_size=batch_size, device=device)
-    result = run(list(inputs), layout.head_dir(head, heads_dir), params, models, True, images_dir)
+    result = run(
+        list(inputs), layout.head_dir(head, heads_dir), params, models, images_dir=images_dir
+    )
     write_predictions(result, out)
     for _, reason in result.failures:
         click.echo(f"unreadable: {reason}", err=True)
