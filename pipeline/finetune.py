@@ -84,14 +84,14 @@ def _cosine(step: int, total: int, lr: float, lr_final: float) -> float:
     )
 
 
-def _loader(dataset, batch_size: int, params: FinetuneParams, device, sampler=None):
+def _loader(dataset, batch_size: int, num_workers: int, device, sampler=None):
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=params.num_workers,
+        num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=params.num_workers > 0,
+        persistent_workers=num_workers > 0,
         drop_last=False,
     )
 
@@ -211,7 +211,11 @@ def finetune(
         sampler = DistributedSampler(
             train_set, here.size, here.rank, shuffle=True, seed=params.seed
         )
-        train_loader = _loader(train_set, rank_batch, params, device, sampler)
+        train_loader = _loader(train_set, rank_batch, params.num_workers, device, sampler)
+        # From the image cache an eval batch is a copy and a normalisation, so it runs in this
+        # process: workers forked after the first epoch would share its grown, kept heap, and
+        # every page it then writes would be a copy-on-write fault (README, page faults).
+        eval_workers = 0 if cache else params.num_workers
 
         def eval_logits(rows: np.ndarray, desc: str) -> torch.Tensor:
             """(len(rows), n_classes) on every process; each runs whole batches of its share."""
@@ -219,7 +223,7 @@ def finetune(
             mine = rows[distributed.batch_shard(len(rows), size, here.rank, here.size)]
             logits = torch.empty(0, n_classes)
             if len(mine):
-                loader = _loader(dataset(mine, eval_transform(info)), size, params, device)
+                loader = _loader(dataset(mine, eval_transform(info)), size, eval_workers, device)
                 logits = predict_logits(model, loader, info, device, desc, progress)[0]
             return distributed.gather_rows(logits, len(rows), size)
 

@@ -93,6 +93,14 @@ def test_the_image_cache_gives_the_same_checkpoint_and_features_as_decoding(tiny
     extract(manifest, tmp_path / "m", tmp_path / "b.h5", extract_params, False, images=images)
     assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
 
+    # With loader workers too, although evaluation then runs in this process (no workers).
+    workers = replace(params, num_workers=1)
+    decoded = finetune(manifest, "tf_efficientnet_lite0", workers, tmp_path / "w1", False)
+    cached = finetune(
+        manifest, "tf_efficientnet_lite0", workers, tmp_path / "w2", False, images=images
+    )
+    assert decoded.sidecar["weights_sha256"] == cached.sidecar["weights_sha256"]
+
     other = replace(params, input_size=48)  # the checkpoint would record other squares
     with pytest.raises(CacheError, match=r"holds squares of input_size 32, but .* input_size 48"):
         finetune(manifest, "tf_efficientnet_lite0", other, tmp_path / "x", False, images=images)
