@@ -46,11 +46,10 @@ import torch
 import yaml
 from _datasets import JPEG_SIZE, manifest, write_jpegs
 from bench_extract import bare_forward, timed_extract
-from bench_finetune import bare_training
+from bench_finetune import bare_training, second_epoch
 
 from pipeline.config import ExtractParams, finetune_params, section
 from pipeline.data import Manifest
-from pipeline.finetune import finetune
 from pipeline.image_cache import decode_images
 from pipeline.runtime import keep_freed_memory
 from pipeline.transforms import target_info
@@ -133,8 +132,7 @@ def throughput(backbone: str, data: Manifest, mode: Mode, tmp: Path) -> None:
         f"{params.frozen_stages} stages frozen, {params.num_workers} workers"
     )
     for how, cache in ways:
-        result = finetune(data, backbone, params, checkpoint, progress=False, images=cache)
-        ours = n_train / result.history[-1]["train_s"]
+        ours = second_epoch(data, backbone, params, checkpoint, cache)  # leaves the checkpoint
         print(
             f"{backbone} finetune epoch images/s ({what}, {how}): {ours:.1f} / bare loop "
             f"{bare:.1f} = {ours / bare:.2f}"
