@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import StratifiedKFold
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pipeline.errors import ConfigError, DataError
 from pipeline.heads import HEADS, make_head

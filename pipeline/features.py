@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pipeline import distributed, layout
 from pipeline.atomic import atomic_file

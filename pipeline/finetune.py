@@ -22,7 +22,7 @@ from sklearn.model_selection import StratifiedKFold
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.atomic import write_text

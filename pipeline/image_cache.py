@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pipeline.atomic import atomic_file
 from pipeline.backbones import BackboneInfo

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import checkpoint_for, make_manifest, params_of, tinted_folder
+from torch.utils.data import DataLoader
 
 from pipeline.backbones import embed
 from pipeline.cache import read_cache
@@ -52,6 +53,19 @@ def test_identical_inputs_give_identical_bytes(tiny_run, tmp_path):
     assert a.read_bytes() == b.read_bytes()
     again = extract(tiny_run["manifest"], tiny_run["checkpoint"], a, PARAMS, progress=False)
     assert again.n_computed == 0 and a.read_bytes() == b.read_bytes()
+
+
+def test_extraction_iterates_its_loader_once(tiny_run, tmp_path, monkeypatch):
+    """A second iterator would start a worker that decodes batches only to drop them (the
+    progress bar of tqdm.auto builds one as it wraps the loader)."""
+    built = []
+    get_iterator = DataLoader._get_iterator
+    monkeypatch.setattr(
+        DataLoader, "_get_iterator", lambda self: built.append(self) or get_iterator(self)
+    )
+    params = replace(PARAMS, num_workers=1)
+    extract(tiny_run["manifest"], tiny_run["checkpoint"], tmp_path / "f.h5", params, progress=True)
+    assert len(built) == 1
 
 
 def test_grown_manifest_runs_only_new_rows_and_drops_removed_ones(tiny_run, tmp_path):
