@@ -61,6 +61,32 @@ def plot_comparison(results: dict[str, dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_gains(evidence: dict, final: str, path: Path) -> None:
+    """Each head's gain over the best single model with its 95 % interval, in points: a
+    bar chart of two close scores hides whether the difference is more than noise."""
+    heads = list(evidence["heads"])
+    y = np.arange(len(heads))[::-1]  # first head on top, as in the summary's table
+    fig, axes = plt.subplots(
+        1, 2, figsize=(8, 1.4 + 0.45 * len(heads)), sharey=True, constrained_layout=True
+    )
+    for ax, (key, label) in zip(
+        axes, (("accuracy", "Δ accuracy"), ("f1_macro", "Δ macro F1")), strict=True
+    ):
+        diff = np.array([100 * evidence["heads"][h][f"{key}_diff"] for h in heads])
+        ci = np.array([[100 * v for v in evidence["heads"][h][f"{key}_ci"]] for h in heads])
+        colors = ["C1" if h == final else "C0" for h in heads]
+        ax.errorbar(diff, y, xerr=[diff - ci[:, 0], ci[:, 1] - diff], fmt="none", ecolor=colors)
+        ax.scatter(diff, y, c=colors, zorder=3)
+        for yi, d in zip(y, diff, strict=True):
+            ax.text(d, yi + 0.15, f"{d:+.2f}", ha="center", fontsize=7)
+        ax.axvline(0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(f"{label} (points, 95 % CI)")
+    axes[0].set_yticks(y, [f"{h} (final)" if h == final else h for h in heads])
+    axes[0].set_ylim(y.min() - 0.6, y.max() + 0.6)
+    fig.suptitle(f"Fusion heads minus {evidence['best_single']}, test split, paired bootstrap")
+    save_figure(fig, path)
+
+
 def plot_images(
     images, captions: list[str], path: Path, title: str, heat: np.ndarray | None = None
 ) -> None:
@@ -392,6 +418,9 @@ def write_reports(
         plot_confusion(m, figures / f"confusion_{name}.png", name)
     summary_dir = paths["summary"].parent
     linked = [figures / "comparison.png"]
+    if evidence:
+        plot_gains(evidence, final, figures / "gains.png")
+        linked.append(figures / "gains.png")
     if final in metrics:
         linked.append(figures / f"confusion_{final}.png")
     linked += [p for p in curves.values() if p.exists()]

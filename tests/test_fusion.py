@@ -230,6 +230,8 @@ def test_evaluate_scores_singles_and_heads_and_writes_the_report(tmp_path, featu
         assert f"| {name} |" in summary
     assert (paths["figures"] / "confusion_logreg.png").stat().st_size > 1000
     assert (paths["figures"] / "comparison.png").is_file()
+    assert (paths["figures"] / "gains.png").stat().st_size > 1000
+    assert "![gains](figures/gains.png)" in summary
     rows = (paths["confusion"] / "late.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == n_test + 1
 
