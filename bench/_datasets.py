@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import PrepareParams, section
-from pipeline.data import Manifest, build_manifest, read_manifest, write_manifest
+from pipeline.data.manifest import Manifest, build_manifest, read_manifest, write_manifest
 
 JPEG_SIZE = (2560, 1920)
 

@@ -19,12 +19,12 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
 from pipeline import layout
-from pipeline.backbones import backbone_info, create_backbone, embed
-from pipeline.checkpoint import read_sidecar
 from pipeline.config import backbone_names
-from pipeline.data import read_manifest
+from pipeline.data.manifest import read_manifest
+from pipeline.data.transforms import ImageDataset, eval_transform, model_input
+from pipeline.models.checkpoint import read_sidecar
+from pipeline.models.registry import backbone_info, create_backbone, embed
 from pipeline.runtime import keep_freed_memory, prepare_model, resolve_device
-from pipeline.transforms import ImageDataset, eval_transform, model_input
 
 
 def imagenet_embeddings(

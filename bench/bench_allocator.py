@@ -49,7 +49,7 @@ def _child(policy: str, backbone: str) -> None:
     from _datasets import manifest
 
     from pipeline.config import ExtractParams, finetune_params, section
-    from pipeline.features import extract
+    from pipeline.extract import extract
     from pipeline.finetune import finetune
 
     params = finetune_params(backbone, epochs=1, pretrained=False, device="cpu")

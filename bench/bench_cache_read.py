@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache import SPLITS, CacheWriter, load_features
+from pipeline.storage.feature_cache import SPLITS, CacheWriter, load_features
 
 BACKBONES = ("resnet50", "inception_v3", "legacy_xception")
 

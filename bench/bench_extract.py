@@ -31,13 +31,13 @@ import torch
 from _datasets import manifest
 from _process import in_fresh_process
 
-from pipeline.backbones import backbone_info, create_backbone, embed
-from pipeline.checkpoint import backbone_info_of, read_sidecar, save_checkpoint
 from pipeline.config import ExtractParams, asdict, finetune_params, section
-from pipeline.data import Manifest, manifest_json_path, read_manifest
-from pipeline.features import extract
-from pipeline.image_cache import decode_images
+from pipeline.data.manifest import Manifest, manifest_json_path, read_manifest
+from pipeline.extract import extract
+from pipeline.models.checkpoint import backbone_info_of, read_sidecar, save_checkpoint
+from pipeline.models.registry import backbone_info, create_backbone, embed
 from pipeline.runtime import autocast, keep_freed_memory, prepare_model
+from pipeline.storage.image_cache import decode_images
 
 SELF, CHILDREN = resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN  # children: loader workers
 

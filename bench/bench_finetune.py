@@ -25,12 +25,12 @@ from _datasets import manifest
 from _process import in_fresh_process
 from torch import nn
 
-from pipeline.backbones import backbone_info, create_backbone, freeze_stages, set_train_mode
 from pipeline.config import finetune_params
+from pipeline.data.transforms import target_info
 from pipeline.finetune import finetune
-from pipeline.image_cache import decode_images
+from pipeline.models.registry import backbone_info, create_backbone, freeze_stages, set_train_mode
 from pipeline.runtime import autocast, keep_freed_memory, prepare_model
-from pipeline.transforms import target_info
+from pipeline.storage.image_cache import decode_images
 
 
 def bare_training(

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache import SPLITS, CacheWriter, load_features
 from pipeline.config import FuseParams, section
-from pipeline.fusion import fit_head
-from pipeline.heads import make_head
+from pipeline.fusion.fit import fit_head
+from pipeline.fusion.heads import make_head
 from pipeline.runtime import keep_freed_memory
+from pipeline.storage.feature_cache import SPLITS, CacheWriter, load_features
 
 BACKBONES = ("resnet50", "inception_v3", "legacy_xception")
 DIM, N_CLASSES, BATCH = 2048, 4, 8192

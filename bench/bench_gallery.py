@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.backbones import backbone_info, create_backbone
-from pipeline.checkpoint import save_checkpoint
 from pipeline.config import backbone_names, evaluate_params, finetune_params
-from pipeline.data import ELPV_CLASSES, elpv_root
-from pipeline.explain import Gallery, explain, thumbnail
-from pipeline.report import plot_gallery
+from pipeline.data.manifest import ELPV_CLASSES, elpv_root
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.registry import backbone_info, create_backbone
+from pipeline.report.explain import Gallery, explain, thumbnail
+from pipeline.report.summary import plot_gallery
 from pipeline.runtime import keep_freed_memory
 
 

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from pipeline import layout
-from pipeline.cache import CacheWriter, FusedFeatures, load_features
-from pipeline.compare import compare
 from pipeline.config import CompareParams, FuseParams, head_params, load_params, section
-from pipeline.data import read_manifest
-from pipeline.fusion import fit_head, fused_features
+from pipeline.data.manifest import read_manifest
+from pipeline.fusion.compare import compare
+from pipeline.fusion.fit import fit_head, fused_features
 from pipeline.runtime import keep_freed_memory
+from pipeline.storage.feature_cache import CacheWriter, FusedFeatures, load_features
 
 N_CLASSES = 4
 

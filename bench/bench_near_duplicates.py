@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from pipeline.data import elpv_root
-from pipeline.dedupe import groups_of, near_duplicate_pairs, perceptual_hash
+from pipeline.data.dedupe import groups_of, near_duplicate_pairs, perceptual_hash
+from pipeline.data.manifest import elpv_root
 
 RADII = (0, 2, 4, 6, 8, 10)
 

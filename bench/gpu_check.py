@@ -49,10 +49,10 @@ from bench_extract import bare_forward, timed_extract
 from bench_finetune import bare_training, second_epoch
 
 from pipeline.config import ExtractParams, finetune_params, section
-from pipeline.data import Manifest
-from pipeline.image_cache import decode_images
+from pipeline.data.manifest import Manifest
+from pipeline.data.transforms import target_info
 from pipeline.runtime import keep_freed_memory
-from pipeline.transforms import target_info
+from pipeline.storage.image_cache import decode_images
 from stages.cli import main as defuse
 
 PRESETS = Path(__file__).resolve().parents[1] / "pipeline" / "presets"

@@ -25,22 +25,22 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from pipeline import distributed
-from pipeline.atomic import write_text
-from pipeline.backbones import create_backbone, embed, freeze_stages, set_train_mode
-from pipeline.checkpoint import save_checkpoint
 from pipeline.config import FinetuneParams, asdict
-from pipeline.data import Manifest
-from pipeline.errors import ConfigError, DataError
-from pipeline.image_cache import open_image_cache
-from pipeline.metrics import classification_metrics
-from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
-from pipeline.transforms import (
+from pipeline.data.manifest import Manifest
+from pipeline.data.transforms import (
     ImageDataset,
     eval_transform,
     model_input,
     target_info,
     train_transform,
 )
+from pipeline.errors import ConfigError, DataError
+from pipeline.metrics import classification_metrics
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.registry import create_backbone, embed, freeze_stages, set_train_mode
+from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
+from pipeline.storage.atomic import write_text
+from pipeline.storage.image_cache import open_image_cache
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from pipeline.atomic import write_text
 from pipeline.errors import DataError
+from pipeline.storage.atomic import write_text
 
 DECIMALS = 6  # stable JSON: float noise below this would show as a DVC metrics change
 

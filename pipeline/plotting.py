@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.atomic import atomic_file
+from pipeline.storage.atomic import atomic_file
 
 
 def plot_history(history: list[dict], path: Path, title: str) -> None:

@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import layout
-from pipeline.atomic import write_text
-from pipeline.cache import file_sha256
-from pipeline.checkpoint import backbone_info_of, load_checkpoint, read_sidecar
 from pipeline.config import ExtractParams
-from pipeline.data import load_image
+from pipeline.data.manifest import load_image
 from pipeline.errors import CheckpointError, ConfigError, DataError
-from pipeline.features import embed_images
-from pipeline.heads import load_head
-from pipeline.image_cache import usable_image_cache
+from pipeline.extract import embed_images
+from pipeline.fusion.heads import load_head
+from pipeline.models.checkpoint import backbone_info_of, load_checkpoint, read_sidecar
 from pipeline.runtime import resolve_device
+from pipeline.storage.atomic import write_text
+from pipeline.storage.feature_cache import file_sha256
+from pipeline.storage.image_cache import usable_image_cache
 
 
 @dataclass(frozen=True)

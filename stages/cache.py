@@ -24,10 +24,10 @@ _models = options.path_option(
 def _problems(path: Path, manifest: Path, models: Path) -> list[str]:
     """What keeps a feature or image cache from agreeing with the manifest (and, for a feature
     cache, its checkpoint), where those are present; [] when it is sound."""
-    from pipeline.cache import cache_info, verify_cache
-    from pipeline.checkpoint import read_sidecar
-    from pipeline.data import read_manifest
-    from pipeline.image_cache import is_image_cache, verify_image_cache
+    from pipeline.data.manifest import read_manifest
+    from pipeline.models.checkpoint import read_sidecar
+    from pipeline.storage.feature_cache import cache_info, verify_cache
+    from pipeline.storage.image_cache import is_image_cache, verify_image_cache
 
     man = read_manifest(manifest) if manifest.is_file() else None
     if is_image_cache(path):
@@ -51,8 +51,8 @@ def cache():
 def info(paths, manifest, models):
     """Print each cache's metadata, shape, dtype, size and consistency with the current
     manifest and checkpoint (an image cache: with the manifest)."""
-    from pipeline.cache import cache_info
-    from pipeline.image_cache import image_cache_info, is_image_cache
+    from pipeline.storage.feature_cache import cache_info
+    from pipeline.storage.image_cache import image_cache_info, is_image_cache
 
     for path in paths:
         images = is_image_cache(path)

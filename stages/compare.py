@@ -28,10 +28,10 @@ def compare(manifest, features_dir, out, params_path, folds, head_names):
     Answers "which models should be fused". Nothing is re-extracted; `compare.n_jobs`
     processes share the fits.
     """
-    from pipeline.compare import compare as run
     from pipeline.config import CompareParams, FuseParams, head_params, load_params, section
-    from pipeline.data import read_manifest
-    from pipeline.fusion import fused_features, in_memory
+    from pipeline.data.manifest import read_manifest
+    from pipeline.fusion.compare import compare as run
+    from pipeline.fusion.fit import fused_features, in_memory
 
     params = section(CompareParams, "compare", params_path, folds=folds)
     fuse = section(FuseParams, "fuse", params_path)

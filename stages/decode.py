@@ -26,9 +26,9 @@ def decode(backbone, manifest, out, params_path, workers):
     only new images are decoded.
     """
     from pipeline.config import finetune_params
-    from pipeline.data import read_manifest
-    from pipeline.image_cache import decode_images
-    from pipeline.transforms import target_info
+    from pipeline.data.manifest import read_manifest
+    from pipeline.data.transforms import target_info
+    from pipeline.storage.image_cache import decode_images
 
     info = target_info(backbone, finetune_params(backbone, params_path))
     out = out or layout.image_cache(backbone)

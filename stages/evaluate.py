@@ -49,11 +49,11 @@ def evaluate(manifest, features_dir, heads_dir, models, reports, params_path, se
     backbone without one is skipped, and said so).
     """
     from pipeline.config import FuseParams, evaluate_params, head_params, load_params, section
-    from pipeline.data import read_manifest
-    from pipeline.explain import gallery
-    from pipeline.fusion import evaluate as run
-    from pipeline.fusion import fused_features, seed_study
-    from pipeline.report import verdict, write_reports
+    from pipeline.data.manifest import read_manifest
+    from pipeline.fusion.fit import evaluate as run
+    from pipeline.fusion.fit import fused_features, seed_study
+    from pipeline.report.explain import gallery
+    from pipeline.report.summary import verdict, write_reports
 
     params = evaluate_params(params_path, seeds=seeds)
     man = read_manifest(manifest)

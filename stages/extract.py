@@ -36,8 +36,8 @@ def extract(backbone, manifest, checkpoint, out, images, params_path, dtype, tta
     """
     from pipeline import distributed
     from pipeline.config import ExtractParams, section
-    from pipeline.data import read_manifest
-    from pipeline.features import extract as run
+    from pipeline.data.manifest import read_manifest
+    from pipeline.extract import extract as run
 
     params = section(ExtractParams, "extract", params_path, dtype=dtype, tta=tta, device=device)
     result = run(

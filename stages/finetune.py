@@ -32,7 +32,7 @@ def finetune(backbone, manifest, out, images, reports, params_path, epochs, batc
     """
     from pipeline import distributed
     from pipeline.config import finetune_params
-    from pipeline.data import read_manifest
+    from pipeline.data.manifest import read_manifest
     from pipeline.finetune import cross_fit_folds, write_history
     from pipeline.finetune import finetune as run
     from pipeline.metrics import write_json

@@ -24,9 +24,9 @@ def fuse(head, manifest, features_dir, out, params_path):
     never read.
     """
     from pipeline.config import FuseParams, head_params, section
-    from pipeline.data import read_manifest
-    from pipeline.fusion import fit_head, fused_features
-    from pipeline.heads import save_head
+    from pipeline.data.manifest import read_manifest
+    from pipeline.fusion.fit import fit_head, fused_features
+    from pipeline.fusion.heads import save_head
 
     params = section(FuseParams, "fuse", params_path)
     features = fused_features(read_manifest(manifest), features_dir, params_path)

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from pipeline import layout
 from pipeline.config import PARAMS_FILE, PrepareParams, section
-from pipeline.data import SPLITS, build_manifest, manifest_json_path, write_manifest
+from pipeline.data.manifest import SPLITS, build_manifest, manifest_json_path, write_manifest
 
 _LISTED = 20  # near-duplicate groups printed; manifest.json has them all
 

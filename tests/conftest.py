@@ -67,7 +67,7 @@ TINY_FINETUNE = {
 def make_manifest(root: Path, out: Path):
     """Prepare ``root`` (an image folder) into ``out`` and return the read Manifest."""
     from pipeline.config import PrepareParams
-    from pipeline.data import build_manifest, read_manifest, write_manifest
+    from pipeline.data.manifest import build_manifest, read_manifest, write_manifest
 
     params = params_of(
         PrepareParams,
@@ -99,7 +99,7 @@ def killed_cache_writer(path) -> Path:
     (its HDF5 metadata never flushed: h5py raises KeyError on it)."""
     code = (
         "import os, sys, numpy as np\n"
-        "from pipeline.cache import CacheWriter\n"
+        "from pipeline.storage.feature_cache import CacheWriter\n"
         "attrs = dict(backbone='b', class_names=['a', 'b', 'c'], checkpoint_sha256='c' * 64,\n"
         "             manifest_sha256='m' * 64, input_size=32, mean=[0.5] * 3, std=[0.5] * 3,\n"
         "             layer='pre_logits', tta=False, versions='{}')\n"
@@ -121,7 +121,7 @@ def checkpoint_for(src: Path, manifest, dest: Path) -> Path:
     import json
     import shutil
 
-    from pipeline.checkpoint import SIDECAR
+    from pipeline.models.checkpoint import SIDECAR
 
     shutil.copytree(src, dest)
     sidecar = json.loads((dest / SIDECAR).read_text())

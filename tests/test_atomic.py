@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.atomic import atomic_dir, atomic_file, clean_stale, temp_path, write_text
+from pipeline.storage.atomic import atomic_dir, atomic_file, clean_stale, temp_path, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_a_killed_writer_leaves_the_old_folder_and_the_next_run_tidies_up(tmp_pa
     with atomic_dir(target) as tmp:
         (tmp / "weights").write_text("old")
     code = (
-        "import os, sys; from pipeline.atomic import atomic_dir\n"
+        "import os, sys; from pipeline.storage.atomic import atomic_dir\n"
         "with atomic_dir(sys.argv[1]) as tmp:\n"
         "    (tmp / 'weights').write_text('new, half written')\n"
         "    os._exit(9)  # killed mid-write: no cleanup runs\n"

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 from timm.models.inception_v4 import InceptionA, InceptionB, InceptionC
 
-from pipeline.attention import SCSE, ChannelSE, SpatialSE
-from pipeline.backbones import create_backbone, embed, num_stages
+from pipeline.models.registry import create_backbone, embed, num_stages
+from pipeline.models.scse import SCSE, ChannelSE, SpatialSE
 
 SIZE = 75  # Inception-v4's smallest input
 

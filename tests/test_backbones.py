@@ -8,8 +8,9 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from pipeline import backbones
-from pipeline.backbones import (
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.models import registry as backbones
+from pipeline.models.registry import (
     backbone_info,
     create_backbone,
     embed,
@@ -18,8 +19,7 @@ from pipeline.backbones import (
     num_stages,
     set_train_mode,
 )
-from pipeline.errors import CheckpointError, ConfigError
-from pipeline.explain import grad_cam
+from pipeline.report.explain import grad_cam
 
 SIZE = 75  # the smallest input every registered backbone takes (Inception-v3/v4 need 75)
 CLASSES = 3

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from conftest import killed_cache_writer
 
-from pipeline.cache import (
+from pipeline.errors import CacheError
+from pipeline.storage.feature_cache import (
     ATTRS,
     SPLITS,
     CacheWriter,
@@ -24,7 +25,6 @@ from pipeline.cache import (
     reusable_cache,
     verify_cache,
 )
-from pipeline.errors import CacheError
 
 N, D, C = 50, 16, 3
 MANIFEST_SHA = "a" * 64

@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.checkpoint import backbone_info_of, read_sidecar
 from pipeline.errors import CheckpointError
+from pipeline.models.checkpoint import backbone_info_of, read_sidecar
 
 
 def test_resize_mode_comes_from_the_sidecar(tiny_run):

@@ -5,9 +5,9 @@ import csv
 import numpy as np
 import pytest
 
-from pipeline.compare import compare
 from pipeline.errors import ConfigError
-from pipeline.heads import HEADS, Head
+from pipeline.fusion.compare import compare
+from pipeline.fusion.heads import HEADS, Head
 
 N_CLASSES = 3
 HEADS_FAST = {

@@ -12,7 +12,7 @@ from conftest import params_of
 from PIL import Image
 
 from pipeline.config import PrepareParams
-from pipeline.data import (
+from pipeline.data.manifest import (
     COLUMNS,
     ELPV_CLASSES,
     SPLITS,

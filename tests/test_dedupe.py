@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 from scipy.fft import dctn
 
-from pipeline.dedupe import HASH_INPUT, groups_of, near_duplicate_pairs, perceptual_hash
+from pipeline.data.dedupe import HASH_INPUT, groups_of, near_duplicate_pairs, perceptual_hash
 
 
 def _photo(seed, size=(120, 90)):

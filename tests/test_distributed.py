@@ -15,11 +15,11 @@ from conftest import checkpoint_for, make_manifest, tinted_folder, write_params
 from safetensors.torch import load_file
 
 from pipeline import distributed
-from pipeline.checkpoint import SIDECAR, WEIGHTS
 from pipeline.config import ExtractParams, finetune_params, section
 from pipeline.errors import ConfigError
-from pipeline.features import extract
+from pipeline.extract import extract
 from pipeline.finetune import finetune
+from pipeline.models.checkpoint import SIDECAR, WEIGHTS
 from pipeline.runtime import resolve_device
 
 BACKBONE = "tf_efficientnet_lite0"

@@ -15,9 +15,9 @@ from scipy.special import softmax
 from torch import nn
 
 from pipeline import layout
-from pipeline.data import read_manifest
-from pipeline.explain import gallery, grad_cam
-from pipeline.fusion import evaluate, fused_features
+from pipeline.data.manifest import read_manifest
+from pipeline.fusion.fit import evaluate, fused_features
+from pipeline.report.explain import gallery, grad_cam
 from stages.cli import main
 
 BACKBONE = "tf_efficientnet_lite0"
@@ -168,7 +168,7 @@ def test_missing_checkpoints_skip_grad_cam_and_say_so(project, tmp_path):
 
 
 def test_a_checkpoint_other_than_the_extracted_one_is_skipped(project, tmp_path):
-    from pipeline.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
 
     model, sidecar = load_checkpoint(project / layout.checkpoint_dir(BACKBONE))
     with torch.no_grad():

@@ -10,14 +10,14 @@ import torch
 from conftest import checkpoint_for, make_manifest, params_of, tinted_folder
 from torch.utils.data import DataLoader
 
-from pipeline.backbones import embed
-from pipeline.cache import read_cache
-from pipeline.checkpoint import backbone_info_of, load_checkpoint
 from pipeline.config import ExtractParams
-from pipeline.data import load_image
+from pipeline.data.manifest import load_image
+from pipeline.data.transforms import eval_transform, model_input
 from pipeline.errors import DataError
-from pipeline.features import extract
-from pipeline.transforms import eval_transform, model_input
+from pipeline.extract import extract
+from pipeline.models.checkpoint import backbone_info_of, load_checkpoint
+from pipeline.models.registry import embed
+from pipeline.storage.feature_cache import read_cache
 
 PARAMS = params_of(ExtractParams, "extract", batch_size=8, num_workers=0)
 
@@ -134,10 +134,10 @@ def test_cross_fitted_train_rows_come_from_the_fold_that_never_saw_them(tiny_run
     from conftest import TINY_FINETUNE
 
     from pipeline import layout
-    from pipeline.cache import load_features
     from pipeline.config import FinetuneParams
     from pipeline.errors import CheckpointError
     from pipeline.finetune import cross_fit_folds, finetune
+    from pipeline.storage.feature_cache import load_features
 
     manifest, ckpt = tiny_run["manifest"], tmp_path / "lite0"
     params = params_of(FinetuneParams, "finetune", **TINY_FINETUNE, cross_fit=2)
@@ -185,7 +185,7 @@ def test_extract_brings_images_to_the_square_as_the_checkpoint_says(tiny_run, tm
 
     from PIL import Image
 
-    from pipeline.checkpoint import SIDECAR
+    from pipeline.models.checkpoint import SIDECAR
 
     rng = np.random.default_rng(0)
     for name in tiny_run["manifest"].class_names:
@@ -213,7 +213,7 @@ def test_extract_brings_images_to_the_square_as_the_checkpoint_says(tiny_run, tm
 def test_a_checkpoint_fine_tuned_on_another_manifest_is_refused(tiny_run, tmp_path):
     """Another seed re-draws the splits: the old backbone saw some of the new test images."""
     from pipeline.config import PrepareParams
-    from pipeline.data import build_manifest, read_manifest, write_manifest
+    from pipeline.data.manifest import build_manifest, read_manifest, write_manifest
     from pipeline.errors import CheckpointError
 
     params = params_of(PrepareParams, "prepare", source="folder", root=str(tiny_run["root"]),

@@ -11,13 +11,19 @@ import torch
 from conftest import TINY_FINETUNE, params_of
 from torch.utils.data import DataLoader
 
-from pipeline.checkpoint import SIDECAR, WEIGHTS, backbone_info_of, load_checkpoint, save_checkpoint
 from pipeline.config import ExtractParams, FinetuneParams
+from pipeline.data.transforms import ImageDataset, eval_transform, target_info
 from pipeline.errors import CacheError, CheckpointError, DataError
-from pipeline.features import extract
+from pipeline.extract import extract
 from pipeline.finetune import class_weights, finetune, predict_logits
-from pipeline.image_cache import decode_images
-from pipeline.transforms import ImageDataset, eval_transform, target_info
+from pipeline.models.checkpoint import (
+    SIDECAR,
+    WEIGHTS,
+    backbone_info_of,
+    load_checkpoint,
+    save_checkpoint,
+)
+from pipeline.storage.image_cache import decode_images
 
 
 def test_checkpoint_describes_itself(tiny_run):

@@ -10,10 +10,9 @@ import pytest
 from conftest import write_params
 
 from pipeline import layout
-from pipeline.cache import CacheWriter, LazyRows, load_features
 from pipeline.config import FuseParams
 from pipeline.errors import CheckpointError, ConfigError, DataError
-from pipeline.fusion import (
+from pipeline.fusion.fit import (
     check_head,
     evaluate,
     fit_head,
@@ -21,8 +20,9 @@ from pipeline.fusion import (
     in_memory,
     seed_study,
 )
-from pipeline.heads import HEADS, make_head, save_head
-from pipeline.report import write_reports
+from pipeline.fusion.heads import HEADS, make_head, save_head
+from pipeline.report.summary import write_reports
+from pipeline.storage.feature_cache import CacheWriter, LazyRows, load_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = ["crack", "scratch", "clean"]

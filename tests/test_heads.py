@@ -8,7 +8,7 @@ import torch
 from sklearn.base import clone
 
 from pipeline.errors import CheckpointError, ConfigError, DataError
-from pipeline.heads import HEADS, list_heads, load_head, make_head, save_head
+from pipeline.fusion.heads import HEADS, list_heads, load_head, make_head, save_head
 
 N_CLASSES, N_MODELS = 3, 2
 FAST = {"mlp": {"epochs": 5, "hidden": 16}}  # keep the common checks quick
@@ -177,7 +177,7 @@ def test_mlp_patience_stops_early_and_refit_params_repeat_the_choice():
 def test_block_scaler_modes():
     from sklearn.preprocessing import StandardScaler
 
-    from pipeline.heads import BlockScaler
+    from pipeline.fusion.heads import BlockScaler
 
     rng = np.random.default_rng(0)
     X = np.hstack([100 * rng.normal(size=(50, 4)), rng.normal(size=(50, 12))]).astype(np.float32)
@@ -199,7 +199,7 @@ def test_block_scaler_modes():
 def test_linear_heads_keep_the_sklearn_probabilities(n_classes):
     from sklearn.linear_model import LogisticRegression
 
-    from pipeline.heads import BlockScaler
+    from pipeline.fusion.heads import BlockScaler
 
     rng = np.random.default_rng(0)
     y = np.arange(90) % n_classes

@@ -11,11 +11,12 @@ from conftest import make_manifest, params_of
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipeline.cache import CacheWriter
 from pipeline.config import RESIZE_MODES, FinetuneParams
-from pipeline.data import load_image
+from pipeline.data.manifest import load_image
+from pipeline.data.transforms import ImageDataset, eval_transform, target_info, train_transform
 from pipeline.errors import CacheError, DataError
-from pipeline.image_cache import (
+from pipeline.storage.feature_cache import CacheWriter
+from pipeline.storage.image_cache import (
     decode_images,
     image_cache_info,
     is_image_cache,
@@ -24,7 +25,6 @@ from pipeline.image_cache import (
     usable_image_cache,
     verify_image_cache,
 )
-from pipeline.transforms import ImageDataset, eval_transform, target_info, train_transform
 
 BACKBONE = "tf_efficientnet_lite0"
 INFO = target_info(BACKBONE, params_of(FinetuneParams, "finetune", input_size=32))

@@ -17,8 +17,8 @@ from pipeline.config import (
     finetune_params,
     section,
 )
-from pipeline.heads import HEADS, make_head
-from pipeline.selection import grid
+from pipeline.fusion.heads import HEADS, make_head
+from pipeline.fusion.selection import grid
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,14 +13,14 @@ from click.testing import CliRunner
 from conftest import params_of, write_params
 
 from pipeline import layout
-from pipeline.cache import load_features
-from pipeline.checkpoint import load_checkpoint, read_sidecar, save_checkpoint
 from pipeline.config import ExtractParams, FuseParams
 from pipeline.errors import CheckpointError, ConfigError, DataError
-from pipeline.features import extract
-from pipeline.fusion import fit_head
-from pipeline.heads import load_head, save_head
+from pipeline.extract import extract
+from pipeline.fusion.fit import fit_head
+from pipeline.fusion.heads import load_head, save_head
+from pipeline.models.checkpoint import load_checkpoint, read_sidecar, save_checkpoint
 from pipeline.predict import predict
+from pipeline.storage.feature_cache import load_features
 from stages.cli import main
 
 BACKBONE = "tf_efficientnet_lite0"
@@ -122,10 +122,10 @@ def test_the_cli_writes_csv_or_json_and_refuses_other_outputs_before_any_work(fu
 def test_predict_reads_the_image_cache_for_files_it_holds_and_decodes_the_rest(
     fused, tmp_path, monkeypatch
 ):
+    import pipeline.data.transforms
     import pipeline.predict
-    import pipeline.transforms
-    from pipeline.checkpoint import backbone_info_of
-    from pipeline.image_cache import decode_images
+    from pipeline.models.checkpoint import backbone_info_of
+    from pipeline.storage.image_cache import decode_images
 
     manifest = fused["manifest"]
     test = [int(i) for i in np.flatnonzero(fused["features"].split == "test")]
@@ -136,7 +136,7 @@ def test_predict_reads_the_image_cache_for_files_it_holds_and_decodes_the_rest(
     images = tmp_path / "images"
     decode_images(manifest, info, layout.image_cache(BACKBONE, images), 1, False)
     decoded = []  # names of the files decoded, by predict's check and by the loader
-    for module in (pipeline.predict, pipeline.transforms):
+    for module in (pipeline.predict, pipeline.data.transforms):
 
         def load_image(path, *args, _real=module.load_image, **kwargs):
             decoded.append(Path(path).name)

@@ -6,7 +6,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import f1_score
 
 from pipeline.errors import DataError
-from pipeline.stats import macro_f1, paired_comparison
+from pipeline.report.stats import macro_f1, paired_comparison
 
 
 def test_macro_f1_matches_sklearn_per_draw():

@@ -9,16 +9,16 @@ from conftest import params_of
 from PIL import Image
 from torchvision import transforms as T
 
-from pipeline.backbones import backbone_info
 from pipeline.config import RESIZE_MODES, FinetuneParams
-from pipeline.errors import ConfigError
-from pipeline.transforms import (
+from pipeline.data.transforms import (
     ImageDataset,
     _to_square,
     eval_transform,
     model_input,
     train_transform,
 )
+from pipeline.errors import ConfigError
+from pipeline.models.registry import backbone_info
 
 INFO = backbone_info("tf_efficientnet_lite0", 32)
 CPU = torch.device("cpu")

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.atomic import atomic_dir
 from pipeline.plotting import plt, save_figure
+from pipeline.storage.atomic import atomic_dir
 
 if TYPE_CHECKING:
-    from pipeline.explain import Gallery
+    from pipeline.report.explain import Gallery
 
 SUMMARY_COLUMNS = (
     ("accuracy", "Accuracy"),
@@ -192,7 +192,7 @@ def summary_markdown(
 ) -> str:
     """`reports/summary.md`: single models vs fusion (the fusion paper's Tables 2-3), whether
     and how surely fusion beats the best single model (``evidence`` from `fusion_evidence`,
-    ``seeds`` from `pipeline.fusion.seed_study`), the hyper-parameters each head chose on
+    ``seeds`` from `pipeline.fusion.fit.seed_study`), the hyper-parameters each head chose on
     val (``selections``: head -> its sidecar's "selection"), and the per-class table of the
     final head (its Table 4). ``figures`` are paths relative to it."""
     header = "| Model | Kind | " + " | ".join(label for _, label in SUMMARY_COLUMNS) + " |"
@@ -236,8 +236,8 @@ def summary_markdown(
 
 def fusion_evidence(results: dict[str, dict], draws: int, seed: int) -> dict | None:
     """Each fusion head against the best single model on test (highest accuracy: the
-    strictest baseline), as `pipeline.stats.paired_comparison` dicts; None without both."""
-    from pipeline.stats import paired_comparison
+    strictest baseline), as `pipeline.report.stats.paired_comparison` dicts; None without both."""
+    from pipeline.report.stats import paired_comparison
 
     singles = [n for n, r in results.items() if r["kind"] == "single"]
     fusions = [n for n, r in results.items() if r["kind"] == "fusion"]
@@ -378,11 +378,11 @@ def write_reports(
 ) -> dict | None:
     """Everything `defuse evaluate` leaves for people and for DVC; returns the evidence.
 
-    ``results`` as returned by :func:`pipeline.fusion.evaluate`; ``paths`` from
+    ``results`` as returned by :func:`pipeline.fusion.fit.evaluate`; ``paths`` from
     :func:`pipeline.layout.evaluate_reports`; ``curves`` maps a backbone to its fine-tuning
     curves PNG (linked from the summary when it exists); ``seeds`` from
-    :func:`pipeline.fusion.seed_study`; ``draws`` and ``seed`` drive the paired bootstrap;
-    ``gallery`` from :func:`pipeline.explain.gallery` is drawn into ``paths["gallery"]``
+    :func:`pipeline.fusion.fit.seed_study`; ``draws`` and ``seed`` drive the paired bootstrap;
+    ``gallery`` from :func:`pipeline.report.explain.gallery` is drawn into ``paths["gallery"]``
     (left empty without one) and shown in its own section.
     """
     from pipeline.metrics import write_json

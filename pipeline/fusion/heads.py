@@ -25,11 +25,11 @@ from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from pipeline.atomic import atomic_dir
-from pipeline.cache import LazyRows
 from pipeline.config import BLOCK_NORMS
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.metrics import write_json
+from pipeline.storage.atomic import atomic_dir
+from pipeline.storage.feature_cache import LazyRows
 
 HEADS: dict[str, type[Head]] = {}
 HEAD_FILE, SIDECAR_FILE = "head.safetensors", "head.json"

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.atomic import atomic_dir
-from pipeline.backbones import BackboneInfo, create_backbone
-from pipeline.cache import file_sha256
 from pipeline.config import RESIZE_MODES
 from pipeline.errors import CheckpointError
+from pipeline.models.registry import BackboneInfo, create_backbone
+from pipeline.storage.atomic import atomic_dir
+from pipeline.storage.feature_cache import file_sha256
 
 WEIGHTS = "model.safetensors"
 SIDECAR = "model.json"

@@ -20,12 +20,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_file
-from pipeline.backbones import BackboneInfo
-from pipeline.cache import decode_attr, encode_attr, file_identity
-from pipeline.data import Manifest, decoded_channels, load_image
+from pipeline.data.manifest import Manifest, decoded_channels, load_image
+from pipeline.data.transforms import ToSquare
 from pipeline.errors import CacheError
-from pipeline.transforms import ToSquare
+from pipeline.models.registry import BackboneInfo
+from pipeline.storage.atomic import atomic_file
+from pipeline.storage.feature_cache import decode_attr, encode_attr, file_identity
 
 SCHEMA = 1  # the `image_schema` attribute, which also tells an image cache from a feature cache
 # What fixes a row's pixels besides the file: the square it is brought to (mean is
@@ -218,7 +218,7 @@ def read_image_cache(path: Path | str) -> ImageCache:
             if len(channels) != n or not np.isin(channels, (1, depth)).all():
                 raise CacheError(f"{path}: channels must be 1 or {depth} per row")
             shape, identity = pixels.shape, file_identity(path, f)
-    # h5py reports damaged metadata as any of these (see pipeline/cache.py)
+    # h5py reports damaged metadata as any of these (see pipeline/storage/feature_cache.py)
     except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
         raise CacheError(f"{path}: not a readable HDF5 image cache ({e})") from None
     return ImageCache(path, attrs, ids.astype(_ID), channels, shape, identity)

@@ -12,11 +12,11 @@ import numpy as np
 from joblib import Parallel, delayed
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 
-from pipeline.cache import LazyRows
 from pipeline.config import SELECT_BY
 from pipeline.errors import ConfigError
-from pipeline.heads import Head, make_head
+from pipeline.fusion.heads import Head, make_head
 from pipeline.runtime import keep_freed_memory
+from pipeline.storage.feature_cache import LazyRows
 
 FIXED = ("block_dims",)  # list-valued by nature: never a grid axis
 

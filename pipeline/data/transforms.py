@@ -23,10 +23,10 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-from pipeline.backbones import BackboneInfo, backbone_info
 from pipeline.config import RESIZE_MODES, FinetuneParams
-from pipeline.data import Manifest, load_image
+from pipeline.data.manifest import Manifest, load_image
 from pipeline.errors import ConfigError
+from pipeline.models.registry import BackboneInfo, backbone_info
 
 _INTERPOLATION = {
     "bilinear": T.InterpolationMode.BILINEAR,
@@ -121,7 +121,7 @@ def model_input(images: torch.Tensor, info: BackboneInfo, device: torch.device) 
 class ImageDataset(Dataset):
     """Image files as ``(image (3, H, W) uint8, label, index)`` triples; label -1 if unknown.
 
-    ``squares``: the image cache's rows of these files (`pipeline.image_cache.Squares`);
+    ``squares``: the image cache's rows of these files (`pipeline.storage.image_cache.Squares`);
     an image it holds is read from there, already decoded and squared, the others (all of
     them without it) are decoded from their files.
     """

@@ -16,8 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline import atomic
 from pipeline.errors import CacheError
+from pipeline.storage import atomic
 
 SCHEMA = 1
 SPLITS = ("train", "val", "test")  # split code i means SPLITS[i]
@@ -97,7 +97,7 @@ class CacheWriter:
 
     Datasets are preallocated with `n_rows` rows and each batch is written in place, so memory
     does not grow with N. Everything goes to a hidden temporary file beside `path`
-    (`pipeline.atomic`: the leftovers of killed runs are removed first); a clean exit checks
+    (`pipeline.storage.atomic`: the leftovers of killed runs are removed first); a clean exit checks
     every row was written, fsyncs and renames it onto `path`, an exception deletes it and
     leaves any existing `path` untouched.
 

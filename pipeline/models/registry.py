@@ -24,8 +24,8 @@ import torchvision
 from timm.models import group_parameters
 from torch import nn
 
-from pipeline.attention import add_scse
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.models.scse import add_scse
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
 from pipeline.errors import ConfigError, DataError
-from pipeline.heads import HEADS, make_head
+from pipeline.fusion.heads import HEADS, make_head
+from pipeline.fusion.selection import candidate_params, choose, fit_many, grid, rank_key
 from pipeline.metrics import classification_metrics
-from pipeline.selection import candidate_params, choose, fit_many, grid, rank_key
 
 COLUMNS = (
     "head",

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import layout
-from pipeline.cache import FusedFeatures
-from pipeline.checkpoint import backbone_info_of, load_checkpoint
-from pipeline.data import Manifest, load_image
+from pipeline.data.manifest import Manifest, load_image
+from pipeline.data.transforms import ImageDataset, eval_transform, model_input
 from pipeline.errors import CheckpointError
+from pipeline.models.checkpoint import backbone_info_of, load_checkpoint
 from pipeline.runtime import prepare_model, resolve_device
-from pipeline.transforms import ImageDataset, eval_transform, model_input
+from pipeline.storage.feature_cache import FusedFeatures
 
 THUMBNAIL = 160  # pixels, the longer side of a gallery thumbnail
 _BATCH = 16  # images per Grad-CAM pass: bounds the memory a large evaluate.gallery takes
@@ -117,7 +117,7 @@ def gallery(
     backbone's Grad-CAM of them for the class it predicted (checkpoints in ``models_dir``);
     a backbone whose checkpoint is missing or unusable is left out, with the reason.
 
-    ``result``: the head's entry in `pipeline.fusion.evaluate`'s results (test rows in the
+    ``result``: the head's entry in `pipeline.fusion.fit.evaluate`'s results (test rows in the
     caches' order).
     """
     test = np.flatnonzero(features.split == "test")

@@ -27,10 +27,10 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from pipeline.atomic import atomic_file
 from pipeline.config import PrepareParams, asdict
-from pipeline.dedupe import HASH_INPUT, groups_of, near_duplicate_pairs, perceptual_hash
+from pipeline.data.dedupe import HASH_INPUT, groups_of, near_duplicate_pairs, perceptual_hash
 from pipeline.errors import ConfigError, DataError
+from pipeline.storage.atomic import atomic_file
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("sample_id", "path", "label", "label_name", "split")

@@ -19,16 +19,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import distributed, layout
-from pipeline.atomic import atomic_file
-from pipeline.backbones import BackboneInfo, embed
-from pipeline.cache import CacheWriter, FeatureCache, reusable_cache
-from pipeline.checkpoint import backbone_info_of, load_checkpoint
 from pipeline.config import ExtractParams
-from pipeline.data import Manifest
+from pipeline.data.manifest import Manifest
+from pipeline.data.transforms import ImageDataset, eval_transform, model_input
 from pipeline.errors import CacheError, CheckpointError, ConfigError
-from pipeline.image_cache import Squares, open_image_cache
+from pipeline.models.checkpoint import backbone_info_of, load_checkpoint
+from pipeline.models.registry import BackboneInfo, embed
 from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
-from pipeline.transforms import ImageDataset, eval_transform, model_input
+from pipeline.storage.atomic import atomic_file
+from pipeline.storage.feature_cache import CacheWriter, FeatureCache, reusable_cache
+from pipeline.storage.image_cache import Squares, open_image_cache
 
 log = logging.getLogger(__name__)
 

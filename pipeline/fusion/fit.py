@@ -13,13 +13,11 @@ import numpy as np
 from scipy.special import softmax
 
 from pipeline import layout
-from pipeline.cache import FusedFeatures, LazyRows, load_features
 from pipeline.config import FuseParams, backbone_names, section
-from pipeline.data import Manifest
+from pipeline.data.manifest import Manifest
 from pipeline.errors import CheckpointError, ConfigError, DataError
-from pipeline.heads import HEADS, Head, load_head, streaming_heads
-from pipeline.metrics import classification_metrics
-from pipeline.selection import (
+from pipeline.fusion.heads import HEADS, Head, load_head, streaming_heads
+from pipeline.fusion.selection import (
     FIXED,
     accepted_params,
     candidate_params,
@@ -27,6 +25,8 @@ from pipeline.selection import (
     fit_many,
     grid_axes,
 )
+from pipeline.metrics import classification_metrics
+from pipeline.storage.feature_cache import FusedFeatures, LazyRows, load_features
 
 
 def fused_features(
@@ -88,7 +88,7 @@ def fit_head(
     sidecar.
 
     ``params`` are the head's params.yaml entry: a list value is a grid axis, every
-    combination a candidate (`pipeline.selection.grid`). Embedding heads get
+    combination a candidate (`pipeline.fusion.selection.grid`). Embedding heads get
     ``fuse.block_norm`` (unless their entry sets one) and the backbones' widths. Each
     candidate is fitted on the train rows (an MLP also picks its epoch on val); the best on
     val by ``fuse.select_by`` wins and, with ``fuse.refit``, is fitted again on train + val
