@@ -10,10 +10,17 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 
+from PIL import Image
+
 from pipeline.errors import ConfigError
 
 RESIZE_MODES = ("stretch", "letterbox", "center_crop")  # how a non-square image meets the input
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+_FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+INTERPOLATIONS = tuple(_FILTERS)
 CHANNELS = ("RGB",)  # the order the network takes; a grey image is repeated into all three
 
 
@@ -32,6 +39,43 @@ class Preprocessing:
     def to_json(self) -> str:
         """Canonical JSON text: sorted keys, no spaces, so equal records give equal bytes."""
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    def square(self, image: Image.Image) -> Image.Image:
+        """``image`` (L or RGB) brought to (input_size, input_size) per ``resize``, in Pillow
+        alone (the deployment runtime has no torch); pixel for pixel what torchvision's Resize /
+        CenterCrop / Pad make of it (a test checks). An image already that square is returned
+        as it is: every mode maps it to itself, and the image cache's rows are such squares.
+
+        stretch: to the square, cropping nothing (defects often sit at the borders);
+        letterbox: the longer side to the square, the shorter padded on both sides with the
+        mean colour, which normalises to zero ("no signal", not a dark defect); a grey image is
+        padded with the mean of the three channel means;
+        center_crop: the shorter side to the square, the middle of the longer one kept.
+        """
+        size, resample = self.input_size, _FILTERS[self.interpolation]
+        width, height = image.size
+        if (width, height) == (size, size):
+            return image
+        if self.resize == "stretch":
+            return image.resize((size, size), resample)
+        if self.resize == "letterbox":
+            scale = size / max(width, height)
+            w, h = max(1, round(width * scale)), max(1, round(height * scale))
+            fill = (
+                round(255 * sum(self.mean) / 3)
+                if image.mode == "L"
+                else tuple(round(255 * m) for m in self.mean)
+            )
+            canvas = Image.new(image.mode, (size, size), fill)
+            canvas.paste(image.resize((w, h), resample), ((size - w) // 2, (size - h) // 2))
+            return canvas
+        # center_crop: torchvision truncates the longer side and rounds the crop offsets
+        short, long = min(width, height), max(width, height)
+        scaled = int(size * long / short)
+        w, h = (size, scaled) if width <= height else (scaled, size)
+        image = image.resize((w, h), resample)
+        left, top = round((w - size) / 2), round((h - size) / 2)
+        return image.crop((left, top, left + size, top + size))
 
     @classmethod
     def from_json(cls, text: str | dict, where: str = "preprocessing") -> Preprocessing:
