@@ -21,5 +21,6 @@ test: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-clean:
-	rm -rf $(VENV) cache/* reports/*
+clean:  # the stage outputs and .venv; each folder's README.md stays
+	rm -rf $(VENV)
+	find cache reports -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

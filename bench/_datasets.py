@@ -14,6 +14,7 @@ from pipeline.config import PrepareParams, section
 from pipeline.data.manifest import Manifest, build_manifest, read_manifest, write_manifest
 
 JPEG_SIZE = (2560, 1920)
+SMOKE_SIZE = (48, 36)  # --smoke runs: images that decode in no time
 
 
 def _write_jpeg(path: Path, size: tuple[int, int], seed: tuple[int, int]) -> None:

@@ -28,3 +28,9 @@ def in_fresh_process(fn, *args):
     spawn = multiprocessing.get_context("spawn")  # fork would share this process's heap
     with ProcessPoolExecutor(1, mp_context=spawn) as pool:
         return pool.submit(_run, fn, args).result()
+
+
+def runner(smoke: bool):
+    """`in_fresh_process`, or for a smoke run (which checks the code runs, not its speed) a
+    plain call: each fresh interpreter costs seconds of imports."""
+    return (lambda fn, *args: fn(*args)) if smoke else in_fresh_process

@@ -1,13 +1,14 @@
 """System time and page faults of fine-tuning and extraction, glibc's default allocator policy
 against `runtime.keep_freed_memory` (what every defuse process sets at start).
 
-Run: .venv/bin/python bench/bench_allocator.py [--backbone tf_efficientnet_lite0]
+Run: .venv/bin/python bench/bench_allocator.py [--backbone tf_efficientnet_lite0] [--smoke]
 Each policy runs in a fresh process (the policy must precede the first allocation): one
 fine-tuning epoch of `finetune()` on the default job's ELPV train cells with params.yaml's
 settings, then `extract()` of all 2,624 cells with that checkpoint. For each phase it prints
 wall, user and system seconds (loader workers included), system share of the CPU time, minor
 page faults and peak RSS, then `<what>: <tuned> / <default> = <ratio>` lines. Targets: system
-time under 10 % of the CPU time; no loss of speed.
+time under 10 % of the CPU time; no loss of speed. --smoke: 24 small JPEGs at 32 px instead
+of ELPV: checks the code runs.
 """
 
 from __future__ import annotations
@@ -40,29 +41,30 @@ def _usage() -> dict[str, float]:
     }
 
 
-def _child(policy: str, backbone: str) -> None:
+def _child(policy: str, backbone: str, smoke: bool) -> None:
     """One policy's run; prints one JSON line {phase: usage delta}."""
     from pipeline.runtime import keep_freed_memory
 
     if policy == POLICIES[1] and not keep_freed_memory():
         sys.exit("keep_freed_memory had no effect: this C library is not glibc")
-    from _datasets import manifest
+    from _datasets import SMOKE_SIZE, manifest
 
     from pipeline.config import ExtractParams, finetune_params, section
     from pipeline.extract import extract
     from pipeline.finetune import finetune
 
-    params = finetune_params(backbone, epochs=1, pretrained=False, device="cpu")
+    tiny = {"input_size": 32, "batch_size": 8, "num_workers": 0} if smoke else {}
+    params = finetune_params(backbone, epochs=1, pretrained=False, device="cpu", **tiny)
     result = {}
     with tempfile.TemporaryDirectory(prefix="bench-allocator-") as tmp:
-        data = manifest("elpv", Path(tmp))
+        data = manifest("jpeg", Path(tmp), 24, SMOKE_SIZE) if smoke else manifest("elpv", Path(tmp))
         runs = (
             lambda: finetune(data, backbone, params, Path(tmp) / "model", progress=False),
             lambda: extract(
                 data,
                 Path(tmp) / "model",
                 Path(tmp) / "features.h5",
-                section(ExtractParams, "extract", device="cpu"),
+                section(ExtractParams, "extract", device="cpu", num_workers=0 if smoke else None),
                 progress=False,
             ),
         )
@@ -81,13 +83,15 @@ def main() -> None:
     )
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--child", choices=POLICIES, help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="tiny images, seconds")
     args = parser.parse_args()
     if args.child:
-        return _child(args.child, args.backbone)
+        return _child(args.child, args.backbone, args.smoke)
     print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; {args.backbone}")
     runs = {}
     for policy in POLICIES:
         cmd = [sys.executable, __file__, "--child", policy, "--backbone", args.backbone]
+        cmd += ["--smoke"] if args.smoke else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         runs[policy] = json.loads(out.strip().splitlines()[-1])
         for phase, u in runs[policy].items():

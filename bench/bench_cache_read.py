@@ -1,11 +1,12 @@
 """Read speed of three feature caches (read + align + concatenate) against raw numpy files.
 
-    .venv/bin/python bench/bench_cache_read.py [--rows 50000] [--dim 2048] [--dir /tmp/x]
+    .venv/bin/python bench/bench_cache_read.py [--rows 50000] [--dim 2048] [--dir /tmp/x] [--smoke]
 
 Writes three synthetic caches of N x dim float32 with CacheWriter and the same embeddings as
 .npy files, warms the page cache with one read of each, then times (median of --repeats)
 load_features against np.load of the three arrays + np.concatenate(axis=1, out=X), alternating
 runs. GB/s counts the bytes of X. Other figures go to stderr; stdout holds only the two result lines.
+--smoke: 256 rows of 16, one timing: checks the code runs.
 """
 
 import argparse
@@ -73,7 +74,10 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--smoke", action="store_true", help="tiny caches, one timing")
     args = ap.parse_args()
+    if args.smoke:
+        args.rows, args.dim, args.repeats = 256, 16, 1
     root = Path(tempfile.mkdtemp(prefix="bench_cache_", dir=args.dir))
     try:
         t = time.perf_counter()

@@ -1,6 +1,6 @@
 """Extraction against the bare forward pass, and extraction's peak memory at 1x vs 4x images.
 
-Run: .venv/bin/python bench/bench_extract.py [--source jpeg|elpv] [--images 128]
+Run: .venv/bin/python bench/bench_extract.py [--source jpeg|elpv] [--images 128] [--smoke]
   - `extract()`'s images/s (read, preprocess, forward, write: the whole call) against a
     bare forward loop of the same model at the same batch size on random tensors already
     in memory, twice: reading the image cache that `decode_images` (`defuse decode`, timed
@@ -14,7 +14,8 @@ Run: .venv/bin/python bench/bench_extract.py [--source jpeg|elpv] [--images 128]
 --source jpeg: synthetic 2560x1920 JPEGs (4 x --images of them); elpv: the default job's
 2,624 cells (300x300 PNG), where the RSS comparison uses 1/4 of the manifest vs all of it.
 Weights are random (speed does not depend on them). Lines read `<what>: <measured> /
-<reference> = <ratio>`.
+<reference> = <ratio>`. --smoke: 16 small JPEGs, one timing, all in this process: seconds,
+to check the code runs (its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import time
 from pathlib import Path
 
 import torch
-from _datasets import manifest
-from _process import in_fresh_process
+from _datasets import JPEG_SIZE, SMOKE_SIZE, manifest
+from _process import runner
 
 from pipeline.config import ExtractParams, asdict, finetune_params, section
 from pipeline.data.manifest import Manifest, manifest_json_path, read_manifest
@@ -135,7 +136,12 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
     parser.add_argument("--repeat", type=int, default=3, help="best of N timings")
     parser.add_argument("--decode-workers", type=int, help="decoding processes [every core]")
+    parser.add_argument("--smoke", action="store_true", help="tiny images, seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.source, args.images, args.repeat = "jpeg", 4, 1
+        args.batch_size, args.num_workers, args.decode_workers = 8, 0, 1
+    in_fresh_process = runner(args.smoke)
     params = section(
         ExtractParams,
         "extract",
@@ -149,7 +155,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         tmp = Path(tmp)
-        data = manifest(args.source, tmp, 4 * args.images)
+        data = manifest(args.source, tmp, 4 * args.images, SMOKE_SIZE if args.smoke else JPEG_SIZE)
         make_checkpoint(args.backbone, data, tmp / "model")
         images = tmp / "images.h5"
         took = timed_decode(data, tmp / "model", images, args.decode_workers)

@@ -1,6 +1,7 @@
 """Fine-tuning's training pass against a bare forward + backward + step loop.
 
 Run: .venv/bin/python bench/bench_finetune.py [--backbone tf_efficientnet_lite0] [--source elpv]
+                                              [--smoke]
 Two epochs of `finetune()` with params.yaml's settings for the backbone (frozen stages,
 batch size, input size, augmentation, loader workers) on the default job's ELPV cells (or
 --source jpeg: synthetic 2560x1920 JPEGs), the second timed over its training pass
@@ -9,7 +10,8 @@ layers, optimizer and batch size stepping on random tensors already in memory. T
 reading the image cache `decode_images` (`defuse decode`, timed and printed first) wrote,
 as the DAG does, and decoding every file each epoch, as before it. Each run in a process of
 its own, as `defuse finetune` runs (`_process.py` says why). Target ratio >= 0.85.
-Prints `<what>: <measured> / <reference> = <ratio>`.
+Prints `<what>: <measured> / <reference> = <ratio>`. --smoke: 24 small JPEGs at 32 px, all
+in this process: seconds, to check the code runs (its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from _datasets import manifest
-from _process import in_fresh_process
+from _datasets import JPEG_SIZE, SMOKE_SIZE, manifest
+from _process import runner
 from torch import nn
 
 from pipeline.config import finetune_params
@@ -85,17 +87,26 @@ def main() -> None:
     parser.add_argument("--source", choices=("elpv", "jpeg"), default="elpv")
     parser.add_argument("--images", type=int, default=640, help="jpeg only: how many")
     parser.add_argument("--num-workers", type=int, default=None, help="default: params.yaml")
+    parser.add_argument("--smoke", action="store_true", help="tiny images, seconds")
     args = parser.parse_args()
+    tiny = {"input_size": 32, "batch_size": 8, "num_workers": 0} if args.smoke else {}
+    if args.smoke:
+        args.source, args.images = "jpeg", 24
     params = finetune_params(
-        args.backbone, epochs=2, pretrained=False, device="cpu", num_workers=args.num_workers
+        args.backbone,
+        epochs=2,
+        pretrained=False,
+        device="cpu",
+        **({"num_workers": args.num_workers} | tiny),
     )
+    in_fresh_process = runner(args.smoke)
     print(
         f"machine: {os.cpu_count()} cores, torch {torch.__version__} on "
         f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}"
     )
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         tmp = Path(tmp)
-        data = manifest(args.source, tmp, args.images)
+        data = manifest(args.source, tmp, args.images, SMOKE_SIZE if args.smoke else JPEG_SIZE)
         start = time.perf_counter()
         info = target_info(args.backbone, params)
         images = decode_images(data, info, tmp / "i.h5", progress=False).path

@@ -1,7 +1,7 @@
 """Peak memory of fusion training that streams a cache larger than its memory budget.
 
     .venv/bin/python bench/bench_fusion_memory.py [--rows 200000] [--epochs 1] [--memory-gb 1]
-                                                 [--threads N] [--dense] [--dir /tmp]
+                                                 [--threads N] [--dense] [--dir /tmp] [--smoke]
 
 Writes three synthetic float16 caches of rows x 2048 with CacheWriter (200,000 rows: 3 x 0.8 GB
 on disk, 4.9 GB as the float32 matrix) with learnable labels and a 70 / 15 / 15 split, then in
@@ -11,7 +11,8 @@ best epoch on val, cache checksums). Its peak RSS (VmHWM) is set against the bud
 bytes of the whole float32 matrix; --dense also measures a whole load (load_features without a
 budget, nothing trained) in another child. A third child trains the same head on 256 random
 in-memory rows: the floor that torch and the network cost whatever the data. The caches are
-deleted at the end. Stdout holds only the result lines; details go to stderr.
+deleted at the end. Stdout holds only the result lines; details go to stderr. --smoke: 600
+rows of 3 x 16 under a 100 kB budget: checks the code runs (its figures are the floor's).
 """
 
 import argparse
@@ -38,25 +39,25 @@ BACKBONES = ("resnet50", "inception_v3", "legacy_xception")
 DIM, N_CLASSES, BATCH = 2048, 4, 8192
 
 
-def write_caches(root: Path, n: int) -> list[Path]:
-    """Three float16 caches of n x DIM: unit noise plus a class mean (0.05 apart per column)."""
+def write_caches(root: Path, n: int, dim: int = DIM) -> list[Path]:
+    """Three float16 caches of n x dim: unit noise plus a class mean (0.05 apart per column)."""
     rng = np.random.default_rng(0)
     ids = np.array([hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)])
     label = rng.integers(0, N_CLASSES, n)
     split = np.asarray(SPLITS)[rng.choice(3, n, p=[0.7, 0.15, 0.15])]
     paths = []
     for name in BACKBONES:
-        means = rng.normal(0, 0.05, (N_CLASSES, DIM)).astype(np.float32)
+        means = rng.normal(0, 0.05, (N_CLASSES, dim)).astype(np.float32)
         attrs = dict(
             backbone=name, class_names=list("abcd"), checkpoint_sha256="0" * 64,
             manifest_sha256="1" * 64, input_size=299, mean=[0.5] * 3, std=[0.5] * 3,
             layer="pre_logits", tta=False, versions={"numpy": np.__version__},
         )  # fmt: skip
         paths.append(root / f"{name}.h5")
-        with CacheWriter(paths[-1], n, DIM, N_CLASSES, dtype="float16", attrs=attrs) as w:
+        with CacheWriter(paths[-1], n, dim, N_CLASSES, dtype="float16", attrs=attrs) as w:
             for s in range(0, n, BATCH):
                 rows = slice(s, min(s + BATCH, n))
-                emb = rng.standard_normal((len(label[rows]), DIM), dtype=np.float32)
+                emb = rng.standard_normal((len(label[rows]), dim), dtype=np.float32)
                 emb += means[label[rows]]
                 logits = np.eye(N_CLASSES, dtype=np.float32)[label[rows]]
                 w.write(s, emb, logits, ids[rows], label[rows], split[rows])
@@ -77,7 +78,7 @@ def child(mode: str, paths: list[str], args) -> dict:
     start = time.perf_counter()
     if mode == "floor":
         rng = np.random.default_rng(0)
-        X, y = rng.standard_normal((256, DIM * len(BACKBONES)), np.float32), np.arange(256) % 4
+        X, y = rng.standard_normal((256, args.dim * len(BACKBONES)), np.float32), np.arange(256) % 4
         make_head("mlp", epochs=args.epochs).fit(X, y)
     elif mode == "dense":
         out["X"] = str(load_features(paths).X.shape)
@@ -92,7 +93,8 @@ def child(mode: str, paths: list[str], args) -> dict:
 
 def run_child(mode: str, paths: list[Path], args) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--epochs", str(args.epochs),
-           "--memory-gb", str(args.memory_gb), "--threads", str(args.threads)]  # fmt: skip
+           "--memory-gb", str(args.memory_gb), "--threads", str(args.threads),
+           "--dim", str(args.dim)]  # fmt: skip
     result = subprocess.run([*cmd, *map(str, paths)], capture_output=True, text=True, check=False)
     if result.returncode:
         sys.exit(f"{mode} child failed:\n{result.stderr}")
@@ -115,9 +117,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--dense", action="store_true", help="also measure a whole float32 load")
     ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--dim", type=int, default=DIM, help="each cache's width")
+    ap.add_argument("--smoke", action="store_true", help="tiny caches, seconds")
     ap.add_argument("--child", choices=["stream", "dense", "floor"], help=argparse.SUPPRESS)
     ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.smoke:
+        args.rows, args.dim, args.memory_gb = 600, 16, 1e-4
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
@@ -128,8 +134,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_fusion_memory_", dir=args.dir))
     try:
         start = time.perf_counter()
-        paths = write_caches(root, args.rows)
-        whole_mb = args.rows * DIM * len(BACKBONES) * 4 / 1e6
+        paths = write_caches(root, args.rows, args.dim)
+        whole_mb = args.rows * args.dim * len(BACKBONES) * 4 / 1e6
         log(f"wrote {sum(p.stat().st_size for p in paths) / 1e9:.2f} GB of caches in "
             f"{time.perf_counter() - start:.0f} s; the float32 matrix is {whole_mb:.0f} MB")  # fmt: skip
         log(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "

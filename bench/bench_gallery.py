@@ -1,10 +1,11 @@
 """What `defuse evaluate`'s pictures of the errors cost: thumbnails, Grad-CAM by each backbone
 of params.yaml (at its input size there) and the PNGs, for `evaluate.gallery` ELPV cells.
 
-Run: .venv/bin/python bench/bench_gallery.py [--images 16] [--out DIR]
+Run: .venv/bin/python bench/bench_gallery.py [--images 16] [--out DIR] [--smoke]
 Checkpoints are the ImageNet weights with a new 4-class layer (speed does not depend on
 fine-tuning; the pictures then show ImageNet features, not defects); the "errors" are the
 first --images cells. Lines read `<what>: <seconds> s`; the budget is 60 s on 2 cores.
+--smoke: 2 cells, the first backbone at 32 px with random weights: checks the code runs.
 """
 
 from __future__ import annotations
@@ -31,16 +32,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=evaluate_params().gallery)
     parser.add_argument("--out", type=Path, help="Keep the PNGs here (default: a temp folder).")
+    parser.add_argument("--smoke", action="store_true", help="2 cells, 1 tiny backbone")
     args = parser.parse_args()
+    backbones = backbone_names()[:1] if args.smoke else backbone_names()
+    if args.smoke:
+        args.images = 2
     paths = sorted((elpv_root() / "images").glob("*.png"))[: args.images]
     classes = np.arange(len(paths)) % 4
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "gallery"
         out.mkdir(parents=True, exist_ok=True)
         cams, total = {}, 0.0
-        for backbone in backbone_names():
-            info = backbone_info(backbone, finetune_params(backbone).input_size)
-            model = create_backbone(backbone, 4, pretrained=True, quiet=True)
+        for backbone in backbones:
+            size = 32 if args.smoke else finetune_params(backbone).input_size
+            info = backbone_info(backbone, size)
+            model = create_backbone(backbone, 4, pretrained=not args.smoke, quiet=True)
             sidecar = {
                 **{k: v for k, v in dataclasses.asdict(info).items() if k != "name"},
                 "backbone": backbone,

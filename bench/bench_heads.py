@@ -1,13 +1,14 @@
 """Time the fusion heads as `defuse fuse` fits them, and `defuse compare`, against targets.
 
-Run: .venv/bin/python bench/bench_heads.py [--project DIR]
+Run: .venv/bin/python bench/bench_heads.py [--project DIR] [--smoke]
 Each line reads `<what>: <measured> s / <limit> s = <ratio>`; a ratio under 1 meets the
 target. Targets (2 CPU cores): every head of params.yaml's `heads` (its whole grid, the
 choice on val and the refit, with the `fuse` section's settings) in under 30 s on
 ELPV-sized features (2,624 rows, 3 x 1,280-d, ELPV's split sizes), and `compare` over every
 head and the 7 backbone subsets under 120 s. With --project, the features are that finished
 demo's real caches instead of synthetic ones. Timings on a shared machine vary with its
-load, printed first.
+load, printed first. --smoke: 200 rows of 3 x 8-d, mlp for 2 epochs, one process: checks
+the code runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +44,12 @@ def report(what: str, seconds: float, limit: float) -> None:
     print(f"{what}: {seconds:.2f} s / {limit:g} s = {seconds / limit:.2f}", flush=True)
 
 
-def synthetic(folder: Path, rng: np.random.Generator) -> FusedFeatures:
-    """ELPV-sized caches in ``folder``: 1672 / 296 / 656 rows, three 1280-d backbones."""
-    split = np.repeat(["train", "val", "test"], [1672, 296, 656])
+def synthetic(
+    folder: Path, rng: np.random.Generator, rows=(1672, 296, 656), dim: int = 1280
+) -> FusedFeatures:
+    """Caches in ``folder``, ELPV-sized by default: train / val / test ``rows``, three
+    ``dim``-d backbones."""
+    split = np.repeat(["train", "val", "test"], rows)
     y = rng.integers(0, N_CLASSES, len(split))
     ids = [f"{i:064x}" for i in range(len(y))]
     names = [f"backbone{i}" for i in range(3)]
@@ -56,8 +61,8 @@ def synthetic(folder: Path, rng: np.random.Generator) -> FusedFeatures:
             "versions": "{}",
         }  # fmt: skip
         logits = rng.normal(0, 1, (len(y), N_CLASSES)) + 2 * np.eye(N_CLASSES)[y]
-        with CacheWriter(folder / f"{name}.h5", len(y), 1280, N_CLASSES, "float32", attrs) as w:
-            w.write(0, features(len(y), 1280, rng, y), logits, ids, y, split)
+        with CacheWriter(folder / f"{name}.h5", len(y), dim, N_CLASSES, "float32", attrs) as w:
+            w.write(0, features(len(y), dim, rng, y), logits, ids, y, split)
     return load_features([folder / f"{n}.h5" for n in names], names)
 
 
@@ -65,6 +70,7 @@ def main() -> None:
     keep_freed_memory()  # the allocator policy every defuse process runs with
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", type=Path, help="a finished demo: use its caches")
+    parser.add_argument("--smoke", action="store_true", help="tiny features, seconds")
     args = parser.parse_args()
     params_path = (args.project or Path(".")) / "params.yaml"
     print(
@@ -76,16 +82,20 @@ def main() -> None:
         fused = fused_features(read_manifest(layout.MANIFEST), layout.FEATURES, "params.yaml")
     else:
         tmp = tempfile.TemporaryDirectory(prefix="bench_heads-")  # removed when the script ends
-        fused = synthetic(Path(tmp.name), np.random.default_rng(0))
+        shape = {"rows": (100, 60, 40), "dim": 8} if args.smoke else {}
+        fused = synthetic(Path(tmp.name), np.random.default_rng(0), **shape)
     fuse = section(FuseParams, "fuse", params_path)
     heads = {h: head_params(h, params_path) for h in load_params(params_path)["heads"]}
+    cp = section(CompareParams, "compare", params_path)
+    if args.smoke:
+        heads["mlp"] = {**heads.get("mlp", {}), "epochs": 2, "hidden": 8}
+        fuse, cp = replace(fuse, n_jobs=1), replace(cp, n_jobs=1)
     for name, params in heads.items():
         start = time.perf_counter()
         _, sidecar = fit_head(fused, name, params, fuse)
         n = len(sidecar["selection"]["candidates"])
         report(f"fuse_{name} ({n} candidates)", time.perf_counter() - start, 30)
 
-    cp = section(CompareParams, "compare", params_path)
     offsets = np.cumsum([0, *fused.dims])
     blocks = {b: fused.X[:, a:z] for b, a, z in zip(fused.backbones, offsets, offsets[1:])}  # noqa: B905
     start = time.perf_counter()

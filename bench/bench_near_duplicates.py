@@ -1,12 +1,13 @@
 """Where prepare.near_duplicate_bits comes from: how far a copy moves the pHash, and what
 each radius groups on ELPV.
 
-    .venv/bin/python bench/bench_near_duplicates.py [--crops 600]
+    .venv/bin/python bench/bench_near_duplicates.py [--crops 600] [--smoke]
 
 Copies: random crops of scikit-learn's two sample photos, each resized by 0.5 / 0.75 / 1.25 /
 2 and saved as JPEG quality 70 and 50; prints the share of copies within each radius and the
 closest pair of crops from different photos. ELPV: hashing time per image, and per radius the
-groups, the images in them, the largest group and the groups that mix labels.
+groups, the images in them, the largest group and the groups that mix labels. --smoke: 10
+crops and ELPV's first 50 cells, to check the code runs.
 """
 
 import argparse
@@ -54,9 +55,10 @@ def copies(n_crops: int) -> None:
     print(f"closest crops of different photos: {bits[source[:, None] != source].min()} bits")
 
 
-def elpv() -> None:
+def elpv(limit: int | None = None) -> None:
     root = elpv_root()
     rows = [line.split() for line in (root / "labels.csv").read_text().splitlines() if line]
+    rows = rows[:limit]
     images = [Image.open(root / path) for path, _, _ in rows]
     for image in images:
         image.load()
@@ -80,6 +82,7 @@ def elpv() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crops", type=int, default=600)
+    parser.add_argument("--smoke", action="store_true", help="10 crops, 50 ELPV cells")
     args = parser.parse_args()
-    copies(args.crops)
-    elpv()
+    copies(10 if args.smoke else args.crops)
+    elpv(50 if args.smoke else None)

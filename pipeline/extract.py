@@ -16,7 +16,6 @@ import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from pipeline import distributed, layout
 from pipeline.config import ExtractParams
@@ -25,6 +24,7 @@ from pipeline.data.transforms import ImageDataset, eval_transform, model_input
 from pipeline.errors import CacheError, CheckpointError, ConfigError
 from pipeline.models.checkpoint import backbone_info_of, load_checkpoint
 from pipeline.models.registry import BackboneInfo, embed
+from pipeline.progress import tracked
 from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
 from pipeline.storage.atomic import atomic_file
 from pipeline.storage.feature_cache import CacheWriter, FeatureCache, reusable_cache
@@ -220,9 +220,7 @@ def embed_images(
         pin_memory=device.type == "cuda",
     )
     model = prepare_model(model, device).eval()
-    for images, _, index in tqdm(
-        loader, desc=f"embed {info.name}", unit="batch", disable=not progress
-    ):
+    for images, _, index in tracked(loader, f"embed {info.name}", "batch", enabled=progress):
         with autocast(device):
             emb, logits = _tta_embed(model, model_input(images, info, device), params.tta)
         with np.errstate(over="ignore"):  # float16 overflow: the cache writer refuses the inf

@@ -22,7 +22,6 @@ from sklearn.model_selection import StratifiedKFold
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.config import FinetuneParams, asdict
@@ -38,6 +37,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import classification_metrics
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.registry import create_backbone, embed, freeze_stages, set_train_mode
+from pipeline.progress import Progress, note, tracked
 from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
 from pipeline.storage.atomic import write_text
 from pipeline.storage.image_cache import open_image_cache
@@ -114,11 +114,20 @@ def predict_logits(
     """Logits ``(n, n_classes)`` and labels ``(n,)`` for every batch of ``loader``."""
     model.eval()
     logits, labels = [], []
-    for images, y, _ in tqdm(loader, desc=desc, leave=False, unit="batch", disable=not progress):
+    for images, y, _ in tracked(loader, desc, "batch", every=None, enabled=progress):
         with autocast(device):
             logits.append(embed(model, model_input(images, info, device))[1].float().cpu())
         labels.append(y)
     return torch.cat(logits), torch.cat(labels)
+
+
+def _epoch_line(backbone: str, epochs: int, row: dict, seconds: float) -> str:
+    """One epoch's figures for the log, e.g. "finetune lite0 epoch 2/3: train loss 0.61 ..."."""
+    return (
+        f"finetune {backbone} epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.3f} "
+        f"acc {row['train_acc']:.3f}, val loss {row['val_loss']:.3f} acc {row['val_acc']:.3f}, "
+        f"{seconds:.0f} s"
+    )
 
 
 def cross_fit_folds(manifest: Manifest, k: int, seed: int) -> list[np.ndarray]:
@@ -242,13 +251,14 @@ def finetune(
             sampler.set_epoch(epoch)
             seen, loss_sum, correct = 0, 0.0, 0
             start = time.perf_counter()
-            bar = tqdm(
-                train_loader,
-                desc=f"{backbone} epoch {epoch}/{params.epochs}",
-                unit="batch",
-                disable=not progress,
+            bar = Progress(
+                len(train_loader),
+                f"{backbone} epoch {epoch}/{params.epochs}",
+                "batch",
+                every=None,  # the epoch's line below says it in a log
+                enabled=progress,
             )
-            for images, labels, _ in bar:
+            for images, labels, _ in train_loader:
                 for group in optimizer.param_groups:
                     group["lr"] = _cosine(step, total_steps, params.lr, params.lr_final)
                 images, labels = model_input(images, info, device), labels.to(device)
@@ -262,7 +272,8 @@ def finetune(
                 seen += len(labels)
                 loss_sum += loss.item() * len(labels)
                 correct += (logits.argmax(1) == labels).sum().item()
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+                bar.update(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            bar.close()
             train_s = time.perf_counter() - start
             seen, loss_sum, correct = distributed.all_sum([seen, loss_sum, correct])
 
@@ -280,7 +291,8 @@ def finetune(
                     "train_s": round(train_s, 2),  # wall time of the training pass
                 }
             )
-            log.info("%s epoch %d: %s", backbone, epoch, history[-1])
+            if progress:
+                note(_epoch_line(backbone, params.epochs, history[-1], time.perf_counter() - start))
             # Best epoch: highest val accuracy, the papers' metric; lower val loss breaks ties.
             key = (val_acc, -val_loss)
             if best is None or key > best:

@@ -23,7 +23,7 @@ from pipeline.fusion.heads import load_head
 from pipeline.models.checkpoint import backbone_info_of, load_checkpoint, read_sidecar
 from pipeline.runtime import resolve_device
 from pipeline.storage.atomic import write_text
-from pipeline.storage.feature_cache import file_sha256
+from pipeline.storage.hashing import file_sha256
 from pipeline.storage.image_cache import usable_image_cache
 
 

@@ -19,12 +19,12 @@ from pipeline.storage.feature_cache import (
     CacheWriter,
     LazyRows,
     cache_info,
-    file_sha256,
     load_features,
     read_cache,
     reusable_cache,
     verify_cache,
 )
+from pipeline.storage.hashing import file_sha256
 
 N, D, C = 50, 16, 3
 MANIFEST_SHA = "a" * 64

@@ -1,7 +1,7 @@
 """The real DVC DAG end to end, in a temporary git + DVC repo on a tiny synthetic image folder:
 a full repro, a no-op repro, a head-parameter change that reruns only fusion, a training one
-that decodes nothing again, and caches pushed to a local remote and pulled into a fresh clone
-that fuses without re-extracting."""
+that decodes nothing again, and the owner's commit and push cloned and pulled by a teammate
+whose workspace is then up to date (nothing reruns) and who fuses without re-extracting."""
 
 import os
 import re
@@ -67,12 +67,11 @@ def _git(cwd, *args):
 def project(tmp_path, image_folder):
     root = tmp_path / "project"
     root.mkdir()
-    for item in ("dvc.yaml", "pipeline", "stages"):
+    for item in ("dvc.yaml", ".gitignore", ".dvcignore", "pipeline", "stages"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / item)
     image_folder({"crack": 12, "scratch": 12, "clean": 12}, root=root / "images", size=24)
     write_params(root / "params.yaml", **PARAMS)
-    (root / ".gitignore").write_text("__pycache__/\n")
     _git(root, "init", "-q")
     _run([BIN / "dvc", "init", "-q"], root)
     _run([BIN / "dvc", "config", "core.analytics", "false"], root)
@@ -113,7 +112,7 @@ def test_dag_reruns_only_what_changed_and_shares_caches(project, tmp_path):
     images = project / layout.image_cache("tf_efficientnet_lite0")
     assert "OK" in _run([BIN / "defuse", "cache", "verify", str(images)], project)
 
-    # Share through a local DVC remote; a fresh clone pulls and only fuses.
+    # Share through git and a local DVC remote: a fresh clone is up to date once pulled.
     remote = tmp_path / "remote"
     _run([dvc, "remote", "add", "-d", "team", str(remote)], project)
     _git(project, "add", "-A")
@@ -121,7 +120,11 @@ def test_dag_reruns_only_what_changed_and_shares_caches(project, tmp_path):
     _run([dvc, "push"], project)
     clone = tmp_path / "clone"
     _git(tmp_path, "clone", "-q", str(project), str(clone))
+    assert (clone / "reports/summary.md").is_file()  # text reports travel in git,
+    assert not (clone / "reports/figures").exists()  # pictures and caches through DVC
     _run([dvc, "pull"], clone)
+    assert "up to date" in _run([dvc, "status"], clone)
+    assert _ran(_run([dvc, "repro"], clone)) == set()
     assert "OK" in _run([BIN / "defuse", "cache", "verify", str(cache.relative_to(project))], clone)
     params["heads"]["logreg"]["C"] = 2.0
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

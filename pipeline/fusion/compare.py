@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import StratifiedKFold
-from tqdm import tqdm
 
 from pipeline.errors import ConfigError, DataError
 from pipeline.fusion.heads import HEADS, make_head
 from pipeline.fusion.selection import candidate_params, choose, fit_many, grid, rank_key
 from pipeline.metrics import classification_metrics
+from pipeline.progress import Progress
 
 COLUMNS = (
     "head",
@@ -189,7 +189,7 @@ def compare(
         for h, s in pairs
         for p in grids[h, s]
     ]
-    bar = tqdm(total=len(jobs), desc="compare", unit="fit", disable=not progress)
+    bar = Progress(len(jobs), "compare", "fit", enabled=progress)
     fitted = iter(fit_many(jobs, n_jobs, bar))
     bar.close()
 

@@ -6,7 +6,6 @@ for fusion. Pure numpy + h5py: nothing in a cache is unpickled or executed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,7 @@ import numpy as np
 
 from pipeline.errors import CacheError
 from pipeline.storage import atomic
+from pipeline.storage.hashing import file_sha256
 
 SCHEMA = 1
 SPLITS = ("train", "val", "test")  # split code i means SPLITS[i]
@@ -511,16 +511,6 @@ def read_cache(path: str | os.PathLike) -> FeatureCache:
         attrs=head.attrs,
         fold=head.fold,
     )
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file's bytes, read in 1 MiB chunks."""
-    h, buf = hashlib.sha256(), bytearray(1 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- alignment

@@ -18,12 +18,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline.data.manifest import Manifest, decoded_channels, load_image
 from pipeline.data.transforms import ToSquare
 from pipeline.errors import CacheError
 from pipeline.models.registry import BackboneInfo
+from pipeline.progress import Progress
 from pipeline.storage.atomic import atomic_file
 from pipeline.storage.feature_cache import decode_attr, encode_attr, file_identity
 
@@ -98,7 +98,7 @@ def decode_images(
     parallel = workers > 1 and len(new) > 1
     block = _BLOCK_ROWS * workers
     reused = old.squares_at(old_row) if old else None
-    bar = tqdm(total=len(new), desc=f"decode {info.name}", unit="img", disable=not progress)
+    bar = Progress(len(new), f"decode {info.name}", "img", enabled=progress)
     with (
         ProcessPoolExecutor(workers) if parallel else contextlib.nullcontext() as pool,
         atomic_file(out) as tmp,
