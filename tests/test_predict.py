@@ -17,7 +17,7 @@ from pipeline.config import ExtractParams, FuseParams
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.extract import extract
 from pipeline.fusion.fit import fit_head
-from pipeline.fusion.heads import load_head, save_head
+from pipeline.fusion.heads import SeedRefits, load_head, save_head
 from pipeline.models.checkpoint import load_checkpoint, read_sidecar, save_checkpoint
 from pipeline.predict import predict
 from pipeline.storage.feature_cache import load_features
@@ -40,7 +40,7 @@ def fused(tiny_run, tmp_path_factory):
     extract(tiny_run["manifest"], layout.checkpoint_dir(BACKBONE, models), cache, params, False)
     features = load_features([cache], [BACKBONE], manifest=tiny_run["manifest"])
     head, sidecar = fit_head(features, "logreg", LOGREG, params_of(FuseParams, "fuse"))
-    head_dir = save_head(head, base / "heads" / "logreg", sidecar)
+    head_dir = save_head(head, base / "heads" / "logreg", sidecar, seed_refits=SeedRefits(0, (0,)))
     return {"base": base, "models": models, "params": params, "features": features,
             "head_dir": head_dir, "manifest": tiny_run["manifest"]}  # fmt: skip
 
