@@ -81,6 +81,17 @@ def test_another_checkpoint_is_refused_before_any_image_is_read(fused, tmp_path)
     assert f"`defuse extract {BACKBONE}` and `defuse fuse logreg` (or `dvc repro`)" in message
 
 
+def test_a_head_whose_classes_differ_from_the_checkpoints_is_refused(fused, tmp_path):
+    head_dir = shutil.copytree(fused["head_dir"], tmp_path / "head")
+    meta = json.loads((head_dir / "head.json").read_text())
+    names = meta["class_names"]
+    meta["class_names"] = names[::-1]  # same classes, other order: every label would swap
+    (head_dir / "head.json").write_text(json.dumps(meta))
+    image = fused["manifest"].image_path(0)
+    with pytest.raises(CheckpointError, match=r"\(in that order\), but it is used with 3: "):
+        predict([image], head_dir, fused["params"], fused["models"], progress=False)
+
+
 def test_nothing_to_classify_is_an_error(fused, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"No files under .*empty: nothing to classify"):
