@@ -127,8 +127,8 @@ def fit_seed_refits(
     random state is not refitted: its seeds are ``[fuse.seed]``. Test rows are never read."""
     if "random_state" not in accepted_params(name, params):
         return SeedRefits(fuse.seed, (fuse.seed,))
-    refits = {s: fit_head(features, name, params, fuse, seed=s) for s in fuse.seeds}
-    refits.pop(fuse.seed, None)
+    others = [s for s in fuse.seeds if s != fuse.seed]
+    refits = {s: fit_head(features, name, params, fuse, seed=s) for s in others}
     return SeedRefits(fuse.seed, tuple(fuse.seeds), refits)
 
 
