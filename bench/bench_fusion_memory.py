@@ -6,7 +6,7 @@
 Writes three synthetic float16 caches of rows x 2048 with CacheWriter (200,000 rows: 3 x 0.8 GB
 on disk, 4.9 GB as the float32 matrix) with learnable labels and a 70 / 15 / 15 split, then in
 a fresh child process runs what `defuse fuse mlp` runs with `fuse.memory_gb: --memory-gb`:
-load_features with that budget and fit_head with the mlp defaults but --epochs (train split,
+load_features with that budget and fit_head with params.yaml's mlp (one candidate) but --epochs (train split,
 best epoch on val, cache checksums). Its peak RSS (VmHWM) is set against the budget and the
 bytes of the whole float32 matrix; --dense also measures a whole load (load_features without a
 budget, nothing trained) in another child. A third child trains the same head on 256 random
@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import FuseParams, section
+from pipeline.config import FuseParams, head_params, section
 from pipeline.fusion.fit import fit_head
 from pipeline.fusion.heads import make_head
+from pipeline.fusion.selection import candidate_params
 from pipeline.runtime import keep_freed_memory
 from pipeline.storage.feature_cache import SPLITS, CacheWriter, load_features
 
@@ -72,6 +73,12 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
+def _mlp_entry(args) -> dict:
+    """params.yaml's mlp entry, one candidate (its grids' first values), --epochs epochs."""
+    entry = {k: v[0] if isinstance(v, list) else v for k, v in head_params("mlp").items()}
+    return entry | {"epochs": args.epochs}
+
+
 def child(mode: str, paths: list[str], args) -> dict:
     """One measured job, in a process of its own; its figures."""
     out = {"imports_mb": peak_rss_mb()}  # python, numpy, h5py, torch, sklearn
@@ -79,13 +86,15 @@ def child(mode: str, paths: list[str], args) -> dict:
     if mode == "floor":
         rng = np.random.default_rng(0)
         X, y = rng.standard_normal((256, args.dim * len(BACKBONES)), np.float32), np.arange(256) % 4
-        make_head("mlp", epochs=args.epochs).fit(X, y)
+        fuse = section(FuseParams, "fuse")
+        params = candidate_params("mlp", _mlp_entry(args), [X.shape[1]], fuse.block_norm, 0)
+        make_head("mlp", **params[0]).fit(X, y)
     elif mode == "dense":
         out["X"] = str(load_features(paths).X.shape)
     else:
         features = load_features(paths, max_bytes=int(args.memory_gb * 1e9))
         fuse = section(FuseParams, "fuse")  # what `defuse fuse` runs with, one mlp candidate
-        _, sidecar = fit_head(features, "mlp", {"epochs": args.epochs}, fuse)
+        _, sidecar = fit_head(features, "mlp", _mlp_entry(args), fuse)
         out |= {"X": repr(features.X), "n_train": sidecar["n_train"]}
         out["val_accuracy"] = sidecar["val_metrics"]["accuracy"]
     return out | {"seconds": time.perf_counter() - start, "peak_mb": peak_rss_mb()}

@@ -23,8 +23,8 @@ from pipeline.data.manifest import ELPV_CLASSES, elpv_root
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.registry import backbone_info, create_backbone
 from pipeline.report.explain import Gallery, explain, thumbnail
-from pipeline.report.summary import plot_gallery
-from pipeline.runtime import keep_freed_memory
+from pipeline.report.figures import plot_gallery
+from pipeline.runtime import keep_freed_memory, resolve_device
 
 
 def main() -> None:
@@ -39,6 +39,7 @@ def main() -> None:
         args.images = 2
     paths = sorted((elpv_root() / "images").glob("*.png"))[: args.images]
     classes = np.arange(len(paths)) % 4
+    device = resolve_device(evaluate_params().device)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "gallery"
         out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,7 @@ def main() -> None:
             }
             sha = save_checkpoint(model, Path(tmp) / backbone, sidecar)["weights_sha256"]
             start = time.perf_counter()
-            cams[backbone] = explain(Path(tmp) / backbone, paths, classes, sha)
+            cams[backbone] = explain(Path(tmp) / backbone, paths, classes, sha, device=device)
             took = time.perf_counter() - start
             total += took
             print(f"Grad-CAM {backbone} at {info.input_size} px, {len(paths)} images: {took:.2f} s")

@@ -27,7 +27,7 @@ from pipeline import layout
 from pipeline.config import CompareParams, FuseParams, head_params, load_params, section
 from pipeline.data.manifest import read_manifest
 from pipeline.fusion.compare import compare
-from pipeline.fusion.fit import fit_head, fused_features
+from pipeline.fusion.fit import fit_head, fit_seed_refits, fused_features
 from pipeline.runtime import keep_freed_memory
 from pipeline.storage.feature_cache import CacheWriter, FusedFeatures, load_features
 
@@ -93,14 +93,20 @@ def main() -> None:
     for name, params in heads.items():
         start = time.perf_counter()
         _, sidecar = fit_head(fused, name, params, fuse)
-        n = len(sidecar["selection"]["candidates"])
-        report(f"fuse_{name} ({n} candidates)", time.perf_counter() - start, 30)
+        refits = fit_seed_refits(fused, name, params, fuse)  # as `defuse fuse` does
+        n = len(sidecar["selection"]["candidates"]) * (1 + len(refits.heads))
+        report(
+            f"fuse_{name} ({n} candidate fits, seed refits included)",
+            time.perf_counter() - start,
+            30,
+        )
 
     offsets = np.cumsum([0, *fused.dims])
     blocks = {b: fused.X[:, a:z] for b, a, z in zip(fused.backbones, offsets, offsets[1:])}  # noqa: B905
     start = time.perf_counter()
     board = compare(
         blocks, fused.y, fused.split, heads, folds=cp.folds, seed=cp.seed,
+        min_subset=cp.min_subset, class_names=list(fused.class_names),
         logit_blocks=dict(zip(fused.backbones, fused.logits)), progress=False,  # noqa: B905
         block_norm=fuse.block_norm, select_by=fuse.select_by, refit=fuse.refit, n_jobs=cp.n_jobs,
     )  # fmt: skip

@@ -198,6 +198,7 @@ class FuseParams(_Section):
 
     backbones: tuple[str, ...] | None  # concatenation order; None: every entry of `backbones`
     seed: int
+    seeds: tuple[int, ...]  # the head refitted per seed (selection included), saved beside it
     # Fused features (all rows, float32) larger than this stay in the caches: heads that
     # stream (mlp) read them block by block, the others stop with an error. A fixed size, not
     # a share of RAM: streaming shuffles differently, and the same params must give the same
@@ -210,6 +211,10 @@ class FuseParams(_Section):
 
     def _check(self):
         _at_least("fuse.seed", self.seed, 0)
+        if not self.seeds or min(self.seeds) < 0 or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(
+                f"fuse.seeds must be a non-empty list of distinct ints >= 0. Got {list(self.seeds)!r}."
+            )
         if self.memory_gb <= 0:
             raise ConfigError(f"fuse.memory_gb must be a number > 0. Got {self.memory_gb!r}.")
         _choice("fuse.block_norm", self.block_norm, BLOCK_NORMS)
@@ -226,16 +231,13 @@ class EvaluateParams(_Section):
     SECTION: ClassVar[str] = "evaluate"
 
     final_head: str  # the head `predict` uses and the summary headlines; an entry of `heads`
-    seeds: tuple[int, ...]  # each head refitted per seed: mean +- std on test
     bootstrap_draws: int  # paired-bootstrap resamplings of the test images
     bootstrap_seed: int
     gallery: int  # the final head's most confident test errors pictured, with Grad-CAM; 0 = off
+    device: str  # where the gallery's Grad-CAM runs; "auto" picks cuda when present
 
     def _check(self):
-        if not self.seeds or min(self.seeds) < 0:
-            raise ConfigError(
-                f"evaluate.seeds must be a non-empty list of ints >= 0. Got {list(self.seeds)!r}."
-            )
+        _device("evaluate.device", self.device)
         _at_least("evaluate.bootstrap_draws", self.bootstrap_draws, 1)
         _at_least("evaluate.bootstrap_seed", self.bootstrap_seed, 0)
         _at_least("evaluate.gallery", self.gallery, 0)

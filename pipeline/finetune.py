@@ -11,7 +11,6 @@ import copy
 import csv
 import io
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import classification_metrics
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.registry import create_backbone, embed, freeze_stages, set_train_mode
+from pipeline.optim import class_weights, cosine_lr
 from pipeline.progress import Progress, note, tracked
 from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
 from pipeline.storage.atomic import write_text
@@ -55,13 +55,6 @@ class FinetuneResult:
     test_metrics: dict | None  # None when the manifest has no test rows
 
 
-def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, mean 1 over the samples, so the loss scale stays familiar."""
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(weights, dtype=torch.float32)
-
-
 def _optimizer(params: FinetuneParams, trainable) -> torch.optim.Optimizer:
     if params.optimizer == "rmsprop":  # Keras' RMSprop, which the paper used, has rho 0.9
         return torch.optim.RMSprop(
@@ -76,12 +69,6 @@ def _optimizer(params: FinetuneParams, trainable) -> torch.optim.Optimizer:
             trainable, lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay
         )
     return torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
-
-
-def _cosine(step: int, total: int, lr: float, lr_final: float) -> float:
-    return lr_final + 0.5 * (lr - lr_final) * (
-        1 + math.cos(math.pi * min(step / max(total, 1), 1.0))
-    )
 
 
 def _loader(dataset, batch_size: int, num_workers: int, device, sampler=None):
@@ -238,7 +225,9 @@ def finetune(
 
         val_labels = torch.as_tensor(manifest.label[val_idx], dtype=torch.long)
         weight = (
-            class_weights(manifest.label[train_idx], n_classes) if params.class_weighted else None
+            torch.tensor(class_weights(manifest.label[train_idx], n_classes), dtype=torch.float32)
+            if params.class_weighted
+            else None
         )
         criterion = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -260,7 +249,7 @@ def finetune(
             )
             for images, labels, _ in train_loader:
                 for group in optimizer.param_groups:
-                    group["lr"] = _cosine(step, total_steps, params.lr, params.lr_final)
+                    group["lr"] = cosine_lr(step, total_steps, params.lr, params.lr_final)
                 images, labels = model_input(images, info, device), labels.to(device)
                 with autocast(device):
                     logits = train_model(images)

@@ -19,7 +19,7 @@ from pipeline.config import ExtractParams
 from pipeline.data.manifest import load_image
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.extract import embed_images
-from pipeline.fusion.heads import load_head
+from pipeline.fusion.heads import by_input, check_head_fits, load_head
 from pipeline.models.checkpoint import backbone_info_of, load_checkpoint, read_sidecar
 from pipeline.runtime import resolve_device
 from pipeline.storage.atomic import write_text
@@ -80,7 +80,14 @@ def predict(
     found = find_images(inputs)
     if not found:
         raise DataError(f"No files under {', '.join(map(str, inputs))}: nothing to classify.")
-    infos = [backbone_info_of(read_sidecar(d)) for d in checkpoints]
+    metas = [read_sidecar(d) for d in checkpoints]
+    check_head_fits(
+        sidecar,
+        class_names=metas[0]["class_names"],
+        backbones=[m["backbone"] for m in metas],
+        where=head_dir,
+    )
+    infos = [backbone_info_of(m) for m in metas]
     caches = [
         usable_image_cache(layout.image_cache(b, images_dir), info)
         for b, info in zip(sidecar["backbones"], infos, strict=True)
@@ -110,7 +117,7 @@ def predict(
         squares = cache.squares([ids[p] for p in paths]) if cache else None
         batches = list(embed_images(model, info, paths, params, device, progress, squares))
         emb, logits = (np.concatenate([b[i] for b in batches]) for i in (1, 2))
-        blocks.append(emb.astype(np.float32) if head.input == "embeddings" else logits)
+        blocks.append(by_input(head, embeddings=emb.astype(np.float32), logits=logits))
     return Predictions(
         paths, head.predict_proba(np.concatenate(blocks, axis=1)), sidecar["class_names"], failures
     )

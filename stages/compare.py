@@ -48,15 +48,16 @@ def compare(manifest, features_dir, out, params_path, folds, head_names):
         features.y,
         features.split,
         {h: head_params(h, params_path) for h in names},
+        logit_blocks=dict(zip(backbones, features.logits, strict=True)),
+        class_names=list(features.class_names),
         folds=params.folds,
         min_subset=params.min_subset,
         seed=params.seed,
-        logit_blocks=dict(zip(backbones, features.logits, strict=True)),
-        class_names=list(features.class_names),
         block_norm=fuse.block_norm,
         select_by=fuse.select_by,
         refit=fuse.refit,
         n_jobs=params.n_jobs,
+        progress=True,
     )
     out.mkdir(parents=True, exist_ok=True)
     board.to_csv(out / "leaderboard.csv")

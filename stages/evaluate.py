@@ -8,22 +8,6 @@ from pipeline import layout
 from stages import options
 
 
-def _seed_list(ctx, param, value):
-    """'0-4' or '0,2,5' -> [0, 1, 2, 3, 4] / [0, 2, 5]; None keeps evaluate.seeds."""
-    if value is None:
-        return None
-    try:
-        seeds = []
-        for part in value.split(","):
-            low, _, high = part.partition("-")
-            seeds += list(range(int(low), int(high or low) + 1))
-    except ValueError:
-        raise click.BadParameter(f"expected e.g. '0-4' or '0,2,5', got {value!r}.") from None
-    if not seeds or min(seeds) < 0:
-        raise click.BadParameter(f"expected seeds >= 0, e.g. '0-4'; got {value!r}.")
-    return seeds
-
-
 @click.command()
 @options.manifest
 @options.features
@@ -31,16 +15,11 @@ def _seed_list(ctx, param, value):
 @options.models
 @options.reports
 @options.params
-@click.option(
-    "--seeds",
-    callback=_seed_list,
-    help="Head seeds to refit for mean ± std, e.g. '0-4' [evaluate.seeds].",
-)
-def evaluate(manifest, features_dir, heads_dir, models, reports, params_path, seeds):
-    """Score every fine-tuned model and every fusion head on the test split.
+def evaluate(manifest, features_dir, heads_dir, models, reports, params_path):
+    """Score every fine-tuned model and every fusion head on the test split; fits nothing.
 
     Each head is set against the best single model with paired-bootstrap 95 % intervals and
-    McNemar's test, and refitted with every seed in `evaluate.seeds` for mean ± std.
+    McNemar's test; its seed refits (saved by `defuse fuse`, `fuse.seeds`) give mean ± std.
     Writes reports/metrics/test.json (DVC metrics), per-class details, the evidence in
     reports/metrics/fusion_vs_single.json, confusion data for `dvc plots`, PNG figures,
     reports/summary.md with the papers' tables and a one-sentence verdict, and
@@ -48,57 +27,34 @@ def evaluate(manifest, features_dir, heads_dir, models, reports, params_path, se
     them) and each backbone's Grad-CAM of them, from its checkpoint in --models (a
     backbone without one is skipped, and said so).
     """
-    from pipeline.config import FuseParams, evaluate_params, head_params, load_params, section
+    from pipeline.config import evaluate_params, load_params
     from pipeline.data.manifest import read_manifest
     from pipeline.fusion.fit import evaluate as run
-    from pipeline.fusion.fit import fused_features, seed_study
-    from pipeline.report.explain import gallery
+    from pipeline.fusion.fit import fused_features
     from pipeline.report.summary import verdict, write_reports
 
-    params = evaluate_params(params_path, seeds=seeds)
+    params = evaluate_params(params_path)
     man = read_manifest(manifest)
     features = fused_features(man, features_dir, params_path)
-    backbones = list(features.backbones)
     names = list(load_params(params_path).get("heads") or {})
     results = run(features, {h: layout.head_dir(h, heads_dir) for h in names})
-    study = seed_study(
-        features,
-        {h: head_params(h, params_path) for h in names},
-        section(FuseParams, "fuse", params_path),
-        list(params.seeds),
-        {n: r["metrics"] for n, r in results.items() if r["kind"] == "fusion"},
-    )
     context = {
         "dataset": "ELPV solar cells" if man.source == "elpv" else str(man.root),
         "n_test": int((features.split == "test").sum()),
         "class_names": list(features.class_names),
-        "backbones": backbones,
+        "backbones": list(features.backbones),
         "fused_dim": int(features.X.shape[1]),
     }
-    pictures = None
-    if params.gallery:
-        start = time.perf_counter()
-        final = results[params.final_head]
-        pictures = gallery(man, features, final, params.final_head, params.gallery, models)
-        for backbone, why in pictures.skipped.items():
-            click.echo(f"Grad-CAM skipped for {backbone}: {why}", err=True)
-        click.echo(
-            f"Gallery: {len(pictures.names)} of {pictures.n_errors} test errors; Grad-CAM by "
-            f"{len(pictures.cams)} of {len(backbones)} backbones in "
-            f"{time.perf_counter() - start:.1f} s"
-        )
     paths = layout.evaluate_reports(reports)
-    curves = {b: layout.finetune_reports(b, reports)["curves"] for b in backbones}
     evidence = write_reports(
         results,
         params.final_head,
         context,
         paths,
-        curves,
-        study,
-        params.bootstrap_draws,
-        params.bootstrap_seed,
-        pictures,
+        {b: layout.finetune_reports(b, reports)["curves"] for b in features.backbones},
+        draws=params.bootstrap_draws,
+        seed=params.bootstrap_seed,
+        gallery=_gallery(man, features, results, params, models),
     )
     click.echo(f"Report: {paths['summary']}")
     for name, r in results.items():
@@ -108,3 +64,25 @@ def evaluate(manifest, features_dir, heads_dir, models, reports, params_path, se
         )
     if evidence and params.final_head in evidence["heads"]:
         click.echo(verdict(evidence, params.final_head))
+
+
+def _gallery(man, features, results, params, models):
+    """The final head's errors with Grad-CAM (None when `evaluate.gallery` is 0), said on
+    the way."""
+    from pipeline.report.explain import gallery
+
+    if not params.gallery:
+        return None
+    start = time.perf_counter()
+    final = results[params.final_head]
+    pictures = gallery(
+        man, features, final, params.final_head, params.gallery, models, device=params.device
+    )
+    for backbone, why in pictures.skipped.items():
+        click.echo(f"Grad-CAM skipped for {backbone}: {why}", err=True)
+    click.echo(
+        f"Gallery: {len(pictures.names)} of {pictures.n_errors} test errors; Grad-CAM by "
+        f"{len(pictures.cams)} of {len(features.backbones)} backbones in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    return pictures

@@ -36,6 +36,24 @@ def params_of(cls, name: str, **overrides):
     return from_dict(cls, full_params(**{name: overrides})[name], name, REPO_PARAMS)
 
 
+def head_entry(name: str, **overrides) -> dict:
+    """Head ``name``'s entry in the project's params.yaml (grids kept), ``overrides`` over it."""
+    return {**full_params()["heads"][name], **overrides}
+
+
+def head_kwargs(name: str, **overrides) -> dict:
+    """Every constructor argument of head ``name``, as `defuse fuse` gives them: the first
+    grid point of its params.yaml entry, fuse.block_norm, fuse.seed and one block (no
+    widths); ``overrides`` laid over."""
+    from pipeline.fusion.selection import candidate_params
+
+    fuse = full_params()["fuse"]
+    params = candidate_params(name, head_entry(name), [1], fuse["block_norm"], fuse["seed"])[0]
+    if "block_dims" in params:
+        params["block_dims"] = None
+    return params | overrides
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """Factory: ``make({"a": 6, "b": 6})`` writes root/<class>/<i>.png, every image distinct."""

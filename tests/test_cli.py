@@ -4,7 +4,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_params
+from conftest import head_entry, write_params
 
 from stages.cli import COMMANDS, main
 
@@ -87,8 +87,9 @@ def test_finetune_extract_fuse_evaluate_predict_through_the_cli(tiny_run, tmp_pa
         tmp_path / "params.yaml",
         backbones={"tf_efficientnet_lite0": {"input_size": 32}},
         extract={"batch_size": 16, "num_workers": 0},
-        heads={"logreg": {"C": 1.0}, "late": {}},
-        evaluate={"final_head": "logreg", "seeds": [0]},
+        fuse={"seeds": [0]},
+        heads={"logreg": head_entry("logreg", C=1.0), "late": {}},
+        evaluate={"final_head": "logreg"},
     )
     run = CliRunner().invoke
     result = run(main, ["extract", "tf_efficientnet_lite0"])

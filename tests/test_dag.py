@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_params
+from conftest import head_entry, write_params
 
 from pipeline import layout
 
@@ -39,8 +39,12 @@ PARAMS = {
     },
     "backbones": {"tf_efficientnet_lite0": {"frozen_stages": 0}},
     "extract": {"batch_size": 16, "num_workers": 0},
-    "fuse": {"seed": 0},
-    "heads": {"mlp": {"epochs": 3, "hidden": 16}, "logreg": {"C": 1.0}, "late": {}},
+    "fuse": {"seed": 0, "seeds": [0, 1]},
+    "heads": {
+        "mlp": head_entry("mlp", epochs=3, hidden=16),
+        "logreg": head_entry("logreg", C=1.0),
+        "late": {},
+    },
     "evaluate": {"final_head": "mlp"},
 }
 

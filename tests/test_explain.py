@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import checkpoint_for, make_manifest, write_params
+from conftest import checkpoint_for, head_entry, make_manifest, write_params
 from PIL import Image
 from scipy.special import softmax
 from torch import nn
@@ -83,8 +83,9 @@ def project(tiny_run, tmp_path_factory):
         base / "params.yaml",
         backbones={BACKBONE: {"input_size": 32}},
         extract={"batch_size": 16, "num_workers": 0},
-        heads={"logreg": {"C": 1.0}},
-        evaluate={"final_head": "logreg", "seeds": [0], "gallery": 3},
+        fuse={"seeds": [0]},
+        heads={"logreg": head_entry("logreg", C=1.0)},
+        evaluate={"final_head": "logreg", "gallery": 3, "device": "cpu"},
     )
     with contextlib.chdir(base):
         for args in (["extract", BACKBONE], ["fuse", "logreg"]):
@@ -115,7 +116,7 @@ def test_gallery_shows_the_most_confident_errors_first_up_to_the_cap(project):
     result["y_pred"][wrong] = (result["y_true"][wrong] + 1) % 3
     result["p_pred"] = np.full(n, 0.9)
     result["p_pred"][wrong] = [0.5, 0.8, 0.4, 0.7]
-    shown = gallery(manifest, features, result, "logreg", 2, project / layout.MODELS)
+    shown = gallery(manifest, features, result, "logreg", 2, project / layout.MODELS, device="cpu")
     assert shown.n_errors == 4 and len(shown.names) == 2 == len(shown.thumbnails)
     np.testing.assert_allclose(shown.prob, [0.8, 0.7])
     test = np.flatnonzero(features.split == "test")
@@ -176,7 +177,7 @@ def test_a_checkpoint_other_than_the_extracted_one_is_skipped(project, tmp_path)
     sidecar.pop("weights_sha256")
     save_checkpoint(model, layout.checkpoint_dir(BACKBONE, tmp_path), sidecar)
     manifest, features, results = _results(project)
-    shown = gallery(manifest, features, results["logreg"], "logreg", 2, tmp_path)
+    shown = gallery(manifest, features, results["logreg"], "logreg", 2, tmp_path, device="cpu")
     assert shown.cams == {} and "was extracted with" in shown.skipped[BACKBONE]
     assert "defuse extract" in shown.skipped[BACKBONE] and len(shown.names) == 2
 

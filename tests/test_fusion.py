@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import write_params
+from conftest import head_entry, head_kwargs, params_of, write_params
 
 from pipeline import layout
 from pipeline.config import FuseParams
@@ -16,26 +16,27 @@ from pipeline.fusion.fit import (
     check_head,
     evaluate,
     fit_head,
+    fit_seed_refits,
     fused_features,
     in_memory,
-    seed_study,
 )
-from pipeline.fusion.heads import HEADS, make_head, save_head
+from pipeline.fusion.heads import HEADS, Head, SeedRefits, make_head, save_head
 from pipeline.report.summary import write_reports
 from pipeline.storage.feature_cache import CacheWriter, LazyRows, load_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = ["crack", "scratch", "clean"]
 N = 90
-FUSE = FuseParams(
-    backbones=None,
-    seed=0,
-    memory_gb=2.0,
-    block_norm="l2",
-    select_by="log_loss",
-    refit=False,
-    n_jobs=1,
-)
+FUSE = params_of(
+    FuseParams, "fuse", backbones=None, seed=0, seeds=[0], memory_gb=2.0, block_norm="l2",
+    select_by="log_loss", refit=False, n_jobs=1,
+)  # fmt: skip
+FAST_MLP = {"epochs": 5, "hidden": 8, "patience": None}
+
+
+def _save(head, side, directory, refits=None):
+    """``head`` saved as `defuse fuse` saves it (by default without seed refits)."""
+    return save_head(head, directory, side, seed_refits=refits or SeedRefits(0, (0,)))
 
 
 def write_cache(path, backbone, dim, seed, split=None, manifest_sha="m" * 64):
@@ -70,8 +71,9 @@ def features(tmp_path):
 
 @pytest.mark.parametrize("name", ["mlp", "logreg", "late"])
 def test_fit_head_learns_and_pins_its_caches(features, name):
-    params = {"epochs": 5, "hidden": 8} if name == "mlp" else {}
-    head, side = fit_head(features, name, params, FUSE)
+    head, side = fit_head(
+        features, name, head_entry(name, **FAST_MLP if name == "mlp" else {}), FUSE
+    )
     assert side["backbones"] == ["a", "b"] and side["dims"] == [8, 4]
     assert side["cache_sha256"] == features.checksums
     assert side["input"] == head.input
@@ -88,11 +90,11 @@ def test_empty_split_is_named(tmp_path):
     split = np.array(["train", "test"])[np.arange(N) % 2]
     feats = load_features([write_cache(tmp_path / "a.h5", "a", 4, 0, split=split)], ["a"])
     with pytest.raises(DataError, match="val split is empty"):
-        fit_head(feats, "logreg", {}, FUSE)
+        fit_head(feats, "logreg", head_entry("logreg"), FUSE)
 
 
 def test_stale_or_foreign_heads_are_refused(tmp_path, features):
-    _, side = fit_head(features, "logreg", {}, FUSE)
+    _, side = fit_head(features, "logreg", head_entry("logreg"), FUSE)
     check_head(side, features, "h")  # the caches it was trained on: accepted
     with pytest.raises(CheckpointError, match="backbones"):
         check_head(side, load_features([features.paths[1], features.paths[0]], ["b", "a"]), "h")
@@ -116,7 +118,7 @@ def _lazy(features, block_rows):
 def test_mlp_streams_small_blocks_and_one_block_is_the_in_memory_fit(features):
     split = features.split
     train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
-    X, y, params = features.X, features.y, {"epochs": 5, "hidden": 8}
+    X, y, params = features.X, features.y, head_kwargs("mlp", **FAST_MLP)
     dense = make_head("mlp", **params).fit(X[train], y[train], X[val], y[val])
 
     lazy = _lazy(features, block_rows=2).X  # 36 train rows: 18 blocks
@@ -137,7 +139,9 @@ def test_mlp_streams_small_blocks_and_one_block_is_the_in_memory_fit(features):
 def test_every_head_predicts_from_lazy_rows_and_only_streaming_heads_fit_them(features, name):
     X, y = features.X, features.y
     lazy = _lazy(features, block_rows=2).X
-    head = make_head(name, **({"epochs": 2, "hidden": 8} if name == "mlp" else {}))
+    head = make_head(
+        name, **head_kwargs(name, **({"epochs": 2, "hidden": 8} if name == "mlp" else {}))
+    )
     if HEADS[name].streams:
         head.fit(lazy, y)
     else:
@@ -149,10 +153,10 @@ def test_every_head_predicts_from_lazy_rows_and_only_streaming_heads_fit_them(fe
 
 def test_fit_head_streams_over_budget_and_names_heads_that_cannot(features, tmp_path):
     lazy = _lazy(features, block_rows=1)  # X (90 rows) and train + val (72 rows) over budget
-    head, side = fit_head(lazy, "mlp", {"epochs": 5, "hidden": 8}, FUSE)
+    head, side = fit_head(lazy, "mlp", head_entry("mlp", **FAST_MLP), FUSE)
     assert side["val_metrics"]["accuracy"] > 0.6 and side["cache_sha256"] == features.checksums
     with pytest.raises(ConfigError) as err:
-        fit_head(lazy, "logreg", {}, FUSE)
+        fit_head(lazy, "logreg", head_entry("logreg", C=1.0), FUSE)
     assert str(err.value) == (
         "Head 'logreg' needs 72 rows of the fused features in memory, 3,456 bytes as float32, "
         "over the memory budget fuse.memory_gb (1,536 bytes); raise it, or use a head that "
@@ -163,15 +167,15 @@ def test_fit_head_streams_over_budget_and_names_heads_that_cannot(features, tmp_
     np.testing.assert_array_equal(
         in_memory(replace(lazy, max_bytes=N * ROW_BYTES), "c"), features.X
     )
-    fit_head(lazy, "late", {}, FUSE)  # logits are always in memory
+    fit_head(lazy, "late", head_entry("late"), FUSE)  # logits are always in memory
 
     roomy = load_features(features.paths, features.backbones, max_bytes=80 * ROW_BYTES)
     assert isinstance(roomy.X, LazyRows)  # X is over budget, but train + val fit
-    logreg, _ = fit_head(roomy, "logreg", {}, FUSE)
-    dense, _ = fit_head(features, "logreg", {}, FUSE)
+    logreg, _ = fit_head(roomy, "logreg", head_entry("logreg"), FUSE)
+    dense, _ = fit_head(features, "logreg", head_entry("logreg"), FUSE)
     np.testing.assert_array_equal(logreg.coef_, dense.coef_)
 
-    heads = {"mlp": save_head(head, tmp_path / "mlp", side)}
+    heads = {"mlp": _save(head, side, tmp_path / "mlp")}
     streamed, in_ram = evaluate(lazy, heads), evaluate(features, heads)
     np.testing.assert_array_equal(streamed["mlp"]["y_pred"], in_ram["mlp"]["y_pred"])
 
@@ -194,8 +198,8 @@ def test_fuse_params_memory_budget_switches_to_streaming(features, tmp_path):
 def test_evaluate_scores_singles_and_heads_and_writes_the_report(tmp_path, features):
     heads = {}
     for name in ("logreg", "late"):
-        head, side = fit_head(features, name, {}, FUSE)
-        heads[name] = save_head(head, tmp_path / "heads" / name, side)
+        head, side = fit_head(features, name, head_entry(name), FUSE)
+        heads[name] = _save(head, side, tmp_path / "heads" / name)
     results = evaluate(features, heads)
     assert list(results) == ["a", "b", "logreg", "late"]
     assert [r["kind"] for r in results.values()] == ["single", "single", "fusion", "fusion"]
@@ -212,8 +216,7 @@ def test_evaluate_scores_singles_and_heads_and_writes_the_report(tmp_path, featu
         "backbones": ["a", "b"],
         "fused_dim": 12,
     }
-    study = seed_study(features, {"logreg": {}, "late": {}}, FUSE, [0, 1])
-    evidence = write_reports(results, "logreg", context, paths, {}, study, draws=500)
+    evidence = write_reports(results, "logreg", context, paths, {}, draws=500, seed=0, gallery=None)
     summary = paths["summary"].read_text()
     best = max("ab", key=lambda b: results[b]["metrics"]["accuracy"])
     assert evidence["best_single"] == best and set(evidence["heads"]) == {"logreg", "late"}
@@ -248,12 +251,12 @@ def _shuffled_test_labels(features, seed=0):
     ("name", "params"),
     [
         ("logreg", {"C": [1e-4, 0.01, 1.0]}),
-        ("mlp", {"epochs": 4, "hidden": [4, 16], "weight_decay": [0.0, 0.1]}),
+        ("mlp", {"epochs": 4, "hidden": [4, 16], "weight_decay": [0.0, 0.1], "patience": None}),
         ("ridge", {"alpha": [0.1, 1000.0]}),
     ],
 )
 def test_grid_is_chosen_on_val_and_never_looks_at_test(features, name, params):
-    head, side = fit_head(features, name, params, FUSE)
+    head, side = fit_head(features, name, head_entry(name, **params), FUSE)
     sel = side["selection"]
     n = int(np.prod([len(v) for v in params.values() if isinstance(v, list)]))
     assert len(sel["candidates"]) == n and sel["select_by"] == "log_loss"
@@ -261,23 +264,26 @@ def test_grid_is_chosen_on_val_and_never_looks_at_test(features, name, params):
     assert all(sel["chosen"][k] == best[k] for k in best if k != "val")
     assert sel["chosen"]["block_norm"] == "l2" and head.block_dims == [8, 4]
 
-    peeked, peeked_side = fit_head(_shuffled_test_labels(features), name, params, FUSE)
+    peeked, peeked_side = fit_head(
+        _shuffled_test_labels(features), name, head_entry(name, **params), FUSE
+    )
     assert peeked_side["selection"] == sel
     np.testing.assert_array_equal(peeked.predict_proba(features.X), head.predict_proba(features.X))
 
 
 def test_select_by_accuracy_and_a_head_entry_overriding_block_norm(features):
     fuse = replace(FUSE, select_by="accuracy")
-    _, side = fit_head(features, "logreg", {"C": [1e-4, 1.0], "block_norm": "none"}, fuse)
+    entry = head_entry("logreg", C=[1e-4, 1.0], block_norm="none")
+    _, side = fit_head(features, "logreg", entry, fuse)
     sel = side["selection"]
     best = max(sel["candidates"], key=lambda c: (c["val"]["accuracy"], c["val"]["log_loss"]))
     assert sel["chosen"]["C"] == best["C"] and sel["chosen"]["block_norm"] == "none"
     with pytest.raises(ConfigError, match=r"\['C'\] hold an empty list"):
-        fit_head(features, "logreg", {"C": []}, FUSE)
+        fit_head(features, "logreg", head_entry("logreg", C=[]), FUSE)
 
 
 def test_refit_on_train_and_val_repeats_the_chosen_epoch(features):
-    params = {"epochs": 6, "hidden": 8}
+    params = head_entry("mlp", epochs=6, hidden=8, patience=None, weight_decay=0.0)
     chosen, side = fit_head(features, "mlp", params, FUSE)
     refit, refit_side = fit_head(features, "mlp", params, replace(FUSE, refit=True))
     assert refit_side["selection"]["refit_on_train_val"] is True
@@ -286,15 +292,28 @@ def test_refit_on_train_and_val_repeats_the_chosen_epoch(features):
     assert not np.array_equal(refit.predict_proba(features.X), chosen.predict_proba(features.X))
 
 
-def test_seed_study_refits_seeded_heads_only(features):
-    heads = {"mlp": {"epochs": 3, "hidden": 8}, "logreg": {"C": [0.1, 1.0]}, "late": {}}
-    study = seed_study(
-        features, heads, FUSE, [0, 1, 2], {"late": {"accuracy": 0.5, "f1_macro": 0.25}}
-    )
-    assert study["mlp"]["seeds"] == [0, 1, 2] and len(set(study["mlp"]["f1_macro"])) > 1
-    assert study["logreg"]["seeds"] == study["late"]["seeds"] == [0]  # no random state
-    assert study["late"]["accuracy"] == [0.5]  # the saved head's test figures, reused
-    head, _ = fit_head(features, "mlp", heads["mlp"], FUSE, seed=1)
+def test_fuse_saves_seed_refits_and_evaluate_only_reads_them(features, tmp_path, monkeypatch):
+    fuse = replace(FUSE, seeds=(0, 1, 2))
+    heads = {
+        "mlp": head_entry("mlp", epochs=3, hidden=8),
+        "logreg": head_entry("logreg", C=[0.1, 1.0]),
+    }
+    dirs = {}
+    for name, entry in heads.items():
+        head, side = fit_head(features, name, entry, fuse)
+        refits = fit_seed_refits(features, name, entry, fuse)
+        dirs[name] = _save(head, side, tmp_path / name, refits)
+    assert sorted(p.name for p in (tmp_path / "mlp" / "seeds").iterdir()) == ["1", "2"]
+    assert not (tmp_path / "logreg" / "seeds").exists()  # no random state: fitted once
+
+    monkeypatch.setattr(Head, "fit", None)  # evaluate fits nothing
+    results = evaluate(features, dirs)
+    study = results["mlp"]["seeds"]
+    assert study["seeds"] == [0, 1, 2] and len(set(study["f1_macro"])) > 1
+    assert results["logreg"]["seeds"]["seeds"] == [0]
+    assert study["accuracy"][0] == results["mlp"]["metrics"]["accuracy"]  # the head itself
+    monkeypatch.undo()
+    head, _ = fit_head(features, "mlp", heads["mlp"], fuse, seed=1)
     test = features.split == "test"
     acc = (head.predict(features.X[test]) == features.y[test]).mean()
-    assert study["mlp"]["accuracy"][1] == pytest.approx(acc, abs=1e-6)
+    assert study["accuracy"][1] == pytest.approx(acc, abs=1e-6)

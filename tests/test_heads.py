@@ -1,20 +1,34 @@
-"""Every registered head through the same contract checks, then head-specific behaviour."""
+"""Every registered head through the same contract checks, then head-specific behaviour.
 
-import json
+Heads take every parameter from params.yaml (no defaults): `head_kwargs` builds them from
+the project's file, as `defuse fuse` does.
+"""
 
 import numpy as np
 import pytest
 import torch
+from conftest import head_kwargs
 from sklearn.base import clone
 
-from pipeline.errors import CheckpointError, ConfigError, DataError
-from pipeline.fusion.heads import HEADS, list_heads, load_head, make_head, save_head
+from pipeline.errors import ConfigError, DataError
+from pipeline.fusion.heads import (
+    HEADS,
+    INPUTS,
+    Head,
+    SeedRefits,
+    by_input,
+    list_heads,
+    load_head,
+    make_head,
+    register_head,
+    save_head,
+)
 
 N_CLASSES, N_MODELS = 3, 2
 FAST = {"mlp": {"epochs": 5, "hidden": 16}}  # keep the common checks quick
 
 
-def _data(name, n=120, d=24, seed=0):
+def data_for(name, n=120, d=24, seed=0):
     """Learnable (n, d) features with class-dependent means; K * C logits for logits heads."""
     rng = np.random.default_rng(seed)
     y = np.arange(n) % N_CLASSES
@@ -26,16 +40,21 @@ def _data(name, n=120, d=24, seed=0):
     return X.astype(np.float32), y
 
 
-def _head(name, **params):
-    return make_head(name, **{**FAST.get(name, {}), **params})
+def fast_head(name, **params):
+    return make_head(name, **head_kwargs(name, **{**FAST.get(name, {}), **params}))
+
+
+def sidecar_for(head):
+    """The keys a saved head's sidecar must hold, for ``head`` fitted on `_data`."""
+    return {"backbones": ["a", "b"], "dims": [8, 16], "class_names": ["x", "y", "z"]}
 
 
 @pytest.mark.parametrize("name", list_heads())
 def test_contract(name, tmp_path):
-    X, y = _data(name)
-    head = _head(name)
+    X, y = data_for(name)
+    head = fast_head(name)
     assert head.fit(X, y) is head
-    assert head.input in ("embeddings", "logits")
+    assert head.input in INPUTS
     proba = head.predict_proba(X)
     assert proba.shape == (len(X), N_CLASSES)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-9)
@@ -48,7 +67,7 @@ def test_contract(name, tmp_path):
     np.testing.assert_array_equal(twin.fit(X, y).predict_proba(X), proba)  # reproducible
     assert head.set_params(**head.get_params()) is head
 
-    save_head(head, tmp_path / name, {"backbones": ["a", "b"]})
+    save_head(head, tmp_path / name, sidecar_for(head), seed_refits=SeedRefits(0, (0,)))
     loaded, sidecar = load_head(tmp_path / name)
     np.testing.assert_array_equal(loaded.predict_proba(X), proba)
     assert sidecar["head"] == name and sidecar["backbones"] == ["a", "b"]
@@ -56,9 +75,19 @@ def test_contract(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", list_heads())
+def test_every_parameter_comes_from_params_yaml(name):
+    """No constructor defaults: a head built without its params.yaml entry is refused."""
+    params = head_kwargs(name)
+    assert set(params) == set(HEADS[name]._get_param_names())
+    for missing in params:
+        with pytest.raises(ConfigError, match=rf"lacks parameter\(s\) \['{missing}'\]"):
+            make_head(name, **{k: v for k, v in params.items() if k != missing})
+
+
+@pytest.mark.parametrize("name", list_heads())
 def test_bad_input_is_named(name):
-    X, y = _data(name)
-    head = _head(name)
+    X, y = data_for(name)
+    head = fast_head(name)
     with pytest.raises(DataError, match="shape"):
         head.fit(X, y[:-1])
     with pytest.raises(DataError, match="empty"):
@@ -74,6 +103,18 @@ def test_bad_input_is_named(name):
         head.predict_proba(X[:, :-1])
 
 
+def test_by_input_is_the_one_dispatch():
+    kinds = {HEADS[name].input: by_input(HEADS[name], embeddings="E", logits="L") for name in HEADS}
+    assert kinds == {"embeddings": "E", "logits": "L"}
+
+    class Pixels(Head):
+        input = "pixels"
+
+    with pytest.raises(ConfigError, match=r"reads 'pixels'; allowed: \['embeddings', 'logits'\]"):
+        register_head("pixels")(Pixels)
+    assert "pixels" not in HEADS
+
+
 def test_unknown_head_lists_registered():
     with pytest.raises(ConfigError, match="registered heads") as err:
         make_head("transformer")
@@ -87,22 +128,22 @@ def test_unknown_param_names_head_param_and_allowed():
 
 def test_bad_param_value_message():
     with pytest.raises(ConfigError) as err:
-        make_head("logreg", C=-1)
+        make_head("logreg", **head_kwargs("logreg", C=-1))
     assert str(err.value) == (
         "The 'C' parameter of logreg must be a float in (0, inf). Got -1 instead."
     )
-    X, y = _data("mlp")
+    X, y = data_for("mlp")
     with pytest.raises(ConfigError, match="'epochs' parameter of mlp must be an int >= 1"):
-        make_head("mlp").set_params(epochs=0).fit(X, y)  # checked again at fit
+        fast_head("mlp").set_params(epochs=0).fit(X, y)  # checked again at fit
 
 
 def test_mlp_keeps_the_best_val_epoch():
     rng = np.random.default_rng(1)  # random labels: memorising them makes val loss climb
     X, X_val = rng.normal(size=(60, 40)), rng.normal(size=(60, 40))
     y, y_val = rng.integers(0, 3, 60), rng.integers(0, 3, 60)
-    head = make_head("mlp", hidden=64, epochs=15, lr=1e-2, lr_final=1e-3, class_weighted=True).fit(
-        X, y, X_val, y_val
-    )
+    head = fast_head(
+        "mlp", hidden=64, epochs=15, patience=None, lr=1e-2, lr_final=1e-3, class_weighted=True
+    ).fit(X, y, X_val, y_val)
     assert [h["epoch"] for h in head.history_] == list(range(1, 16))
     val_loss = [h["val_loss"] for h in head.history_]
     assert head.best_epoch_ == int(np.argmin(val_loss)) + 1 < 15
@@ -114,14 +155,29 @@ def test_mlp_keeps_the_best_val_epoch():
 
 
 def test_mlp_without_val_keeps_last_epoch_and_leaves_global_rng():
-    X, y = _data("mlp")
+    X, y = data_for("mlp")
     state = torch.random.get_rng_state()
-    head = make_head("mlp", hidden=0, epochs=3).fit(X, y)
+    head = fast_head("mlp", hidden=0, epochs=3).fit(X, y)
     assert torch.equal(state, torch.random.get_rng_state())
     assert head.best_epoch_ == 3 and head.history_[-1]["val_loss"] is None
     assert [type(m).__name__ for m in head.net_] == ["Dropout", "Linear"]
-    other = make_head("mlp", hidden=0, epochs=3, random_state=1).fit(X, y)
+    other = fast_head("mlp", hidden=0, epochs=3, random_state=1).fit(X, y)
     assert not np.array_equal(other.predict_proba(X), head.predict_proba(X))
+
+
+def test_mlp_lr_decays_from_lr_to_lr_final(monkeypatch):
+    seen = []
+    real = torch.optim.RMSprop.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.RMSprop, "step", step)
+    X, y = data_for("mlp", n=60)
+    fast_head("mlp", epochs=4, batch_size=60, lr=1e-2, lr_final=1e-4).fit(X, y)
+    assert seen[0] == pytest.approx(1e-2) and seen[-1] == pytest.approx(1e-4)
+    assert seen == sorted(seen, reverse=True) and len(seen) == 4
 
 
 def test_late_is_mean_of_softmax():
@@ -138,38 +194,11 @@ def test_late_is_mean_of_softmax():
         make_head("late").fit(np.tile(X, (2, 1))[:, :5], np.array([0, 1, 2, 0]))
 
 
-def test_save_error_leaves_previous_head(tmp_path):
-    X, y = _data("logreg")
-    save_head(make_head("logreg").fit(X, y), tmp_path, {"run": 1})
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(TypeError):
-        save_head(make_head("logreg", C=0.1).fit(X, y), tmp_path, {"run": {1, 2}})  # a set
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
-
-
-def test_load_names_the_broken_path(tmp_path):
-    with pytest.raises(CheckpointError, match=r"head\.safetensors"):
-        load_head(tmp_path)
-    X, y = _data("ridge")
-    save_head(make_head("ridge").fit(X, y), tmp_path, {})
-    (tmp_path / "head.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"head\.json"):
-        load_head(tmp_path)
-    (tmp_path / "head.json").write_text(json.dumps({"head": "mlp"}))
-    with pytest.raises(CheckpointError, match=r"head\.json is not a head sidecar.*'params'"):
-        load_head(tmp_path)
-    save_head(make_head("ridge").fit(X, y), tmp_path, {})
-    meta = json.loads((tmp_path / "head.json").read_text())
-    (tmp_path / "head.json").write_text(json.dumps(meta | {"head": "logreg"}))
-    with pytest.raises(CheckpointError, match="do not make a 'logreg' head"):
-        load_head(tmp_path)
-
-
 def test_mlp_patience_stops_early_and_refit_params_repeat_the_choice():
     rng = np.random.default_rng(1)  # random labels: val loss climbs soon
     X, X_val = rng.normal(size=(60, 40)), rng.normal(size=(60, 40))
     y, y_val = rng.integers(0, 3, 60), rng.integers(0, 3, 60)
-    head = make_head("mlp", hidden=64, epochs=30, lr=1e-2, patience=2).fit(X, y, X_val, y_val)
+    head = fast_head("mlp", hidden=64, epochs=30, lr=1e-2, patience=2).fit(X, y, X_val, y_val)
     assert len(head.history_) == head.best_epoch_ + 2 < 30
     assert head.refit_params() == {"epochs": head.best_epoch_, "patience": None}
 
@@ -197,58 +226,27 @@ def test_block_scaler_modes():
 
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_linear_heads_keep_the_sklearn_probabilities(n_classes):
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression, RidgeClassifier
 
     from pipeline.fusion.heads import BlockScaler
 
     rng = np.random.default_rng(0)
     y = np.arange(90) % n_classes
     X = (rng.normal(size=(90, 6)) + y[:, None]).astype(np.float32)
-    head = make_head("logreg", C=0.5).fit(X, y)
+    head = fast_head("logreg", C=0.5, max_iter=1000, block_norm="standardize").fit(X, y)
     Z = BlockScaler("standardize", None).partial_fit(X).transform(X)
     expected = LogisticRegression(C=0.5, max_iter=1000).fit(Z, y).predict_proba(Z)
     np.testing.assert_allclose(head.predict_proba(X), expected, atol=1e-6)
+    ridge = fast_head("ridge", alpha=1.0, block_norm="standardize").fit(
+        X, y
+    )  # binary: a flat coef_
+    expected = RidgeClassifier(alpha=1.0).fit(Z, y).predict(Z)
+    np.testing.assert_array_equal(ridge.predict(X), expected)
 
 
 def test_block_dims_must_add_up():
-    X, y = _data("logreg")
+    X, y = data_for("logreg")
     with pytest.raises(
         DataError, match=r"block_dims \[10, 10\] add up to 20 features, but X has 24"
     ):
-        make_head("logreg", block_dims=[10, 10]).fit(X, y)
-
-
-@pytest.mark.parametrize("name", ["mlp", "logreg"])
-def test_saved_head_is_json_and_safetensors_only(name, tmp_path):
-    X, y = _data(name)
-    save_head(_head(name, block_norm="l2", block_dims=[8, 16]).fit(X, y), tmp_path / "h", {})
-    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["head.json", "head.safetensors"]
-    assert not list(tmp_path.glob(".*")), "no temporary folder is left beside the head"
-    loaded, meta = load_head(tmp_path / "h")
-    assert meta["params"]["block_norm"] == "l2" and meta["params"]["block_dims"] == [8, 16]
-    np.testing.assert_allclose(
-        loaded.predict_proba(X),
-        _head(name, block_norm="l2", block_dims=[8, 16]).fit(X, y).predict_proba(X),
-    )
-
-
-def test_a_pickle_is_never_loaded(tmp_path):
-    import pickle
-
-    X, y = _data("logreg")
-    save_head(make_head("logreg").fit(X, y), tmp_path, {})
-    marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    (tmp_path / "head.safetensors").write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(CheckpointError, match=r"head\.safetensors is not a safetensors file"):
-        load_head(tmp_path)
-    assert not marker.exists()
-    (tmp_path / "head.safetensors").unlink()
-    (tmp_path / "head.joblib").write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(CheckpointError, match="pickles are not loaded"):
-        load_head(tmp_path)
-    assert not marker.exists()
+        fast_head("logreg", block_dims=[10, 10]).fit(X, y)

@@ -19,7 +19,7 @@ from pipeline.config import (
     section,
 )
 from pipeline.fusion.heads import HEADS, make_head
-from pipeline.fusion.selection import grid
+from pipeline.fusion.selection import candidate_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,12 +69,24 @@ def test_shipped_params_files_are_valid_and_complete():
             # widths and fuse.seed
             supplied = {"block_norm", "block_dims", "random_state"}
             assert set(params) == set(HEADS[head]._get_param_names()) - supplied, (path, head)
-            for candidate in grid(params):  # every grid point is a valid head
+            fuse = raw["fuse"]  # every grid point, with what fuse supplies, is a valid head
+            for candidate in candidate_params(head, params, [8], fuse["block_norm"], fuse["seed"]):
                 make_head(head, **candidate)
 
 
-def _imports(path: Path) -> set[str]:
-    """The `pipeline.*` and `stages.*` modules a file imports, anywhere in it."""
+def _file(module: str) -> Path | None:
+    """The file that runs when ``module`` is imported: its .py, or a package's __init__.py
+    when that imports code (a docstring-only one runs nothing a stage depends on)."""
+    path = REPO / module.replace(".", "/")
+    if path.with_suffix(".py").is_file():
+        return path.with_suffix(".py")
+    init = path / "__init__.py"
+    return init if init.is_file() and _imports(init, parents=False) else None
+
+
+def _imports(path: Path, parents: bool = True) -> set[str]:
+    """The `pipeline.*` and `stages.*` modules a file imports, anywhere in it, and (with
+    ``parents``) the packages above them, whose __init__.py runs first."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -82,7 +94,11 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found |= {f"{node.module}.{alias.name}" for alias in node.names}
-    return {m for m in found if (REPO / (m.replace(".", "/") + ".py")).is_file()}
+    found = {m for m in found if m.split(".")[0] in ("pipeline", "stages")}
+    if not parents:
+        return found
+    found |= {m.rsplit(".", k)[0] for m in found for k in range(1, m.count(".") + 1)}
+    return {m for m in found if _file(m) is not None}
 
 
 def _code_deps(stage_file: Path) -> set[str]:
@@ -93,8 +109,8 @@ def _code_deps(stage_file: Path) -> set[str]:
         module = todo.pop()
         if module not in seen:
             seen.add(module)
-            todo += _imports(REPO / (module.replace(".", "/") + ".py"))
-    files = {m.replace(".", "/") + ".py" for m in seen if m.startswith("pipeline.")}
+            todo += _imports(_file(module))
+    files = {_file(m).relative_to(REPO).as_posix() for m in seen if m.startswith("pipeline.")}
     return files | {stage_file.relative_to(REPO).as_posix()}
 
 

@@ -17,7 +17,7 @@ from pipeline.config import ExtractParams, FuseParams
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.extract import extract
 from pipeline.fusion.fit import fit_head
-from pipeline.fusion.heads import load_head, save_head
+from pipeline.fusion.heads import SeedRefits, load_head, save_head
 from pipeline.models.checkpoint import load_checkpoint, read_sidecar, save_checkpoint
 from pipeline.predict import predict
 from pipeline.storage.feature_cache import load_features
@@ -40,7 +40,7 @@ def fused(tiny_run, tmp_path_factory):
     extract(tiny_run["manifest"], layout.checkpoint_dir(BACKBONE, models), cache, params, False)
     features = load_features([cache], [BACKBONE], manifest=tiny_run["manifest"])
     head, sidecar = fit_head(features, "logreg", LOGREG, params_of(FuseParams, "fuse"))
-    head_dir = save_head(head, base / "heads" / "logreg", sidecar)
+    head_dir = save_head(head, base / "heads" / "logreg", sidecar, seed_refits=SeedRefits(0, (0,)))
     return {"base": base, "models": models, "params": params, "features": features,
             "head_dir": head_dir, "manifest": tiny_run["manifest"]}  # fmt: skip
 
@@ -79,6 +79,17 @@ def test_another_checkpoint_is_refused_before_any_image_is_read(fused, tmp_path)
     message = str(err.value)
     assert f"features of {BACKBONE} checkpoint {pinned}, but {ckpt} is checkpoint {now}" in message
     assert f"`defuse extract {BACKBONE}` and `defuse fuse logreg` (or `dvc repro`)" in message
+
+
+def test_a_head_whose_classes_differ_from_the_checkpoints_is_refused(fused, tmp_path):
+    head_dir = shutil.copytree(fused["head_dir"], tmp_path / "head")
+    meta = json.loads((head_dir / "head.json").read_text())
+    names = meta["class_names"]
+    meta["class_names"] = names[::-1]  # same classes, other order: every label would swap
+    (head_dir / "head.json").write_text(json.dumps(meta))
+    image = fused["manifest"].image_path(0)
+    with pytest.raises(CheckpointError, match=r"\(in that order\), but it is used with 3: "):
+        predict([image], head_dir, fused["params"], fused["models"], progress=False)
 
 
 def test_nothing_to_classify_is_an_error(fused, tmp_path):

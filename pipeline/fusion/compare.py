@@ -19,8 +19,14 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline.errors import ConfigError, DataError
-from pipeline.fusion.heads import HEADS, make_head
-from pipeline.fusion.selection import candidate_params, choose, fit_many, grid, rank_key
+from pipeline.fusion.heads import HEADS, by_input
+from pipeline.fusion.selection import (
+    accepted_params,
+    candidate_params,
+    choose,
+    fit_many,
+    rank_key,
+)
 from pipeline.metrics import classification_metrics
 from pipeline.progress import Progress
 
@@ -131,16 +137,17 @@ def compare(
     y,
     split,
     heads: dict[str, dict],
-    folds: int = 5,
-    min_subset: int = 1,
-    seed: int = 0,
-    logit_blocks: dict[str, np.ndarray] | None = None,
-    progress: bool = True,
-    class_names=None,
-    block_norm: str = "l2",
-    select_by: str = "log_loss",
-    refit: bool = True,
-    n_jobs: int = 1,
+    *,
+    logit_blocks: dict[str, np.ndarray] | None,
+    class_names: list[str] | None,
+    folds: int,
+    min_subset: int,
+    seed: int,
+    block_norm: str,
+    select_by: str,
+    refit: bool,
+    n_jobs: int,
+    progress: bool,
 ) -> Leaderboard:
     """Rank every head on every backbone subset by nested CV on val; refit the best, test it.
 
@@ -148,96 +155,136 @@ def compare(
     order. ``logit_blocks``: backbone -> (n_samples, n_classes) logits, for heads whose
     ``input`` is "logits". ``y``: (n_samples,) int labels 0..n_classes-1. ``split``:
     (n_samples,) "train" / "val" / "test". ``heads``: head name -> params.yaml entry (lists
-    are grids). ``block_norm``, ``select_by``, ``refit`` as in `fuse` (`FuseParams`);
-    ``n_jobs`` processes share the fits. ``fit_seconds``: wall time of a (head, subset)'s
-    candidates, fitted one after another.
+    are grids). ``class_names``: None names the classes by label. ``folds``,
+    ``min_subset``, ``seed`` (the folds' shuffle and the heads' random_state), ``n_jobs``:
+    the `compare` section; ``block_norm``, ``select_by``, ``refit``: `fuse`'s. ``fit_seconds``:
+    wall time of a (head, subset)'s candidates, fitted one after another.
     """
     y, split = np.asarray(y), np.asarray(split).astype(str)
-    names = list(blocks)
     n_classes, class_names = _check_inputs(blocks, logit_blocks, y, split, heads, class_names)
+    rows = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
+    val_folds = _val_folds(y[rows["val"]], len(rows["train"]), class_names, folds, seed)
+    sources = _Sources(blocks, logit_blocks or {})
+    names = list(blocks)
     if not 1 <= min_subset <= len(names):
         raise ConfigError(f"min_subset must be in [1, {len(names)}]. Got {min_subset!r}.")
-    if folds < 2:
-        raise ConfigError(f"folds must be >= 2. Got {folds!r}.")
-    train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
-    test = np.flatnonzero(split == "test")
-    if len(train) == 0 or len(val) < folds:
-        raise DataError(
-            f"compare needs train rows and at least {folds} val rows (one per fold). "
-            f"Got {len(train)} train and {len(val)} val rows."
-        )
-    sources = {"embeddings": blocks, "logits": logit_blocks or {}}
     subsets = [
         s for k in range(min_subset, len(names) + 1) for s in itertools.combinations(names, k)
     ]
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    val_folds = [held for _, held in splitter.split(np.zeros((len(val), 1)), y[val])]
-    labels = list(range(n_classes))
-
-    def features(head: str, subset: tuple, rows: np.ndarray) -> np.ndarray:
-        source = sources[HEADS[head].input]
-        return np.concatenate([np.asarray(source[b])[rows] for b in subset], axis=1)
-
-    def dims(head: str, subset: tuple) -> list[int]:
-        return [np.shape(sources[HEADS[head].input][b])[1] for b in subset]
-
     pairs = list(itertools.product(heads, subsets))
-    grids = {(h, s): candidate_params(h, heads[h], dims(h, s), block_norm, seed) for h, s in pairs}
-    data = {(h, s): (features(h, s, train), features(h, s, val)) for h, s in pairs}
-    jobs = [
-        (h, p, data[h, s][0], y[train], data[h, s][1], y[val])
+    grids = {
+        (h, s): candidate_params(h, heads[h], sources.dims(h, s), block_norm, seed)
         for h, s in pairs
-        for p in grids[h, s]
+    }
+    fitted = _fit_all(sources, grids, y, rows, n_jobs, progress)
+    board = [
+        _row(
+            h, s, sources.dims(h, s), fitted[h, s], y[rows["val"]], val_folds, select_by, n_classes
+        )
+        for h, s in pairs
+    ]
+    board.sort(key=_rank_key)
+    best = board[0]
+    pick = {k: v for k, v in best.items() if k != "_candidates"}
+    pick["test"] = _test_pick(best, sources, y, rows, select_by, refit, class_names)
+    for row in board:
+        del row["_candidates"]
+    return Leaderboard(rows=board, pick=pick, folds=folds, n_cv=len(rows["val"]))
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """The blocks a head reads, by its input (`by_input`), joined for a backbone subset."""
+
+    embeddings: dict[str, np.ndarray]
+    logits: dict[str, np.ndarray]
+
+    def _of(self, head: str) -> dict[str, np.ndarray]:
+        return by_input(HEADS[head], embeddings=self.embeddings, logits=self.logits)
+
+    def rows(self, head: str, subset: tuple, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), sum of the subset's widths): the subset's blocks side by side."""
+        return np.concatenate([np.asarray(self._of(head)[b])[rows] for b in subset], axis=1)
+
+    def dims(self, head: str, subset: tuple) -> list[int]:
+        return [np.shape(self._of(head)[b])[1] for b in subset]
+
+
+def _val_folds(
+    y_val: np.ndarray, n_train: int, class_names: list[str], folds: int, seed: int
+) -> list[np.ndarray]:
+    """Stratified folds of the val rows (indices into them); DataError naming the class
+    when one has fewer val rows than folds (a fold would lack it)."""
+    if folds < 2:
+        raise ConfigError(f"folds must be >= 2. Got {folds!r}.")
+    counts = np.bincount(y_val, minlength=len(class_names))
+    if n_train == 0 or counts.min() < folds:
+        c = int(np.argmin(counts))
+        raise DataError(
+            f"compare needs train rows and at least {folds} val rows of every class (one per "
+            f"fold, compare.folds = {folds}). Got {n_train} train rows; class "
+            f"{class_names[c]!r} has {counts[c]} val row(s) (val per class: "
+            f"{dict(zip(class_names, counts.tolist(), strict=True))}). Lower compare.folds."
+        )
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [held for _, held in splitter.split(np.zeros((len(y_val), 1)), y_val)]
+
+
+def _fit_all(sources: _Sources, grids: dict, y, rows: dict, n_jobs: int, progress: bool) -> dict:
+    """(head, subset) -> its candidates, each fitted on train and scored on val."""
+    train, val = rows["train"], rows["val"]
+    data = {key: (sources.rows(*key, train), sources.rows(*key, val)) for key in grids}
+    jobs = [
+        (key[0], p, data[key][0], y[train], data[key][1], y[val])
+        for key, cands in grids.items()
+        for p in cands
     ]
     bar = Progress(len(jobs), "compare", "fit", enabled=progress)
     fitted = iter(fit_many(jobs, n_jobs, bar))
     bar.close()
+    return {key: [next(fitted) for _ in cands] for key, cands in grids.items()}
 
-    rows, y_val = [], y[val]
-    for head, subset in pairs:
-        candidates = [next(fitted) for _ in grids[head, subset]]
-        acc, f1 = [], []
-        for k, held in enumerate(val_folds):
-            rest = np.concatenate([f for j, f in enumerate(val_folds) if j != k])
-            pick = max(
-                candidates, key=lambda c: rank_key(y_val[rest], c.val_proba[rest], select_by)
-            )
-            pred = pick.val_proba[held].argmax(1)
-            acc.append(accuracy_score(y_val[held], pred))
-            f1.append(f1_score(y_val[held], pred, labels=labels, average="macro", zero_division=0))
-        rows.append(
-            {
-                "head": head,
-                "backbones": subset,
-                "n_backbones": len(subset),
-                "dim": sum(dims(head, subset)),
-                "cv_accuracy_mean": round(float(np.mean(acc)), 6),
-                "cv_accuracy_std": round(float(np.std(acc)), 6),
-                "cv_f1_macro_mean": round(float(np.mean(f1)), 6),
-                "cv_f1_macro_std": round(float(np.std(f1)), 6),
-                "fit_seconds": round(sum(c.seconds for c in candidates), 3),
-                "_candidates": candidates,
-            }
-        )
-    rows.sort(key=_rank_key)
-    best = rows[0]
-    pick = {k: v for k, v in best.items() if k != "_candidates"}
-    pick["test"] = None
-    if len(test):
-        head, subset = best["head"], best["backbones"]
-        both = np.sort(np.concatenate([train, val]))
-        model, _ = choose(
-            best["_candidates"],
-            y_val,
-            select_by,
-            refit,
-            lambda: (features(head, subset, both), y[both]),
-        )
-        pred = model.predict(features(head, subset, test))
-        pick["test"] = classification_metrics(y[test], pred, class_names)
-    for row in rows:
-        del row["_candidates"]
-    return Leaderboard(rows=rows, pick=pick, folds=folds, n_cv=len(val))
+
+def _row(head, subset, dims, candidates, y_val, val_folds, select_by, n_classes) -> dict[str, Any]:
+    """One leaderboard row: each fold scores the candidate the other folds chose."""
+    labels = list(range(n_classes))
+    acc, f1 = [], []
+    for k, held in enumerate(val_folds):
+        rest = np.concatenate([f for j, f in enumerate(val_folds) if j != k])
+        pick = max(candidates, key=lambda c: rank_key(y_val[rest], c.val_proba[rest], select_by))
+        pred = pick.val_proba[held].argmax(1)
+        acc.append(accuracy_score(y_val[held], pred))
+        f1.append(f1_score(y_val[held], pred, labels=labels, average="macro", zero_division=0))
+    return {
+        "head": head,
+        "backbones": subset,
+        "n_backbones": len(subset),
+        "dim": sum(dims),
+        "cv_accuracy_mean": round(float(np.mean(acc)), 6),
+        "cv_accuracy_std": round(float(np.std(acc)), 6),
+        "cv_f1_macro_mean": round(float(np.mean(f1)), 6),
+        "cv_f1_macro_std": round(float(np.std(f1)), 6),
+        "fit_seconds": round(sum(c.seconds for c in candidates), 3),
+        "_candidates": candidates,
+    }
+
+
+def _test_pick(best, sources, y, rows, select_by, refit, class_names) -> dict | None:
+    """The best row's head chosen on all val rows (refitted on train + val with ``refit``),
+    scored once on test; None without test rows."""
+    if not len(rows["test"]):
+        return None
+    head, subset = best["head"], best["backbones"]
+    both = np.sort(np.concatenate([rows["train"], rows["val"]]))
+    model, _ = choose(
+        best["_candidates"],
+        y[rows["val"]],
+        select_by,
+        refit,
+        lambda: (sources.rows(head, subset, both), y[both]),
+    )
+    pred = model.predict(sources.rows(head, subset, rows["test"]))
+    return classification_metrics(y[rows["test"]], pred, class_names)
 
 
 def _check_inputs(blocks, logit_blocks, y, split, heads, class_names) -> tuple[int, list[str]]:
@@ -258,7 +305,9 @@ def _check_inputs(blocks, logit_blocks, y, split, heads, class_names) -> tuple[i
     n_classes = len(class_names) if class_names is not None else int(y.max()) + 1
     if y.max() >= n_classes:
         raise DataError(f"y holds label {int(y.max())} but there are {n_classes} class names.")
-    inputs = {make_head(h, **grid(p)[0]).input for h, p in heads.items()}  # checks names, params
+    for head, params in heads.items():
+        accepted_params(head, params)  # names the unknown head or parameter
+    inputs = {HEADS[h].input for h in heads}
     sources = [("blocks", blocks)]
     if "logits" in inputs:
         if logit_blocks is None or list(logit_blocks) != list(blocks):

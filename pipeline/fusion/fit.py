@@ -16,7 +16,16 @@ from pipeline import layout
 from pipeline.config import FuseParams, backbone_names, section
 from pipeline.data.manifest import Manifest
 from pipeline.errors import CheckpointError, ConfigError, DataError
-from pipeline.fusion.heads import HEADS, Head, load_head, streaming_heads
+from pipeline.fusion.heads import (
+    HEADS,
+    Head,
+    SeedRefits,
+    by_input,
+    check_head_fits,
+    load_head,
+    load_seed_heads,
+    streaming_heads,
+)
 from pipeline.fusion.selection import (
     FIXED,
     accepted_params,
@@ -44,7 +53,7 @@ def fused_features(
 def head_input(features: FusedFeatures, head) -> np.ndarray | LazyRows:
     """``(n_samples, n_features)``: concatenated embeddings, or concatenated logits for
     score-level heads (``head.input == "logits"``)."""
-    return features.X if head.input == "embeddings" else np.concatenate(features.logits, axis=1)
+    return by_input(head, embeddings=features.X, logits=np.concatenate(features.logits, axis=1))
 
 
 def in_memory(features: FusedFeatures, who: str) -> np.ndarray:
@@ -82,7 +91,7 @@ def _rows(features: FusedFeatures, split: str) -> np.ndarray:
 
 
 def fit_head(
-    features: FusedFeatures, name: str, params: dict, fuse: FuseParams, seed: int | None = None
+    features: FusedFeatures, name: str, params: dict, fuse: FuseParams, *, seed: int | None = None
 ) -> tuple[Head, dict]:
     """Fit head ``name`` on train, choosing among its candidates on val; return it and its
     sidecar.
@@ -107,10 +116,33 @@ def fit_head(
         return _split_rows(features, X, name, rows)[0], y[rows]
 
     head, chosen = choose(candidates, y[val], fuse.select_by, fuse.refit, both)
+    return head, _sidecar(features, head, params, fuse, candidates, chosen)
+
+
+def fit_seed_refits(
+    features: FusedFeatures, name: str, params: dict, fuse: FuseParams
+) -> SeedRefits:
+    """Head ``name`` fitted as `fit_head` fits it with each seed of ``fuse.seeds`` but
+    ``fuse.seed`` (the head itself): the seed study evaluate reports. A head with no
+    random state is not refitted: its seeds are ``[fuse.seed]``. Test rows are never read."""
+    if "random_state" not in accepted_params(name, params):
+        return SeedRefits(fuse.seed, (fuse.seed,))
+    others = [s for s in fuse.seeds if s != fuse.seed]
+    refits = {s: fit_head(features, name, params, fuse, seed=s) for s in others}
+    return SeedRefits(fuse.seed, tuple(fuse.seeds), refits)
+
+
+def _sidecar(
+    features: FusedFeatures, head: Head, params: dict, fuse: FuseParams, candidates, chosen
+) -> dict:
+    """What head.json records besides the head: the caches and checkpoints it was trained
+    on, the classes, the rows it saw and how its params were chosen on val."""
+    train, val, y = _rows(features, "train"), _rows(features, "val"), features.y
     names = list(features.class_names)
     val_metrics = classification_metrics(y[val], chosen.val_proba.argmax(1), names)
-    sidecar = {
-        "head": name,
+    n_oof = 0 if features.out_of_fold is None else int(features.out_of_fold[train].sum())
+    return {
+        "head": head.name,
         "backbones": list(features.backbones),
         "dims": list(features.dims),
         "input": head.input,
@@ -118,9 +150,7 @@ def fit_head(
         "extraction": features.extraction,  # `defuse predict` refuses other checkpoints
         "class_names": names,
         "n_train": len(train),
-        "n_train_out_of_fold": 0
-        if features.out_of_fold is None
-        else int(features.out_of_fold[train].sum()),
+        "n_train_out_of_fold": n_oof,
         "n_val": len(val),
         "val_metrics": {k: val_metrics[k] for k in ("accuracy", "f1_macro", "n")},
         "selection": {
@@ -133,7 +163,6 @@ def fit_head(
             ],
         },
     }
-    return head, sidecar
 
 
 def _split_rows(features: FusedFeatures, X, name: str, *row_sets: np.ndarray) -> list:
@@ -147,86 +176,63 @@ def _split_rows(features: FusedFeatures, X, name: str, *row_sets: np.ndarray) ->
 
 def check_head(sidecar: dict, features: FusedFeatures, where: Path | str) -> None:
     """Refuse a head whose backbones, classes or caches differ from ``features``."""
-    if list(sidecar["backbones"]) != list(features.backbones):
-        raise CheckpointError(
-            f"Head {where} was trained on backbones {sidecar['backbones']} (in that order) but the "
-            f"caches given are {list(features.backbones)}; re-run `defuse fuse {sidecar['head']}`."
-        )
-    if list(sidecar["class_names"]) != list(features.class_names):
-        raise CheckpointError(
-            f"Head {where} predicts {len(sidecar['class_names'])} classes {sidecar['class_names']} but the "
-            f"caches have {len(features.class_names)}: {list(features.class_names)}."
-        )
+    check_head_fits(
+        sidecar, class_names=features.class_names, backbones=features.backbones, where=where
+    )
     changed = [
         b for b in features.backbones if sidecar["cache_sha256"].get(b) != features.checksums[b]
     ]
     if changed:
         raise CheckpointError(
-            f"Head {where} was trained on other versions of the caches of {changed} (sha256 differs); "
-            f"re-run `defuse fuse {sidecar['head']}` (or `dvc repro`)."
+            f"Head {where} was trained on other versions of the caches of {changed} (sha256 "
+            f"differs); re-run `defuse fuse {sidecar['head']}` (or `dvc repro`)."
         )
 
 
 def evaluate(features: FusedFeatures, head_dirs: dict[str, Path]) -> dict[str, dict]:
     """Test-split predictions of every single fine-tuned model (its own classifier's logits,
-    from the cache) and of every fusion head.
+    from the cache) and of every fusion head, and each head's seed refits' test scores.
 
     Returns ``{name: {"kind": "single" | "fusion", "y_true": (n,), "y_pred": (n,),
     "p_pred": (n,) the probability it gave its prediction, "metrics": dict, "sidecar": the
-    head's sidecar, or None for a single model}}``, rows in the caches' order of the test split.
+    head's sidecar, or None for a single model, "seeds": for a head {"seeds": [...],
+    "accuracy": [...], "f1_macro": [...]} of its refits (`SeedRefits`), else None}}``,
+    rows in the caches' order of the test split. Nothing is fitted.
     """
     test = _rows(features, "test")
     names = list(features.class_names)
     y = features.y[test]
-    preds = {  # name -> (kind, label of each column, test probabilities (n, columns), sidecar)
-        b: ("single", np.arange(len(names)), softmax(logits[test].astype(np.float64), 1), None)
-        for b, logits in zip(features.backbones, features.logits, strict=True)
-    }
+    results = {}
+    for b, logits in zip(features.backbones, features.logits, strict=True):
+        proba = softmax(logits[test].astype(np.float64), 1)
+        results[b] = _scored("single", y, np.arange(len(names)), proba, names)
     for name, directory in head_dirs.items():
         head, sidecar = load_head(directory)
         check_head(sidecar, features, directory)
-        proba = head.predict_proba(_select(head_input(features, head), test))
-        preds[name] = ("fusion", head.classes_, proba, sidecar)
-    results = {}
-    for name, (kind, labels, proba, sidecar) in preds.items():
-        y_pred = labels[proba.argmax(1)]  # what head.predict returns
-        results[name] = {
-            "kind": kind,
-            "y_true": y,
-            "y_pred": y_pred,
-            "p_pred": proba.max(1),
-            "metrics": classification_metrics(y, y_pred, names),
-            "sidecar": sidecar,
-        }
+        X = _select(head_input(features, head), test)
+        results[name] = _scored("fusion", y, head.classes_, head.predict_proba(X), names)
+        results[name]["sidecar"] = sidecar
+        results[name]["seeds"] = _seed_scores(load_seed_heads(directory), X, y, names)
     return results
 
 
-def seed_study(
-    features: FusedFeatures,
-    heads: dict[str, dict],
-    fuse: FuseParams,
-    seeds: list[int],
-    fitted: dict[str, dict] | None = None,
-) -> dict[str, dict]:
-    """Test accuracy and macro F1 of each head refitted, selection included, with each seed.
+def _scored(kind: str, y: np.ndarray, labels: np.ndarray, proba: np.ndarray, names) -> dict:
+    y_pred = labels[proba.argmax(1)]  # what head.predict returns
+    return {
+        "kind": kind,
+        "y_true": y,
+        "y_pred": y_pred,
+        "p_pred": proba.max(1),
+        "metrics": classification_metrics(y, y_pred, names),
+        "sidecar": None,
+        "seeds": None,
+    }
 
-    ``heads``: head name -> its params.yaml entry. ``fitted``: head name -> the test metrics
-    of the head `defuse fuse` saved (seed ``fuse.seed``), reused rather than refitted. A
-    head with no random state is not refitted at all: its seeds are ``[fuse.seed]``.
-    Returns ``{head: {"seeds": [...], "accuracy": [...], "f1_macro": [...]}}``.
-    """
-    test = _rows(features, "test")
-    names, fitted, out = list(features.class_names), fitted or {}, {}
-    for name, params in heads.items():
-        seeded = "random_state" in accepted_params(name, params)
-        runs = {"seeds": list(seeds) if seeded else [fuse.seed], "accuracy": [], "f1_macro": []}
-        for seed in runs["seeds"]:
-            metrics = fitted.get(name) if seed == fuse.seed else None
-            if metrics is None:
-                head, _ = fit_head(features, name, params, fuse, seed=seed)
-                pred = head.predict(_select(head_input(features, head), test))
-                metrics = classification_metrics(features.y[test], pred, names)
-            runs["accuracy"].append(metrics["accuracy"])
-            runs["f1_macro"].append(metrics["f1_macro"])
-        out[name] = runs
-    return out
+
+def _seed_scores(heads: dict[int, Head], X, y: np.ndarray, names: list[str]) -> dict[str, list]:
+    runs = {"seeds": list(heads), "accuracy": [], "f1_macro": []}
+    for head in heads.values():
+        metrics = classification_metrics(y, head.predict(X), names)
+        runs["accuracy"].append(metrics["accuracy"])
+        runs["f1_macro"].append(metrics["f1_macro"])
+    return runs

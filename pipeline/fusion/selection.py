@@ -15,6 +15,7 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss
 from pipeline.config import SELECT_BY
 from pipeline.errors import ConfigError
 from pipeline.fusion.heads import Head, make_head
+from pipeline.fusion.heads.base import check_param_names, head_class
 from pipeline.runtime import keep_freed_memory
 from pipeline.storage.feature_cache import LazyRows
 
@@ -38,8 +39,10 @@ def grid(params: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def accepted_params(name: str, params: dict[str, Any]) -> set[str]:
-    """The constructor params of head ``name`` (its params.yaml entry checked on the way)."""
-    return set(make_head(name, **grid(params)[0]).get_params())
+    """The constructor params of head ``name`` (its params.yaml entry's names checked on
+    the way; `make_head` checks the values)."""
+    check_param_names(name, grid(params)[0], complete=False)
+    return set(head_class(name)._get_param_names())
 
 
 def candidate_params(
@@ -47,14 +50,17 @@ def candidate_params(
 ) -> list[dict[str, Any]]:
     """The candidates of head ``name`` from its params.yaml entry ``params``: its grid, with
     ``block_norm`` (unless the entry sets one) and the blocks' widths ``dims`` for embedding
-    heads, and ``seed`` for heads with random state."""
+    heads, and ``seed`` for heads with random state; each one checked (`make_head`)."""
     accepted = accepted_params(name, params)
     base = dict(params)
     if "block_norm" in accepted:
         base = {"block_norm": block_norm, **base, "block_dims": list(dims)}
     if "random_state" in accepted:
         base["random_state"] = seed
-    return grid(base)
+    candidates = grid(base)
+    for params in candidates:
+        make_head(name, **params)  # a bad value stops here, before minutes of fitting
+    return candidates
 
 
 def score(y: np.ndarray, proba: np.ndarray, metric: str) -> float:
@@ -97,7 +103,7 @@ def _fit_one(name, params, X, y, X_val, y_val) -> Candidate:
     return Candidate(params, head, head.predict_proba(X_val), time.perf_counter() - start)
 
 
-def fit_many(jobs: list[tuple], n_jobs: int = 1, progress=None) -> list[Candidate]:
+def fit_many(jobs: list[tuple], n_jobs: int, progress=None) -> list[Candidate]:
     """Fit each job ``(head name, params, X, y, X_val, y_val)``: on (X, y), validating on
     (X_val, y_val), labels 0..n_classes-1; in ``n_jobs`` processes (1: in this one),
     results in job order. ``progress``: a tqdm bar to advance per job."""

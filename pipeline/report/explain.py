@@ -78,10 +78,15 @@ def grad_cam(
 
 
 def explain(
-    checkpoint: Path, paths: list[Path], classes: np.ndarray, extracted_sha256: str
+    checkpoint: Path,
+    paths: list[Path],
+    classes: np.ndarray,
+    extracted_sha256: str,
+    *,
+    device: torch.device,
 ) -> GradCam:
     """Grad-CAM of ``classes`` (n,) on the images at ``paths`` by the fine-tuned model in
-    ``checkpoint``, preprocessed as `defuse extract` does. CheckpointError if it is missing,
+    ``checkpoint`` on ``device``, preprocessed as `defuse extract` does. CheckpointError if it is missing,
     damaged, or not the checkpoint (weights sha256) its feature cache was extracted with."""
     model, sidecar = load_checkpoint(checkpoint)
     if sidecar["weights_sha256"] != extracted_sha256:
@@ -91,7 +96,6 @@ def explain(
             f"`defuse extract {sidecar['backbone']}` (or `dvc repro`)."
         )
     info = backbone_info_of(sidecar)
-    device = resolve_device("auto")
     model = prepare_model(model, device)
     data = ImageDataset(paths, None, eval_transform(info), info.input_size)
     images = torch.stack([data[i][0] for i in range(len(data))])  # (n, 3, H, W) uint8
@@ -112,10 +116,13 @@ def gallery(
     head: str,
     cap: int,
     models_dir: Path,
+    *,
+    device: str,
 ) -> Gallery:
     """The ``cap`` test images that ``head`` got wrong with the highest probability, and each
     backbone's Grad-CAM of them for the class it predicted (checkpoints in ``models_dir``);
     a backbone whose checkpoint is missing or unusable is left out, with the reason.
+    ``device``: where Grad-CAM runs (`evaluate.device`: "auto", "cpu", "cuda[:n]").
 
     ``result``: the head's entry in `pipeline.fusion.fit.evaluate`'s results (test rows in the
     caches' order).
@@ -126,7 +133,7 @@ def gallery(
     row_of = {sid: i for i, sid in enumerate(manifest.sample_id)}
     paths = [manifest.image_path(row_of[sid]) for sid in features.sample_id[test[shown]]]
     pred = result["y_pred"][shown]
-    cams, skipped = {}, {}
+    cams, skipped, where = {}, {}, resolve_device(device)
     for backbone in features.backbones if len(shown) else ():
         try:
             cams[backbone] = explain(
@@ -134,6 +141,7 @@ def gallery(
                 paths,
                 pred,
                 features.extraction[backbone]["checkpoint_sha256"],
+                device=where,
             )
         except CheckpointError as exc:
             skipped[backbone] = str(exc)

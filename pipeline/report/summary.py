@@ -1,15 +1,21 @@
-"""Human-facing results: the papers' tables as Markdown and the figures as PNG."""
+"""Human-facing results: the papers' tables as Markdown, the evidence that fusion helps,
+and everything `defuse evaluate` writes (figures drawn by `pipeline.report.figures`)."""
 
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.plotting import plt, save_figure
+from pipeline.report.figures import (
+    plot_comparison,
+    plot_confusion,
+    plot_gains,
+    plot_gallery,
+    which_errors,
+)
 from pipeline.storage.atomic import atomic_dir
 
 if TYPE_CHECKING:
@@ -24,136 +30,12 @@ SUMMARY_COLUMNS = (
 )
 
 
-def plot_confusion(metrics: dict, path: Path, title: str) -> None:
-    """Row-normalised confusion matrix with counts, rows = true class."""
-    cm = np.asarray(metrics["confusion_matrix"], dtype=float)
-    names = metrics["class_names"]
-    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    size = 1.2 + 0.6 * len(names)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size), constrained_layout=True)
-    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for i, j in np.ndindex(cm.shape):
-        color = "white" if share[i, j] > 0.6 else "black"
-        ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", color=color, fontsize=8)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"{title} (acc {metrics['accuracy']:.3f})")
-    fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
-    save_figure(fig, path)
-
-
-def plot_comparison(results: dict[str, dict], path: Path) -> None:
-    """Accuracy and macro-F1 of every single model and fusion head, side by side."""
-    names = list(results)
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(names), 3.8), constrained_layout=True)
-    for offset, (key, label) in zip(
-        (-0.2, 0.2), (("accuracy", "accuracy"), ("f1_macro", "macro F1")), strict=True
-    ):
-        bars = ax.bar(x + offset, [results[n][key] for n in names], 0.4, label=label)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set_ylim(0, 1.15)  # room for the legend above the bars
-    ax.set_title("Test split: single models vs fusion")
-    ax.legend(loc="upper left", ncols=2)
-    save_figure(fig, path)
-
-
-def plot_gains(evidence: dict, final: str, path: Path) -> None:
-    """Each head's gain over the best single model with its 95 % interval, in points: a
-    bar chart of two close scores hides whether the difference is more than noise."""
-    heads = list(evidence["heads"])
-    y = np.arange(len(heads))[::-1]  # first head on top, as in the summary's table
-    fig, axes = plt.subplots(
-        1, 2, figsize=(8, 1.4 + 0.45 * len(heads)), sharey=True, constrained_layout=True
-    )
-    for ax, (key, label) in zip(
-        axes, (("accuracy", "Δ accuracy"), ("f1_macro", "Δ macro F1")), strict=True
-    ):
-        diff = np.array([100 * evidence["heads"][h][f"{key}_diff"] for h in heads])
-        ci = np.array([[100 * v for v in evidence["heads"][h][f"{key}_ci"]] for h in heads])
-        colors = ["C1" if h == final else "C0" for h in heads]
-        ax.errorbar(diff, y, xerr=[diff - ci[:, 0], ci[:, 1] - diff], fmt="none", ecolor=colors)
-        ax.scatter(diff, y, c=colors, zorder=3)
-        for yi, d in zip(y, diff, strict=True):
-            ax.text(d, yi + 0.15, f"{d:+.2f}", ha="center", fontsize=7)
-        ax.axvline(0, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel(f"{label} (points, 95 % CI)")
-    axes[0].set_yticks(y, [f"{h} (final)" if h == final else h for h in heads])
-    axes[0].set_ylim(y.min() - 0.6, y.max() + 0.6)
-    fig.suptitle(f"Fusion heads minus {evidence['best_single']}, test split, paired bootstrap")
-    save_figure(fig, path)
-
-
-def plot_images(
-    images, captions: list[str], path: Path, title: str, heat: np.ndarray | None = None
-) -> None:
-    """A grid of ``images`` ((h, w, 3) uint8 each), each above its caption; ``heat`` (n, h, w)
-    in [0, 1]: heat maps laid over them, with a colour bar."""
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    width = max(2.4 * cols, 5.5) + (1.0 if heat is not None else 0.0)  # room for the title
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(width, 2.7 * rows + 0.5), squeeze=False, constrained_layout=True
-    )
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for k, (ax, image, caption) in enumerate(zip(axes.flat, images, captions, strict=False)):
-        ax.imshow(image)
-        if heat is not None:
-            overlay = ax.imshow(heat[k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        ax.set_title(caption, fontsize=8)
-    if heat is not None:
-        fig.colorbar(overlay, ax=axes, shrink=0.6, label="Grad-CAM (1 = the image's maximum)")
-    fig.suptitle(title, fontsize=10)
-    save_figure(fig, path)
-
-
-def plot_gallery(gallery: Gallery, folder: Path) -> dict[str, str]:
-    """``folder``/errors.png (the errors, captioned with the head's probability) and one
-    gradcam_<backbone>.png per backbone explained; returns {"errors" or backbone: file name}."""
-    names = gallery.class_names
-    top = [f"{f}\ntrue: {names[t]}" for f, t in zip(gallery.names, gallery.true, strict=True)]
-    files = {"errors": "errors.png"}
-    plot_images(
-        gallery.thumbnails,
-        [
-            f"{c}\npred: {names[p]} ({q:.2f})"
-            for c, p, q in zip(top, gallery.pred, gallery.prob, strict=True)
-        ],
-        folder / files["errors"],
-        f"`{gallery.head}` on test: {_which_errors(gallery)}, the most confident first\n"
-        "(in brackets: its probability of the class it predicted)",
-    )
-    for backbone, cam in gallery.cams.items():
-        files[backbone] = f"gradcam_{backbone}.png"
-        plot_images(
-            cam.images,
-            [
-                f"{c}\np({names[p]}) = {q:.2f}"
-                for c, p, q in zip(top, gallery.pred, cam.prob, strict=True)
-            ],
-            folder / files[backbone],
-            f"Grad-CAM of {backbone} for the class `{gallery.head}` predicted\n"
-            f"(p: {backbone}'s own probability of that class)",
-            cam.heat,
-        )
-    return files
-
-
-def _which_errors(gallery: Gallery) -> str:
-    shown, n = len(gallery.names), gallery.n_errors
-    return f"all its {n} errors" if shown == n else f"{shown} of its {n} errors"
-
-
 def _gallery_lines(gallery: Gallery, links: dict[str, str]) -> list[str]:
     lines = ["", f"## Pictures of the errors (`{gallery.head}`, test split)", ""]
     if not gallery.n_errors:
         return [*lines, f"`{gallery.head}` got all {gallery.n_test} test images right."]
     lines += [
-        f"`{gallery.head}` on the {gallery.n_test} test images: {_which_errors(gallery)}, the "
+        f"`{gallery.head}` on the {gallery.n_test} test images: {which_errors(gallery)}, the "
         "most confident first (`evaluate.gallery` caps them), with the true class, the "
         "predicted class and the head's probability of it.",
         "",
@@ -186,17 +68,34 @@ def summary_markdown(
     final: str,
     context: dict,
     figures: list[str],
-    evidence: dict | None = None,
-    seeds: dict[str, dict] | None = None,
-    selections: dict[str, dict] | None = None,
+    *,
+    evidence: dict | None,
+    seeds: dict[str, dict],
+    selections: dict[str, dict],
 ) -> str:
     """`reports/summary.md`: single models vs fusion (the fusion paper's Tables 2-3), whether
     and how surely fusion beats the best single model (``evidence`` from `fusion_evidence`,
-    ``seeds`` from `pipeline.fusion.fit.seed_study`), the hyper-parameters each head chose on
-    val (``selections``: head -> its sidecar's "selection"), and the per-class table of the
-    final head (its Table 4). ``figures`` are paths relative to it."""
+    None without both kinds; ``seeds``: head -> its seed refits' test scores), the
+    hyper-parameters each head chose on val (``selections``: head -> its sidecar's
+    "selection"), and the per-class table of the final head (its Table 4). ``figures`` are
+    paths relative to it."""
+    lines = _results_lines(singles, fusions, context)
+    if evidence:
+        lines += _evidence_lines(evidence, final)
+    if seeds:
+        lines += _seed_lines(seeds, singles, evidence)
+    if selections:
+        lines += _selection_lines(selections)
+    if final in fusions:
+        lines += _per_class_lines(fusions[final]["per_class"], final)
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _results_lines(singles: dict, fusions: dict, context: dict) -> list[str]:
     header = "| Model | Kind | " + " | ".join(label for _, label in SUMMARY_COLUMNS) + " |"
-    lines = [
+    return [
         "# defuse results",
         "",
         f"Dataset: {context['dataset']}; test split: {context['n_test']} images, "
@@ -210,28 +109,20 @@ def summary_markdown(
         *(_row(n, "single (fine-tuned)", m) for n, m in singles.items()),
         *(_row(n, "fusion head", m) for n, m in fusions.items()),
     ]
-    if evidence:
-        lines += _evidence_lines(evidence, final)
-    if seeds:
-        lines += _seed_lines(seeds, singles, evidence)
-    if selections:
-        lines += _selection_lines(selections)
-    if final in fusions:
-        per_class = fusions[final]["per_class"]
-        lines += [
-            "",
-            f"## Per-class results of the `{final}` fusion head (test split, %)",
-            "",
-            "| Class | Precision | Recall | F1 | Support |",
-            "|---|---|---|---|---|",
-            *(
-                f"| {c} | {100 * v['precision']:.2f} | {100 * v['recall']:.2f} | {100 * v['f1']:.2f} | {v['support']} |"
-                for c, v in per_class.items()
-            ),
-        ]
-    if figures:
-        lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
-    return "\n".join(lines) + "\n"
+
+
+def _per_class_lines(per_class: dict, final: str) -> list[str]:
+    return [
+        "",
+        f"## Per-class results of the `{final}` fusion head (test split, %)",
+        "",
+        "| Class | Precision | Recall | F1 | Support |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {c} | {100 * v['precision']:.2f} | {100 * v['recall']:.2f} | {100 * v['f1']:.2f} | {v['support']} |"
+            for c, v in per_class.items()
+        ),
+    ]
 
 
 def fusion_evidence(results: dict[str, dict], draws: int, seed: int) -> dict | None:
@@ -371,33 +262,52 @@ def write_reports(
     context: dict,
     paths: dict[str, Path],
     curves: dict[str, Path],
-    seeds: dict[str, dict] | None = None,
-    draws: int = 10_000,
-    seed: int = 0,
-    gallery: Gallery | None = None,
+    *,
+    draws: int,
+    seed: int,
+    gallery: Gallery | None,
 ) -> dict | None:
     """Everything `defuse evaluate` leaves for people and for DVC; returns the evidence.
 
-    ``results`` as returned by :func:`pipeline.fusion.fit.evaluate`; ``paths`` from
-    :func:`pipeline.layout.evaluate_reports`; ``curves`` maps a backbone to its fine-tuning
-    curves PNG (linked from the summary when it exists); ``seeds`` from
-    :func:`pipeline.fusion.fit.seed_study`; ``draws`` and ``seed`` drive the paired bootstrap;
-    ``gallery`` from :func:`pipeline.report.explain.gallery` is drawn into ``paths["gallery"]``
-    (left empty without one) and shown in its own section.
+    ``results`` as returned by :func:`pipeline.fusion.fit.evaluate` (a head's "seeds": its
+    seed refits' test scores); ``paths`` from :func:`pipeline.layout.evaluate_reports`;
+    ``curves`` maps a backbone to its fine-tuning curves PNG (linked from the summary when
+    it exists); ``draws`` and ``seed`` drive the paired bootstrap (`evaluate.bootstrap_*`);
+    ``gallery`` from :func:`pipeline.report.explain.gallery` is drawn into
+    ``paths["gallery"]`` (left empty without one) and shown in its own section.
     """
+    metrics = {name: r["metrics"] for name, r in results.items()}
+    evidence = fusion_evidence(results, draws, seed)
+    seeds = {n: r["seeds"] for n, r in results.items() if r.get("seeds")}
+    _write_metrics(results, final, evidence, seeds, paths, context["class_names"])
+    linked = _write_figures(metrics, final, evidence, paths["figures"], curves)
+    summary_dir = paths["summary"].parent
+    text = summary_markdown(
+        {n: m for n, m in metrics.items() if results[n]["kind"] == "single"},
+        {n: m for n, m in metrics.items() if results[n]["kind"] == "fusion"},
+        final,
+        context,
+        [str(p.relative_to(summary_dir)) for p in linked],
+        evidence=evidence,
+        seeds=seeds,
+        selections={n: r["sidecar"]["selection"] for n, r in results.items() if r.get("sidecar")},
+    )
+    paths["summary"].write_text(text + _write_gallery(gallery, paths["gallery"], summary_dir))
+    return evidence
+
+
+def _write_metrics(results, final, evidence, seeds, paths, class_names) -> None:
+    """The JSON metrics and evidence, and one confusion CSV per model, for DVC."""
     from pipeline.metrics import write_json
 
     metrics = {name: r["metrics"] for name, r in results.items()}
-    evidence = fusion_evidence(results, draws, seed)
-    selections = {n: r["sidecar"]["selection"] for n, r in results.items() if r.get("sidecar")}
+    won = evidence and final in evidence["heads"]
     write_json(
         paths["evidence"],
         {
             "vs_best_single": evidence,
             "seeds": seeds,
-            "verdict": verdict(evidence, final)
-            if evidence and final in evidence["heads"]
-            else None,
+            "verdict": verdict(evidence, final) if won else None,
         },
     )
     write_json(paths["metrics"], {name: {k: m[k] for k in HEADLINE} for name, m in metrics.items()})
@@ -407,39 +317,32 @@ def write_reports(
         with open(paths["confusion"] / f"{name}.csv", "w", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["actual", "predicted"])
-            names = context["class_names"]
             writer.writerows(
-                (names[a], names[p]) for a, p in zip(r["y_true"], r["y_pred"], strict=True)
+                (class_names[a], class_names[p])
+                for a, p in zip(r["y_true"], r["y_pred"], strict=True)
             )
 
-    figures = paths["figures"]
+
+def _write_figures(metrics, final, evidence, figures: Path, curves) -> list[Path]:
+    """The comparison, gains and confusion PNGs; returns those the summary links."""
     plot_comparison(metrics, figures / "comparison.png")
     for name, m in metrics.items():
         plot_confusion(m, figures / f"confusion_{name}.png", name)
-    summary_dir = paths["summary"].parent
     linked = [figures / "comparison.png"]
     if evidence:
         plot_gains(evidence, final, figures / "gains.png")
         linked.append(figures / "gains.png")
     if final in metrics:
         linked.append(figures / f"confusion_{final}.png")
-    linked += [p for p in curves.values() if p.exists()]
-    singles = {n: m for n, m in metrics.items() if results[n]["kind"] == "single"}
-    fusions = {n: m for n, m in metrics.items() if results[n]["kind"] == "fusion"}
-    text = summary_markdown(
-        singles,
-        fusions,
-        final,
-        context,
-        [str(p.relative_to(summary_dir)) for p in linked],
-        evidence,
-        seeds,
-        selections,
-    )
-    with atomic_dir(paths["gallery"]) as folder:
-        files = plot_gallery(gallery, folder) if gallery is not None and gallery.names else {}
-    if gallery is not None:
-        links = {k: str((paths["gallery"] / f).relative_to(summary_dir)) for k, f in files.items()}
-        text += "\n".join(_gallery_lines(gallery, links)) + "\n"
-    paths["summary"].write_text(text)
-    return evidence
+    return linked + [p for p in curves.values() if p.exists()]
+
+
+def _write_gallery(gallery: Gallery | None, folder: Path, summary_dir: Path) -> str:
+    """``folder`` refilled with the gallery's pictures (emptied without one); returns the
+    summary's section on them ("" without a gallery)."""
+    with atomic_dir(folder) as tmp:
+        files = plot_gallery(gallery, tmp) if gallery is not None and gallery.names else {}
+    if gallery is None:
+        return ""
+    links = {k: str((folder / f).relative_to(summary_dir)) for k, f in files.items()}
+    return "\n".join(_gallery_lines(gallery, links)) + "\n"
