@@ -8,6 +8,7 @@ one, pulled from a team's DVC remote, never unpickles anything.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -137,6 +138,12 @@ class BlockScaler:
             self.mean_, self.scale_ = arrays[f"{self.PREFIX}mean"], arrays[f"{self.PREFIX}scale"]
         return self
 
+    def torch_module(self, width: int) -> nn.Module:
+        """`transform` as a torch module on (n, ``width``) float32 rows (for the ONNX export)."""
+        if self.norm == "none":
+            return nn.Identity()
+        return _ScaleRows(self._bounds(width) if self.norm == "l2" else [], self.mean_, self.scale_)
+
     def _bounds(self, width: int) -> list[tuple[int, int]]:
         edges = np.cumsum([0, *(self.dims or [width])]).tolist()
         return list(itertools.pairwise(edges))
@@ -157,6 +164,22 @@ class BlockScaler:
         bounds = self._bounds(width)
         mean_dim = width / len(bounds)
         return np.concatenate([np.full(b - a, math.sqrt(mean_dim / (b - a))) for a, b in bounds])
+
+
+class _ScaleRows(nn.Module):
+    """BlockScaler.transform in torch: each block of ``l2_bounds`` divided by its L2 norm
+    (none: no such step), then (x - mean) / scale."""
+
+    def __init__(self, l2_bounds: list[tuple[int, int]], mean: np.ndarray, scale: np.ndarray):
+        super().__init__()
+        self.l2_bounds = l2_bounds
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.l2_bounds:  # x / max(||x||, 1e-12), as BlockScaler._normalize
+            x = torch.cat([F.normalize(x[:, a:b], dim=1) for a, b in self.l2_bounds], dim=1)
+        return (x - self.mean) / self.scale
 
 
 class Head(ClassifierMixin, BaseEstimator):
@@ -232,6 +255,11 @@ class Head(ClassifierMixin, BaseEstimator):
         """Params that repeat, without validation data, what validation chose in this fit
         (the MLP's best epoch); used to refit on train + val."""
         return {}
+
+    def torch_module(self) -> nn.Module:
+        """`predict_proba` as a torch module, (n, n_features_in_) float32 -> (n, n_classes)
+        probabilities, for the ONNX export; each head brings its own."""
+        raise CheckpointError(f"Head {self.name!r} cannot be exported: it has no torch_module.")
 
     def _fit(self, X: np.ndarray, y: np.ndarray, val: tuple | None) -> None:
         raise NotImplementedError
@@ -501,6 +529,10 @@ class MLPHead(Head):
     def _scale(self, X: np.ndarray) -> np.ndarray:
         return self.scaler_.transform(X)
 
+    def torch_module(self) -> nn.Module:
+        net = copy.deepcopy(self.net_).eval().float()
+        return nn.Sequential(self.scaler_.torch_module(self.n_features_in_), net, nn.Softmax(1))
+
     def refit_params(self) -> dict[str, Any]:
         return {"epochs": self.best_epoch_, "patience": None}
 
@@ -590,10 +622,27 @@ class _LinearHead(Head):
     def _fit(self, X, y, val):
         self.scaler_ = BlockScaler(self.block_norm, self.block_dims).partial_fit(X)
         model = self._estimator().fit(self.scaler_.transform(X), y)
-        self.coef_, self.intercept_ = model.coef_, np.atleast_1d(model.intercept_)
+        # binary RidgeClassifier gives coef_ (D,) in scikit-learn 1.8: keep (1, D) as documented
+        self.coef_, self.intercept_ = np.atleast_2d(model.coef_), np.atleast_1d(model.intercept_)
 
     def _proba(self, X):
         return self._scores_to_proba(self.scaler_.transform(X) @ self.coef_.T + self.intercept_)
+
+    def _score_map(self, n_scores: int) -> np.ndarray:
+        """(n_scores, n_classes): the softmax input as a linear map of the model's scores,
+        which `_scores_to_proba` takes; multiclass: the identity."""
+        return np.eye(n_scores)
+
+    def torch_module(self) -> nn.Module:
+        # the score map folded into the linear layer: one Linear, then softmax
+        M = self._score_map(len(self.coef_))
+        linear = nn.Linear(self.n_features_in_, M.shape[1])
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(M.T @ self.coef_))
+            linear.bias.copy_(torch.from_numpy(self.intercept_ @ M))
+        return nn.Sequential(
+            self.scaler_.torch_module(self.n_features_in_), linear.eval(), nn.Softmax(1)
+        )
 
     def _arrays(self):
         return {"coef": self.coef_, "intercept": self.intercept_} | self.scaler_.arrays()
@@ -628,6 +677,9 @@ class LogRegHead(_LinearHead):
             class_weight="balanced" if self.class_weighted else None,
         )
 
+    def _score_map(self, n_scores):
+        return np.array([[0.0, 1.0]]) if n_scores == 1 else np.eye(n_scores)
+
     def _scores_to_proba(self, scores):
         if scores.shape[1] == 1:  # binary: one logit for the second class
             return _softmax(np.column_stack([np.zeros(len(scores)), scores[:, 0]]))
@@ -654,6 +706,9 @@ class RidgeHead(_LinearHead):
     def _scores_to_proba(self, scores):
         return _softmax(scores[:, 0] if scores.shape[1] == 1 else scores)  # margins as scores
 
+    def _score_map(self, n_scores):
+        return np.array([[-1.0, 1.0]]) if n_scores == 1 else np.eye(n_scores)
+
 
 @register_head("late")
 class LateFusionHead(Head):
@@ -676,10 +731,25 @@ class LateFusionHead(Head):
             )
         self.n_models_ = X.shape[1] // n_classes
 
+    def torch_module(self) -> nn.Module:
+        return _MeanSoftmax(self.n_models_, len(self.classes_))
+
     def _proba(self, X):
         blocks = X.astype(np.float64).reshape(len(X), self.n_models_, len(self.classes_))
         z = np.exp(blocks - blocks.max(axis=2, keepdims=True))
         return (z / z.sum(axis=2, keepdims=True)).mean(axis=1)
+
+
+class _MeanSoftmax(nn.Module):
+    """LateFusionHead in torch: (n, K * C) logits -> mean over K of each block's softmax."""
+
+    def __init__(self, n_models: int, n_classes: int):
+        super().__init__()
+        self.n_models, self.n_classes = n_models, n_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = x.reshape(-1, self.n_models, self.n_classes)
+        return torch.softmax(blocks, dim=2).mean(dim=1)
 
 
 def save_head(head: Head, directory: Path | str, sidecar: dict[str, Any]) -> Path:
