@@ -8,6 +8,7 @@ IMAGES = CACHE / "images"  # <backbone>.h5: every image decoded once, squared fo
 MODELS = CACHE / "models"  # <backbone>/model.safetensors + model.json
 FEATURES = CACHE / "features"  # <backbone>.h5
 HEADS = CACHE / "heads"  # <head>/head.safetensors + head.json
+EXPORT = CACHE / "export"  # model.onnx + model.json: the fused model, runnable without torch
 REPORTS = Path("reports")
 
 

@@ -5,11 +5,6 @@ Unreadable images are reported per file; the rest are still classified."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,41 +16,10 @@ from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.extract import embed_images
 from pipeline.fusion.heads import by_input, check_head_fits, load_head
 from pipeline.models.checkpoint import backbone_info_of, load_checkpoint, read_sidecar
+from pipeline.predictions import Predictions, find_images
 from pipeline.runtime import resolve_device
-from pipeline.storage.atomic import write_text
 from pipeline.storage.hashing import file_sha256
 from pipeline.storage.image_cache import usable_image_cache
-
-
-@dataclass(frozen=True)
-class Predictions:
-    paths: list[Path]  # images classified, in input order
-    proba: np.ndarray  # (n_images, n_classes)
-    class_names: list[str]
-    failures: list[tuple[Path, str]]  # (path, reason) of images that could not be read
-
-    def rows(self) -> list[dict]:
-        """One dict per image: path, predicted class, one probability column per class."""
-        return [
-            {"path": str(p), "predicted": self.class_names[int(np.argmax(pr))]}
-            | {f"p_{c}": round(float(v), 6) for c, v in zip(self.class_names, pr, strict=True)}
-            for p, pr in zip(self.paths, self.proba, strict=True)
-        ]
-
-
-def find_images(inputs: list[Path]) -> list[Path]:
-    """Files as given, and every non-hidden file under given folders, sorted."""
-    found = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            for dirpath, dirnames, filenames in os.walk(item):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                found += [Path(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
-        elif item.exists():
-            found.append(item)
-        else:
-            raise DataError(f"{item}: no such file or folder.")
-    return found
 
 
 def predict(
@@ -126,9 +90,23 @@ def predict(
 def _pinned(
     backbone: str, sidecar: dict, head_dir: Path, models_dir: Path, params: ExtractParams
 ) -> Path:
+    """`pinned_checkpoint`, and ConfigError unless ``params`` extract as that cache was
+    extracted."""
+    directory = pinned_checkpoint(backbone, sidecar, head_dir, models_dir)
+    pinned = sidecar["extraction"][backbone]
+    for key in ("dtype", "tta"):
+        if pinned[key] != getattr(params, key):
+            raise ConfigError(
+                f"Head {head_dir} was trained on {backbone} features extracted with "
+                f"extract.{key}={pinned[key]!r}, but the params give {getattr(params, key)!r}; "
+                f"set it back, or re-run `dvc repro` with the new value."
+            )
+    return directory
+
+
+def pinned_checkpoint(backbone: str, sidecar: dict, head_dir: Path, models_dir: Path) -> Path:
     """The checkpoint folder of ``backbone`` in ``models_dir``: CheckpointError unless it is
-    the checkpoint whose cache the head was trained on, ConfigError unless ``params`` extract
-    as that cache was extracted."""
+    the checkpoint whose cache the head (``sidecar``, in ``head_dir``) was trained on."""
     pinned = (sidecar.get("extraction") or {}).get(backbone)
     if pinned is None:
         raise CheckpointError(
@@ -144,34 +122,4 @@ def _pinned(
             f"`defuse extract {backbone}` and `defuse fuse {sidecar['head']}` (or `dvc repro`), "
             "or restore that checkpoint."
         )
-    for key in ("dtype", "tta"):
-        if pinned[key] != getattr(params, key):
-            raise ConfigError(
-                f"Head {head_dir} was trained on {backbone} features extracted with "
-                f"extract.{key}={pinned[key]!r}, but the params give {getattr(params, key)!r}; "
-                f"set it back, or re-run `dvc repro` with the new value."
-            )
     return directory
-
-
-def check_output(out: Path) -> None:
-    """Refuse an ``out`` that `write_predictions` cannot write, before any image is read."""
-    if out.is_dir():
-        raise DataError(f"--out {out}: a folder, not a file; name a file ending in .csv or .json.")
-    if out.suffix not in (".csv", ".json"):
-        raise DataError(
-            f"--out {out}: unknown format {out.suffix or '(no suffix)'!r}; use .csv or .json."
-        )
-
-
-def write_predictions(predictions: Predictions, out: Path) -> Path:
-    """``out`` (.csv or .json, see `check_output`) with one row per classified image."""
-    check_output(out)
-    rows = predictions.rows()
-    if out.suffix == ".json":
-        return write_text(out, json.dumps(rows, indent=2) + "\n")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return write_text(out, buf.getvalue())

@@ -20,6 +20,7 @@ COMMANDS = {
     "extract": "stages.extract:extract",
     "fuse": "stages.fuse:fuse",
     "evaluate": "stages.evaluate:evaluate",
+    "export": "stages.export:export",
     "compare": "stages.compare:compare",
     "predict": "stages.predict:predict",
     "cache": "stages.cache:cache",
@@ -33,6 +34,7 @@ HELP = {
     "extract": "Write one backbone's penultimate embeddings to an HDF5 feature cache.",
     "fuse": "Train one fusion head on the concatenated cached embeddings.",
     "evaluate": "Test metrics of every model and head; reports/summary.md and figures.",
+    "export": "The fused model as one ONNX graph + model.json, runnable without torch.",
     "compare": "Leaderboard of heads x backbone subsets by cross-validation.",
     "predict": "Classify new images with the fine-tuned backbones and a fusion head.",
     "cache": "Inspect (info) or check (verify) feature and image caches.",
@@ -69,6 +71,7 @@ def main():
     """defuse: classify surface-defect images by fusing fine-tuned CNN embeddings.
 
     Stages run in this order (dvc.yaml wires them; `dvc repro` runs what changed):
-    prepare -> decode BACKBONE -> finetune BACKBONE -> extract BACKBONE -> fuse HEAD -> evaluate.
+    prepare -> decode BACKBONE -> finetune BACKBONE -> extract BACKBONE -> fuse HEAD -> evaluate
+    -> export.
     Every option defaults to params.yaml.
     """

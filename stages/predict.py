@@ -40,8 +40,8 @@ def predict(inputs, head, heads_dir, models, images_dir, out, params_path, batch
     Unreadable images are listed on stderr and do not stop the batch.
     """
     from pipeline.config import ExtractParams, evaluate_params, section
-    from pipeline.predict import check_output, write_predictions
     from pipeline.predict import predict as run
+    from pipeline.predictions import check_output, write_predictions
 
     check_output(out)
     head = head or evaluate_params(params_path).final_head

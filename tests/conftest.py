@@ -193,3 +193,51 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def fused_project(tiny_run, tmp_path_factory):
+    """tiny_run's lite0 checkpoint and a random-init lite1 one (same 32 px sidecar), their
+    feature caches extracted with TTA in float16, and a logreg head fitted on both, laid out
+    as a project: {"models", "features", "heads", "extract" (params), "manifest"}.
+
+    Session-scoped: tests must not modify these files; copy them first.
+    """
+    import json
+    import shutil
+
+    from pipeline import layout
+    from pipeline.config import ExtractParams, FuseParams
+    from pipeline.extract import extract
+    from pipeline.fusion.fit import fit_head, fit_seed_refits
+    from pipeline.fusion.heads import save_head
+    from pipeline.models.checkpoint import SIDECAR, save_checkpoint
+    from pipeline.models.registry import create_backbone
+    from pipeline.storage.feature_cache import load_features
+
+    base = tmp_path_factory.mktemp("fused")
+    models, manifest = base / "models", tiny_run["manifest"]
+    shutil.copytree(tiny_run["checkpoint"], layout.checkpoint_dir("tf_efficientnet_lite0", models))
+    sidecar = json.loads((tiny_run["checkpoint"] / SIDECAR).read_text())
+    sidecar = {k: v for k, v in sidecar.items() if k != "weights_sha256"}
+    lite1 = create_backbone("tf_efficientnet_lite1", 3, pretrained=False, quiet=True)
+    save_checkpoint(
+        lite1,
+        layout.checkpoint_dir("tf_efficientnet_lite1", models),
+        {**sidecar, "backbone": "tf_efficientnet_lite1"},
+    )
+    backbones = ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
+    params = params_of(
+        ExtractParams, "extract", batch_size=16, num_workers=0, tta=True, dtype="float16"
+    )
+    caches = [layout.feature_cache(b, base / "features") for b in backbones]
+    for backbone, cache in zip(backbones, caches, strict=True):
+        extract(manifest, layout.checkpoint_dir(backbone, models), cache, params, False)
+    features = load_features(caches, backbones, manifest=manifest)
+    logreg = {"C": 1.0, "class_weighted": False, "max_iter": 1000}
+    fuse = params_of(FuseParams, "fuse")
+    head, head_sidecar = fit_head(features, "logreg", logreg, fuse)
+    refits = fit_seed_refits(features, "logreg", logreg, fuse)  # logreg: its one seed
+    save_head(head, layout.head_dir("logreg", base / "heads"), head_sidecar, seed_refits=refits)
+    return {"base": base, "models": models, "features": features, "heads": base / "heads",
+            "extract": params, "manifest": manifest}  # fmt: skip

@@ -15,7 +15,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from pipeline.config import BLOCK_NORMS
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.storage.feature_cache import LazyRows
 
 HEADS: dict[str, type[Head]] = {}
@@ -171,6 +171,11 @@ class Head(ClassifierMixin, BaseEstimator):
         """Params that repeat, without validation data, what validation chose in this fit
         (the MLP's best epoch); used to refit on train + val."""
         return {}
+
+    def torch_module(self):
+        """`predict_proba` as a torch module, (n, n_features_in_) float32 -> (n, n_classes)
+        probabilities, for the ONNX export; each head brings its own."""
+        raise CheckpointError(f"Head {self.name!r} cannot be exported: it has no torch_module.")
 
     def _fit(self, X: np.ndarray, y: np.ndarray, val: tuple | None) -> None:
         raise NotImplementedError

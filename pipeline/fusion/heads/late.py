@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+import torch
 from scipy.special import softmax
+from torch import nn
 
 from pipeline.errors import DataError
 from pipeline.fusion.heads.base import Head, register_head
@@ -32,6 +34,9 @@ class LateFusionHead(Head):
             )
         self.n_models_ = X.shape[1] // n_classes
 
+    def torch_module(self) -> nn.Module:
+        return _MeanSoftmax(self.n_models_, len(self.classes_))
+
     def _proba(self, X):
         blocks = X.astype(np.float64).reshape(len(X), self.n_models_, len(self.classes_))
         return softmax(blocks, axis=2).mean(axis=1)
@@ -43,3 +48,15 @@ class LateFusionHead(Head):
                 f"n_models_ {k!r} x {len(self.classes_)} classes must equal its "
                 f"{self.n_features_in_} input columns"
             )
+
+
+class _MeanSoftmax(nn.Module):
+    """LateFusionHead in torch: (n, K * C) logits -> mean over K of each block's softmax."""
+
+    def __init__(self, n_models: int, n_classes: int):
+        super().__init__()
+        self.n_models, self.n_classes = n_models, n_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = x.reshape(-1, self.n_models, self.n_classes)
+        return torch.softmax(blocks, dim=2).mean(dim=1)

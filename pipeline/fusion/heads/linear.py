@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+import torch
 from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from torch import nn
 
 from pipeline.fusion.heads.base import (
     BLOCK_NORM,
@@ -31,11 +33,18 @@ class _LinearHead(Head):
     turns its scores into probabilities the way the scikit-learn model does.
     """
 
+    # two classes: the model's one score column s as the softmax inputs s @ _binary_map
+    _binary_map: ClassVar[np.ndarray]
+
     def _estimator(self):
         raise NotImplementedError
 
+    def _score_map(self) -> np.ndarray:
+        """(n_score_columns, n_classes): the softmax inputs as a linear map of the scores."""
+        return self._binary_map if len(self.coef_) == 1 else np.eye(len(self.coef_))
+
     def _scores_to_proba(self, scores: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        return softmax(scores @ self._score_map(), axis=1)
 
     def _fit(self, X, y, val):
         self.scaler_ = BlockScaler(self.block_norm, self.block_dims).partial_fit(X)
@@ -45,6 +54,16 @@ class _LinearHead(Head):
 
     def _proba(self, X):
         return self._scores_to_proba(self.scaler_.transform(X) @ self.coef_.T + self.intercept_)
+
+    def torch_module(self) -> nn.Module:
+        M = self._score_map()  # folded into the linear layer: one Linear, then softmax
+        linear = nn.Linear(self.n_features_in_, M.shape[1])
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(M.T @ self.coef_))
+            linear.bias.copy_(torch.from_numpy(self.intercept_ @ M))
+        return nn.Sequential(
+            self.scaler_.torch_module(self.n_features_in_), linear.eval(), nn.Softmax(1)
+        )
 
     def _arrays(self):
         return {"coef": self.coef_, "intercept": self.intercept_} | self.scaler_.arrays()
@@ -65,6 +84,7 @@ class LogRegHead(_LinearHead):
     """Multinomial logistic regression; lbfgs, deterministic (no random state)."""
 
     _constraints: ClassVar = {"C": POSITIVE, "max_iter": INT_GE1, **LINEAR_CONSTRAINTS}
+    _binary_map: ClassVar = np.array([[0.0, 1.0]])  # one logit, for the second class
 
     def __init__(self, *, C, max_iter, class_weighted, block_norm, block_dims):
         self.C = C
@@ -80,17 +100,13 @@ class LogRegHead(_LinearHead):
             class_weight="balanced" if self.class_weighted else None,
         )
 
-    def _scores_to_proba(self, scores):
-        if scores.shape[1] == 1:  # binary: one logit for the second class
-            scores = np.column_stack([np.zeros(len(scores)), scores[:, 0]])
-        return softmax(scores, axis=1)
-
 
 @register_head("ridge")
 class RidgeHead(_LinearHead):
     """Ridge classifier; probabilities are the softmax of its decision function."""
 
     _constraints: ClassVar = {"alpha": POSITIVE, **LINEAR_CONSTRAINTS}
+    _binary_map: ClassVar = np.array([[-1.0, 1.0]])  # the margin m scores the classes -m and m
 
     def __init__(self, *, alpha, class_weighted, block_norm, block_dims):
         self.alpha = alpha
@@ -102,8 +118,3 @@ class RidgeHead(_LinearHead):
         return RidgeClassifier(
             alpha=self.alpha, class_weight="balanced" if self.class_weighted else None
         )
-
-    def _scores_to_proba(self, scores):
-        if scores.shape[1] == 1:  # binary: the margin m scores the classes -m and m
-            scores = np.column_stack([-scores[:, 0], scores[:, 0]])
-        return softmax(scores, axis=1)

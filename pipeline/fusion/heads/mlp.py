@@ -3,6 +3,7 @@ block by block from the feature caches."""
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, ClassVar
 
@@ -216,6 +217,10 @@ class MLPHead(Head):
 
     def _scale(self, X: np.ndarray) -> np.ndarray:
         return self.scaler_.transform(X)
+
+    def torch_module(self) -> nn.Module:
+        net = copy.deepcopy(self.net_).eval().float()
+        return nn.Sequential(self.scaler_.torch_module(self.n_features_in_), net, nn.Softmax(1))
 
     def refit_params(self) -> dict[str, Any]:
         return {"epochs": self.best_epoch_, "patience": None}

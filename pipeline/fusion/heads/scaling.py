@@ -7,6 +7,9 @@ import itertools
 import math
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 class BlockScaler:
@@ -61,6 +64,12 @@ class BlockScaler:
             self.mean_, self.scale_ = arrays[f"{self.PREFIX}mean"], arrays[f"{self.PREFIX}scale"]
         return self
 
+    def torch_module(self, width: int) -> nn.Module:
+        """`transform` as a torch module on (n, ``width``) float32 rows (for the ONNX export)."""
+        if self.norm == "none":
+            return nn.Identity()
+        return _ScaleRows(self._bounds(width) if self.norm == "l2" else [], self.mean_, self.scale_)
+
     def _bounds(self, width: int) -> list[tuple[int, int]]:
         edges = np.cumsum([0, *(self.dims or [width])]).tolist()
         return list(itertools.pairwise(edges))
@@ -81,3 +90,19 @@ class BlockScaler:
         bounds = self._bounds(width)
         mean_dim = width / len(bounds)
         return np.concatenate([np.full(b - a, math.sqrt(mean_dim / (b - a))) for a, b in bounds])
+
+
+class _ScaleRows(nn.Module):
+    """BlockScaler.transform in torch: each block of ``l2_bounds`` divided by its L2 norm
+    (none: no such step), then (x - mean) / scale."""
+
+    def __init__(self, l2_bounds: list[tuple[int, int]], mean: np.ndarray, scale: np.ndarray):
+        super().__init__()
+        self.l2_bounds = l2_bounds
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.l2_bounds:  # x / max(||x||, 1e-12), as BlockScaler._normalize
+            x = torch.cat([F.normalize(x[:, a:b], dim=1) for a, b in self.l2_bounds], dim=1)
+        return (x - self.mean) / self.scale

@@ -1,0 +1,144 @@
+"""The deployment runtime: classify images with an export (`defuse export`) using numpy,
+Pillow and onnxruntime alone, no torch. Images are decoded and squared as defuse does
+(`load_image`, `Preprocessing.square`); the graph normalises them. Writes the rows of
+`defuse predict`. Usage: python -m pipeline.deploy EXPORT_DIR IMAGES... --out preds.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.manifest import load_image
+from pipeline.errors import CheckpointError, DataError, DefuseError
+from pipeline.models.preprocessing import Preprocessing
+from pipeline.predictions import Predictions, check_output, find_images, write_predictions
+
+GRAPH, RECORD = "model.onnx", "model.json"  # what `defuse export` writes
+FORMAT = 1  # model.json's layout, which this runtime reads
+
+
+@dataclass(frozen=True)
+class Deployed:
+    session: object  # onnxruntime.InferenceSession of the graph
+    classes: list[str]
+    inputs: dict[str, Preprocessing]  # graph input name -> its preprocessing, in graph order
+    output: str
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def load_export(directory: Path | str, threads: int | None = None) -> Deployed:
+    """The export in ``directory``, verified: model.json parses, names this format, the
+    graph's sha256 is the one it records and the graph's inputs and output are those it
+    lists. CheckpointError naming the file otherwise."""
+    import onnxruntime as ort
+
+    directory = Path(directory)
+    record_path = directory / RECORD
+    try:
+        record = json.loads(record_path.read_text())
+        if record["format"] != FORMAT:
+            raise ValueError(f"format {record['format']!r}, this runtime reads {FORMAT}")
+        graph = directory / record["graph"]
+        inputs = {
+            i["name"]: Preprocessing.from_json(i["preprocessing"], f"{record_path} {i['name']}")
+            for i in record["inputs"]
+        }
+        classes, output, sha = list(record["classes"]), record["output"], record["graph_sha256"]
+    except (OSError, ValueError, KeyError, TypeError, DefuseError) as exc:
+        raise CheckpointError(f"{record_path}: not a defuse export record ({exc})") from None
+    if not graph.is_file() or _sha256(graph) != sha:
+        raise CheckpointError(
+            f"{graph}: missing or not the graph {record_path} records (sha256 {sha}); "
+            "re-run `defuse export`."
+        )
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    wanted = {n: ["batch", p.input_size, p.input_size, 3] for n, p in inputs.items()}
+    out_shape = {o.name: o.shape for o in session.get_outputs()}.get(output)
+    if shapes != wanted or out_shape != ["batch", len(classes)]:
+        raise CheckpointError(
+            f"{record_path}: the graph takes {shapes} and gives {output} {out_shape}; the "
+            f"record says {wanted} and {len(classes)} classes."
+        )
+    return Deployed(session, classes, inputs, output)
+
+
+def prepared(path: Path, inputs: dict[str, Preprocessing]) -> dict[str, np.ndarray]:
+    """Each input's (S, S, 3) uint8 square of the image at ``path``, as defuse's loaders make
+    it: decoded at the input's size (JPEG draft scale), grey kept one channel while squared,
+    then repeated. DataError if the file cannot be decoded."""
+    decoded, out = {}, {}
+    for name, prep in inputs.items():
+        size = prep.input_size
+        if size not in decoded:
+            decoded[size] = load_image(path, size=size, keep_gray=True)
+        pixels = np.asarray(prep.square(decoded[size]), dtype=np.uint8)
+        out[name] = np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
+    return out
+
+
+def classify(deployed: Deployed, inputs: list[Path], batch_size: int = 32) -> Predictions:
+    """Class probabilities of every readable image under ``inputs`` (files or folders);
+    unreadable ones are listed in ``failures``. DataError when none is readable."""
+    found = find_images(inputs)
+    if not found:
+        raise DataError(f"No files under {', '.join(map(str, inputs))}: nothing to classify.")
+    paths, failures, probas, batch = [], [], [], []
+    for i, path in enumerate(found):
+        try:
+            batch.append(prepared(path, deployed.inputs))
+            paths.append(path)
+        except DataError as exc:
+            failures.append((path, str(exc)))
+        if batch and (len(batch) == batch_size or i == len(found) - 1):
+            feed = {n: np.stack([b[n] for b in batch]) for n in deployed.inputs}
+            probas.append(deployed.session.run([deployed.output], feed)[0].astype(np.float64))
+            batch = []
+    if not paths:
+        raise DataError(
+            f"None of the {len(found)} file(s) under {', '.join(map(str, inputs))} is a readable "
+            f"image, e.g. {failures[0][1]}"
+        )
+    proba = np.concatenate(probas)
+    return Predictions(paths, proba / proba.sum(axis=1, keepdims=True), deployed.classes, failures)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.deploy", description=__doc__)
+    parser.add_argument("export_dir", type=Path, help="Folder written by `defuse export`.")
+    parser.add_argument("images", type=Path, nargs="+", help="Image files or folders.")
+    parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help=".csv/.json")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    args = parser.parse_args(argv)
+    try:
+        check_output(args.out)
+        result = classify(load_export(args.export_dir, args.threads), args.images, args.batch_size)
+        write_predictions(result, args.out)
+    except DefuseError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    for _, reason in result.failures:
+        print(f"unreadable: {reason}", file=sys.stderr)
+    print(
+        f"{len(result.paths)} image(s) classified -> {args.out}; {len(result.failures)} unreadable"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The fused model as one ONNX graph (`cache/export/`): each backbone's prepared uint8 input
+(B, S, S, 3), the image cache's layout, in; class probabilities out. Normalisation, the
+backbones, the extraction's TTA and dtype, the block treatment and the head are all inside,
+so a runtime with numpy, Pillow and onnxruntime alone (`pipeline.deploy`) classifies images
+as `defuse predict` does. model.json says what the graph was built from."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.deploy import FORMAT, GRAPH, RECORD
+from pipeline.errors import CheckpointError
+from pipeline.fusion.heads import load_head
+from pipeline.fusion.heads.artifact import HEAD_FILE, SIDECAR_FILE
+from pipeline.metrics import write_json
+from pipeline.models.checkpoint import backbone_info_of, load_checkpoint
+from pipeline.models.preprocessing import Preprocessing
+from pipeline.models.registry import embed
+from pipeline.predict import pinned_checkpoint
+from pipeline.storage.atomic import atomic_dir
+from pipeline.storage.hashing import file_sha256
+
+OUTPUT = "probabilities"
+TOLERANCE = 1e-4  # largest |onnxruntime - torch| probability accepted at export
+OPSET = 17
+_LIBRARIES = ("defuse", "torch", "timm", "onnx", "onnxruntime", "numpy")
+
+
+def preprocessing_of(sidecar: dict) -> Preprocessing:
+    """The preprocessing record of a checkpoint sidecar (its eval square and normalisation)."""
+    info = backbone_info_of(sidecar)
+    return Preprocessing(info.input_size, info.resize, info.mean, info.std, info.interpolation)
+
+
+class _Branch(nn.Module):
+    """One backbone as its feature cache saw it: uint8 (B, S, S, 3) -> normalised float ->
+    the embedding (rounded to the cache's dtype) or the logits, as the head takes them; the
+    mean over identity, h-flip and v-flip when the cache was extracted with TTA."""
+
+    def __init__(self, model: nn.Module, prep: Preprocessing, pin: dict, head_input: str):
+        super().__init__()
+        self.model, self.tta, self.input = model.eval(), bool(pin["tta"]), head_input
+        self.half = pin["dtype"] == "float16"
+        self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1) * 255)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = (pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        views = [x, x.flip(-1), x.flip(-2)] if self.tta else [x]
+        outs = [embed(self.model, v) for v in views]
+        emb = torch.stack([e for e, _ in outs]).mean(0)
+        logits = torch.stack([lo for _, lo in outs]).mean(0)
+        if self.input == "logits":
+            return logits
+        return emb.half().float() if self.half else emb  # as the cache stored it
+
+
+class FusedModel(nn.Module):
+    """Every backbone's branch, their outputs side by side in the head's order, the head."""
+
+    def __init__(self, branches: list[_Branch], head: nn.Module):
+        super().__init__()
+        self.branches, self.head = nn.ModuleList(branches), head
+
+    def features(self, *pixels: torch.Tensor) -> torch.Tensor:
+        return torch.cat([b(p) for b, p in zip(self.branches, pixels, strict=True)], dim=1)
+
+    def forward(self, *pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(*pixels))
+
+
+def export(head_dir: Path, models_dir: Path, out: Path, seed: int = 0) -> dict:
+    """Write ``out``/model.onnx and model.json for the head in ``head_dir`` and the
+    checkpoints in ``models_dir`` it pins (CheckpointError for any other). The graph's
+    probabilities must match torch's (the backbones in eager mode, the head's own
+    `predict_proba`) within TOLERANCE on random images drawn with ``seed``, else nothing is
+    written. Returns model.json's content."""
+    head, sidecar = load_head(head_dir)
+    backbones = list(sidecar["backbones"])
+    branches, inputs, shas = [], [], {}
+    for backbone in backbones:
+        directory = pinned_checkpoint(backbone, sidecar, head_dir, models_dir)
+        model, meta = load_checkpoint(directory)  # verifies the weights' sha256
+        prep = preprocessing_of(meta)
+        branches.append(_Branch(model, prep, sidecar["extraction"][backbone], head.input))
+        inputs.append({"name": backbone, "preprocessing": json.loads(prep.to_json())})
+        shas[backbone] = meta["weights_sha256"]
+    fused = FusedModel(branches, head.torch_module()).eval()
+    sizes = [i["preprocessing"]["input_size"] for i in inputs]
+    with atomic_dir(out) as tmp:
+        _write_graph(fused, backbones, sizes, tmp / GRAPH)
+        _check(fused, head, tmp / GRAPH, backbones, sizes, seed)
+        record = {
+            "format": FORMAT,
+            "graph": GRAPH,
+            "graph_sha256": file_sha256(tmp / GRAPH),
+            "output": OUTPUT,
+            "classes": list(sidecar["class_names"]),
+            "inputs": inputs,  # (B, S, S, 3) uint8, S = preprocessing.input_size
+            "head": head.name,
+            "extraction": sidecar["extraction"],  # each backbone's checkpoint, dtype and TTA
+            "built_from": {
+                "checkpoints": shas,
+                "head": {f: file_sha256(head_dir / f) for f in (SIDECAR_FILE, HEAD_FILE)},
+            },
+            "versions": {name: _version(name) for name in _LIBRARIES},
+        }
+        write_json(tmp / RECORD, record)
+    return record
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _images(sizes: list[int], n: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n, s, s, 3), dtype=torch.uint8, generator=gen) for s in sizes]
+
+
+@torch.no_grad()
+def _write_graph(fused: FusedModel, names: list[str], sizes: list[int], path: Path) -> None:
+    """The legacy (TorchScript) exporter: it traces timm's models whole; batch axis dynamic."""
+    with warnings.catch_warnings():  # the legacy exporter is chosen, its deprecation known
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            fused,
+            tuple(_images(sizes, 2, 0)),
+            str(path),
+            input_names=names,
+            output_names=[OUTPUT],
+            dynamic_axes={**{n: {0: "batch"} for n in names}, OUTPUT: {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+@torch.no_grad()
+def _check(fused, head, graph: Path, names: list[str], sizes: list[int], seed: int) -> None:
+    """Refuse a graph whose probabilities differ from torch's by more than TOLERANCE, on a
+    batch size other than the traced one (so the batch axis is checked to be free too)."""
+    import onnxruntime as ort
+
+    images = _images(sizes, 3, seed + 1)
+    expected = head.predict_proba(fused.features(*images).numpy())
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT], {n: x.numpy() for n, x in zip(names, images, strict=True)})[0]
+    diff = float(np.abs(got - expected).max())
+    if not diff <= TOLERANCE:
+        raise CheckpointError(
+            f"{graph}: onnxruntime's probabilities differ from torch's by {diff:.3g} "
+            f"(> {TOLERANCE}); the export is refused."
+        )

@@ -1,0 +1,71 @@
+"""What a classifier of new images writes: one row per image (path, predicted class, one
+probability per class) as CSV or JSON, and the files it is given. Torch-free: `defuse predict`
+and the deployment runtime (`pipeline.deploy`) write through it alike."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import DataError
+from pipeline.storage.atomic import write_text
+
+
+@dataclass(frozen=True)
+class Predictions:
+    paths: list[Path]  # images classified, in input order
+    proba: np.ndarray  # (n_images, n_classes)
+    class_names: list[str]
+    failures: list[tuple[Path, str]]  # (path, reason) of images that could not be read
+
+    def rows(self) -> list[dict]:
+        """One dict per image: path, predicted class, one probability column per class."""
+        return [
+            {"path": str(p), "predicted": self.class_names[int(np.argmax(pr))]}
+            | {f"p_{c}": round(float(v), 6) for c, v in zip(self.class_names, pr, strict=True)}
+            for p, pr in zip(self.paths, self.proba, strict=True)
+        ]
+
+
+def find_images(inputs: list[Path]) -> list[Path]:
+    """Files as given, and every non-hidden file under given folders, sorted."""
+    found = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            for dirpath, dirnames, filenames in os.walk(item):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                found += [Path(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+        elif item.exists():
+            found.append(item)
+        else:
+            raise DataError(f"{item}: no such file or folder.")
+    return found
+
+
+def check_output(out: Path) -> None:
+    """Refuse an ``out`` that `write_predictions` cannot write, before any image is read."""
+    if out.is_dir():
+        raise DataError(f"--out {out}: a folder, not a file; name a file ending in .csv or .json.")
+    if out.suffix not in (".csv", ".json"):
+        raise DataError(
+            f"--out {out}: unknown format {out.suffix or '(no suffix)'!r}; use .csv or .json."
+        )
+
+
+def write_predictions(predictions: Predictions, out: Path) -> Path:
+    """``out`` (.csv or .json, see `check_output`) with one row per classified image."""
+    check_output(out)
+    rows = predictions.rows()
+    if out.suffix == ".json":
+        return write_text(out, json.dumps(rows, indent=2) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(out, buf.getvalue())

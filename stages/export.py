@@ -1,0 +1,42 @@
+"""`defuse export`: the export stage."""
+
+from pathlib import Path
+
+import click
+
+from pipeline import layout
+from stages import options
+
+
+@click.command()
+@click.option("--head", default=None, help="Fusion head to export [evaluate.final_head].")
+@options.heads
+@options.models
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=layout.EXPORT,
+    show_default=True,
+    help="Folder for model.onnx and model.json (replaced whole).",
+)
+@options.params
+def export(head, heads_dir, models, out, params_path):
+    """Export the fused model (backbones, block treatment, head) as one ONNX graph.
+
+    Its inputs are each backbone's squared uint8 image (B, S, S, 3), normalised inside the
+    graph; its output the class probabilities. model.json beside it holds the classes,
+    each input's preprocessing record and the sha256 of the checkpoints, the head files and
+    the graph. The checkpoints must be those the head's caches were made with; the graph's
+    probabilities must match torch's within 1e-4, or nothing is written. Run it with
+    `python -m pipeline.deploy OUT IMAGES...` (numpy, Pillow and onnxruntime; no torch).
+    """
+    from pipeline.config import evaluate_params
+    from pipeline.export import GRAPH
+    from pipeline.export import export as run
+
+    head = head or evaluate_params(params_path).final_head
+    record = run(layout.head_dir(head, heads_dir), models, out)
+    names = ", ".join(
+        f"{i['name']} ({i['preprocessing']['input_size']} px)" for i in record["inputs"]
+    )
+    click.echo(f"Exported head {head!r} on {names} -> {out / GRAPH}")
