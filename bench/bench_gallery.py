@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import backbone_names, evaluate_params, finetune_params
-from pipeline.data.manifest import ELPV_CLASSES, elpv_root
+from pipeline.config import PrepareParams, backbone_names, evaluate_params, finetune_params, section
+from pipeline.data.sources import ELPV_CLASSES, elpv_root
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.registry import backbone_info, create_backbone
 from pipeline.report.explain import Gallery, explain, thumbnail
@@ -38,6 +38,7 @@ def main() -> None:
         out = args.out or Path(tmp) / "gallery"
         out.mkdir(parents=True, exist_ok=True)
         cams, total = {}, 0.0
+        max_pixels = section(PrepareParams, "prepare").max_pixels
         for backbone in backbone_names():
             info = backbone_info(backbone, finetune_params(backbone).input_size)
             model = create_backbone(backbone, 4, pretrained=True, quiet=True)
@@ -48,7 +49,7 @@ def main() -> None:
             }
             sha = save_checkpoint(model, Path(tmp) / backbone, sidecar)["weights_sha256"]
             start = time.perf_counter()
-            cams[backbone] = explain(Path(tmp) / backbone, paths, classes, sha)
+            cams[backbone] = explain(Path(tmp) / backbone, paths, classes, sha, max_pixels)
             took = time.perf_counter() - start
             total += took
             print(f"Grad-CAM {backbone} at {info.input_size} px, {len(paths)} images: {took:.2f} s")
@@ -59,7 +60,7 @@ def main() -> None:
             n_errors=len(paths),
             class_names=ELPV_CLASSES[4],
             names=tuple(p.name for p in paths),
-            thumbnails=tuple(thumbnail(p) for p in paths),
+            thumbnails=tuple(thumbnail(p, max_pixels) for p in paths),
             true=(classes + 1) % 4,
             pred=classes,
             prob=np.linspace(0.99, 0.5, len(paths)),

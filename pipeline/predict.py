@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import numpy as np
 
 from pipeline import layout
 from pipeline.config import ExtractParams
-from pipeline.data.manifest import load_image
+from pipeline.data.images import check_regular_file, load_image
+from pipeline.data.sources import walk_files
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.extract import embed_images
 from pipeline.fusion.heads import load_head
@@ -44,14 +44,14 @@ class Predictions:
 
 
 def find_images(inputs: list[Path]) -> list[Path]:
-    """Files as given, and every non-hidden file under given folders, sorted."""
+    """Files as given, and every non-hidden file under given folders, sorted; DataError
+    naming the first that is missing or not a regular file (a FIFO, a device, a link to one)."""
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            for dirpath, dirnames, filenames in os.walk(item):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                found += [Path(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
-        elif item.exists():
+            found += walk_files(item)
+        elif item.exists() or item.is_symlink():
+            check_regular_file(item)
             found.append(item)
         else:
             raise DataError(f"{item}: no such file or folder.")
@@ -65,6 +65,8 @@ def predict(
     models_dir: Path = layout.MODELS,
     progress: bool = True,
     images_dir: Path = layout.IMAGES,
+    *,
+    max_pixels: int,
 ) -> Predictions:
     """Class probabilities of every readable image under ``inputs``.
 
@@ -72,8 +74,8 @@ def predict(
     `extract` section); the checkpoints and the `extract` params that shape features must be
     those the head's caches were made with, checked before any image is read. A backbone's
     image cache in ``images_dir`` made for its checkpoint's squares serves the files whose
-    sha256 it holds; the others are decoded. DataError when ``inputs`` hold no file, or no
-    readable image.
+    sha256 it holds; the others are decoded, refused over ``max_pixels`` (prepare.max_pixels).
+    DataError when ``inputs`` hold no file, or no readable image.
     """
     head, sidecar = load_head(head_dir)
     checkpoints = [_pinned(b, sidecar, head_dir, models_dir, params) for b in sidecar["backbones"]]
@@ -93,7 +95,9 @@ def predict(
     for path in found:
         try:
             if ids.get(path) not in held:
-                load_image(path, size=64)  # a cheap full decode: catches truncated, non-image files
+                load_image(
+                    path, max_pixels=max_pixels, size=64
+                )  # a cheap full decode: catches truncated, non-image files
             paths.append(path)
         except DataError as exc:
             failures.append((path, str(exc)))
@@ -108,7 +112,11 @@ def predict(
     for directory, info, cache in zip(checkpoints, infos, caches, strict=True):
         model, _ = load_checkpoint(directory)
         squares = cache.squares([ids[p] for p in paths]) if cache else None
-        batches = list(embed_images(model, info, paths, params, device, progress, squares))
+        batches = list(
+            embed_images(
+                model, info, paths, params, device, progress, squares, max_pixels=max_pixels
+            )
+        )
         emb, logits = (np.concatenate([b[i] for b in batches]) for i in (1, 2))
         blocks.append(emb.astype(np.float32) if head.input == "embeddings" else logits)
     return Predictions(

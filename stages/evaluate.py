@@ -54,7 +54,13 @@ def evaluate(manifest, features_dir, heads_dir, models, reports, params_path, se
     from pipeline.fusion.fit import fused_features, seed_study
     from pipeline.report.explain import gallery
     from pipeline.report.summary import verdict, write_reports
+    from pipeline.storage.outputs import check_folder_output, check_outputs
 
+    check_folder_output(reports, "--reports")
+    paths = layout.evaluate_reports(reports)
+    check_outputs([p for p in paths.values() if p.suffix], "--reports")
+    for folder in (p for p in paths.values() if not p.suffix):
+        check_folder_output(folder, "--reports")
     params = evaluate_params(params_path, seeds=seeds)
     man = read_manifest(manifest)
     features = fused_features(man, features_dir, params_path)
@@ -87,7 +93,6 @@ def evaluate(manifest, features_dir, heads_dir, models, reports, params_path, se
             f"{len(pictures.cams)} of {len(backbones)} backbones in "
             f"{time.perf_counter() - start:.1f} s"
         )
-    paths = layout.evaluate_reports(reports)
     curves = {b: layout.finetune_reports(b, reports)["curves"] for b in backbones}
     evidence = write_reports(
         results,

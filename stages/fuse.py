@@ -26,12 +26,15 @@ def fuse(head, manifest, features_dir, out, params_path):
     from pipeline.config import FuseParams, head_params, section
     from pipeline.data.manifest import read_manifest
     from pipeline.fusion.fit import fit_head, fused_features
-    from pipeline.fusion.heads import save_head
+    from pipeline.fusion.heads import HEAD_FILE, SIDECAR_FILE, save_head
+    from pipeline.storage.outputs import ArtifactFolder, check_folder_output
 
+    head_folder = ArtifactFolder.of("head", SIDECAR_FILE, HEAD_FILE)
+    out = check_folder_output(out or layout.head_dir(head), "--out", head_folder)
     params = section(FuseParams, "fuse", params_path)
     features = fused_features(read_manifest(manifest), features_dir, params_path)
     fitted, sidecar = fit_head(features, head, head_params(head, params_path), params)
-    save_head(fitted, out or layout.head_dir(head), sidecar)
+    save_head(fitted, out, sidecar)
     val, chosen = sidecar["val_metrics"], sidecar["selection"]["chosen"]
     n = len(sidecar["selection"]["candidates"])
     click.echo(

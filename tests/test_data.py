@@ -12,20 +12,25 @@ from conftest import params_of
 from PIL import Image
 
 from pipeline.config import PrepareParams
+from pipeline.data import images
+from pipeline.data.images import decoded_channels
 from pipeline.data.manifest import (
     COLUMNS,
-    ELPV_CLASSES,
-    SPLITS,
     build_manifest,
-    decoded_channels,
-    elpv_root,
-    load_image,
     manifest_json_path,
     read_manifest,
     skipped_path,
     write_manifest,
 )
+from pipeline.data.sources import ELPV_CLASSES, elpv_root
+from pipeline.data.splits import SPLITS
 from pipeline.errors import DataError
+
+MAX_PIXELS = 64_000_000  # params.yaml's prepare.max_pixels
+
+
+def load_image(path, **kw):
+    return images.load_image(path, **{"max_pixels": MAX_PIXELS, **kw})
 
 
 def _params(root, **kw):
