@@ -142,18 +142,23 @@ def _check_sizes(
     if not small:
         return
     parts = ["train", *reversed(drawn)]
-    # Raising a fraction helps only the split it draws; the others then shrink.
-    if scarcest == "train":
-        advice = " or ".join(f"lower {d}_fraction" for d in drawn)
-    else:
-        advice = f"raise {scarcest}_fraction (now {shares[scarcest]:.2g} of each class goes to it)"
     raise DataError(
         "Too few images to stratify: "
         + "; ".join(f"{_stratum(s, class_names)} has {counts[s]}" for s in small)
         + f". With test_fraction={t} and val_fraction={v} each needs at least {needed} "
         f"so that {', '.join(parts[:-1])} and {parts[-1]} all get one; add images or "
-        f"{advice}."
+        f"{_advice(scarcest, drawn, t)} (now {shares[scarcest]:.2g} of each goes to {scarcest})."
     )
+
+
+def _advice(scarcest: str, drawn: list[str], t: float) -> str:
+    """Which fraction to move so that the ``scarcest`` split grows: raising a fraction helps
+    only the split it draws, and a test split over a third starves val and train alike."""
+    if scarcest in drawn and not (scarcest == "val" and "test" in drawn and t > 1 / 3):
+        return f"raise {scarcest}_fraction"
+    if "test" in drawn and (t > 1 / 3 or "val" not in drawn):
+        return "lower test_fraction"
+    return "lower val_fraction"
 
 
 def _units(entries: list[Entry], groups: list[list[int]]) -> list[list[int]]:

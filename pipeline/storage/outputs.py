@@ -76,10 +76,9 @@ def _check_artifact(path: Path, option: str, artifact: ArtifactFolder) -> None:
         f" and {len(shown) - _LISTED} more" if len(shown) > _LISTED else ""
     )
     raise OutputError(
-        f"{option} {path}: holds {what}, not a {artifact.kind} ({artifact.sidecar} and "
-        f"{', '.join(sorted(artifact.entries - {artifact.sidecar}))}); the {artifact.kind} "
-        "replaces the folder whole, so name a new or empty folder, or an earlier "
-        f"{artifact.kind}'s."
+        f"{option} {path}: holds {what}, not a {artifact.kind} (only "
+        f"{', '.join(sorted(artifact.entries))}); the {artifact.kind} replaces the folder "
+        f"whole: name a new or empty folder, or an earlier {artifact.kind}'s."
     )
 
 
