@@ -256,7 +256,9 @@ def finetune(
                     logits = train_model(images)
                     loss = criterion(logits.float(), labels)
                 step += 1
-                batch_loss = loss.item()
+                batch_loss = (
+                    loss.item()
+                )  # this rank's; a NaN spreads to all through DDP's gradients
                 _check_finite(batch_loss, "training loss", backbone, epoch, step, params)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -58,6 +58,7 @@ def evaluate(manifest, features_dir, heads_dir, models, reports, params_path, se
 
     check_folder_output(reports, "--reports")
     paths = layout.evaluate_reports(reports)
+    # the layout's entries with a suffix are files, the others folders (figures/, gallery/)
     check_outputs([p for p in paths.values() if p.suffix], "--reports")
     for folder in (p for p in paths.values() if not p.suffix):
         check_folder_output(folder, "--reports")

@@ -15,10 +15,6 @@ from pipeline.storage.outputs import (
 HEAD = ArtifactFolder.of("head", "head.json", "head.safetensors")
 
 
-def _tree(root):
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
 def test_a_file_output_refuses_a_folder_and_a_file_in_its_path(tmp_path):
     (tmp_path / "reports").mkdir()
     with pytest.raises(OutputError, match=r"^--out .*reports: a folder, not a file"):
@@ -64,3 +60,15 @@ def test_an_output_where_nothing_can_be_written_is_refused(tmp_path, monkeypatch
         check_file_output(tmp_path / "a" / "m.csv", "--out")
     with pytest.raises(OutputError, match=r"cannot write in"):
         check_folder_output(tmp_path / "reports", "--reports")
+
+
+def test_a_read_only_folder_is_refused_up_front(tmp_path):
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):
+            pytest.skip("chmod does not restrict this user (root): see the monkeypatched test")
+        with pytest.raises(OutputError, match=r"cannot write in .*ro"):
+            check_file_output(tmp_path / "ro" / "m.csv", "--out")
+    finally:
+        (tmp_path / "ro").chmod(0o755)

@@ -2,6 +2,7 @@
 and clean errors for outputs it cannot write and inputs with nothing to classify."""
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from pipeline.extract import extract
 from pipeline.fusion.fit import fit_head
 from pipeline.fusion.heads import load_head, save_head
 from pipeline.models.checkpoint import load_checkpoint, read_sidecar, save_checkpoint
-from pipeline.predict import predict
+from pipeline.predict import find_images, predict
 from pipeline.storage.feature_cache import load_features
 from stages.cli import main
 
@@ -184,3 +185,17 @@ def test_predict_reads_the_image_cache_for_files_it_holds_and_decodes_the_rest(
     )
     predict(paths, *args, images_dir=images, max_pixels=MAX_PIXELS)
     assert sorted(decoded) == sorted([p.name for p in paths] * 2)
+
+
+def test_inputs_that_are_not_regular_files_are_refused_unopened(tmp_path):
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "a.png").write_bytes(b"image")
+    (tmp_path / "new" / ".hidden").mkdir()
+    os.mkfifo(tmp_path / "new" / ".hidden" / "pipe")  # hidden: never listed
+    assert find_images([tmp_path / "new"]) == [tmp_path / "new" / "a.png"]
+    os.mkfifo(tmp_path / "new" / "pipe.png")
+    with pytest.raises(DataError, match=r"new/pipe\.png: cannot read image file: a FIFO"):
+        find_images([tmp_path / "new"])
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with pytest.raises(DataError, match=r"zero\.png: cannot read image file: a character device"):
+        find_images([tmp_path / "zero.png"])
