@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import backbone_names, evaluate_params, finetune_params
-from pipeline.data.manifest import ELPV_CLASSES, elpv_root
+from pipeline.config import PrepareParams, backbone_names, evaluate_params, finetune_params, section
+from pipeline.data.sources import ELPV_CLASSES, elpv_root
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.registry import backbone_info, create_backbone
 from pipeline.report.explain import Gallery, explain, thumbnail
@@ -44,6 +44,7 @@ def main() -> None:
         out = args.out or Path(tmp) / "gallery"
         out.mkdir(parents=True, exist_ok=True)
         cams, total = {}, 0.0
+        max_pixels = section(PrepareParams, "prepare").max_pixels
         for backbone in backbones:
             size = 32 if args.smoke else finetune_params(backbone).input_size
             info = backbone_info(backbone, size)
@@ -55,7 +56,9 @@ def main() -> None:
             }
             sha = save_checkpoint(model, Path(tmp) / backbone, sidecar)["weights_sha256"]
             start = time.perf_counter()
-            cams[backbone] = explain(Path(tmp) / backbone, paths, classes, sha, device=device)
+            cams[backbone] = explain(
+                Path(tmp) / backbone, paths, classes, sha, max_pixels=max_pixels, device=device
+            )
             took = time.perf_counter() - start
             total += took
             print(f"Grad-CAM {backbone} at {info.input_size} px, {len(paths)} images: {took:.2f} s")
@@ -66,7 +69,7 @@ def main() -> None:
             n_errors=len(paths),
             class_names=ELPV_CLASSES[4],
             names=tuple(p.name for p in paths),
-            thumbnails=tuple(thumbnail(p) for p in paths),
+            thumbnails=tuple(thumbnail(p, max_pixels) for p in paths),
             true=(classes + 1) % 4,
             pred=classes,
             prob=np.linspace(0.99, 0.5, len(paths)),

@@ -19,7 +19,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from pipeline.data.dedupe import groups_of, near_duplicate_pairs, perceptual_hash
-from pipeline.data.manifest import elpv_root
+from pipeline.data.sources import elpv_root
 
 RADII = (0, 2, 4, 6, 8, 10)
 

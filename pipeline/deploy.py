@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.manifest import load_image
+from pipeline.data.images import load_image
 from pipeline.errors import CheckpointError, DataError, DefuseError
 from pipeline.models.preprocessing import Preprocessing
 from pipeline.predictions import Predictions, check_output, find_images, write_predictions
@@ -29,6 +29,7 @@ class Deployed:
     session: object  # onnxruntime.InferenceSession of the graph
     classes: list[str]
     inputs: dict[str, Preprocessing]  # graph input name -> its preprocessing, in graph order
+    max_pixels: int  # decompression-bomb bound the training images were held to
     output: str
 
 
@@ -55,6 +56,7 @@ def load_export(directory: Path | str, threads: int | None = None) -> Deployed:
             for i in record["inputs"]
         }
         classes, output, sha = list(record["classes"]), record["output"], record["graph_sha256"]
+        max_pixels = int(record["max_pixels"])
     except (OSError, ValueError, KeyError, TypeError, DefuseError) as exc:
         raise CheckpointError(f"{record_path}: not a defuse export record ({exc})") from None
     if not graph.is_file() or _sha256(graph) != sha:
@@ -74,10 +76,12 @@ def load_export(directory: Path | str, threads: int | None = None) -> Deployed:
             f"{record_path}: the graph takes {shapes} and gives {output} {out_shape}; the "
             f"record says {wanted} and {len(classes)} classes."
         )
-    return Deployed(session, classes, inputs, output)
+    return Deployed(session, classes, inputs, output, max_pixels)
 
 
-def prepared(path: Path, inputs: dict[str, Preprocessing]) -> dict[str, np.ndarray]:
+def prepared(
+    path: Path, inputs: dict[str, Preprocessing], *, max_pixels: int
+) -> dict[str, np.ndarray]:
     """Each input's (S, S, 3) uint8 square of the image at ``path``, as defuse's loaders make
     it: decoded at the input's size (JPEG draft scale), grey kept one channel while squared,
     then repeated. DataError if the file cannot be decoded."""
@@ -85,7 +89,7 @@ def prepared(path: Path, inputs: dict[str, Preprocessing]) -> dict[str, np.ndarr
     for name, prep in inputs.items():
         size = prep.input_size
         if size not in decoded:
-            decoded[size] = load_image(path, size=size, keep_gray=True)
+            decoded[size] = load_image(path, max_pixels=max_pixels, size=size, keep_gray=True)
         pixels = np.asarray(prep.square(decoded[size]), dtype=np.uint8)
         out[name] = np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
     return out
@@ -100,7 +104,7 @@ def classify(deployed: Deployed, inputs: list[Path], batch_size: int = 32) -> Pr
     paths, failures, probas, batch = [], [], [], []
     for i, path in enumerate(found):
         try:
-            batch.append(prepared(path, deployed.inputs))
+            batch.append(prepared(path, deployed.inputs, max_pixels=deployed.max_pixels))
             paths.append(path)
         except DataError as exc:
             failures.append((path, str(exc)))

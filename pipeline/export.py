@@ -26,8 +26,11 @@ from pipeline.models.registry import embed
 from pipeline.predict import pinned_checkpoint
 from pipeline.storage.atomic import atomic_dir
 from pipeline.storage.hashing import file_sha256
+from pipeline.storage.outputs import ArtifactFolder
 
 OUTPUT = "probabilities"
+# what `--out` of `defuse export` may replace: an earlier export, nothing else
+EXPORT_FOLDER = ArtifactFolder.of("export", RECORD, GRAPH)
 TOLERANCE = 1e-4  # largest |onnxruntime - torch| probability accepted at export
 OPSET = 17
 _LIBRARIES = ("defuse", "torch", "timm", "onnx", "onnxruntime", "numpy")
@@ -76,12 +79,13 @@ class FusedModel(nn.Module):
         return self.head(self.features(*pixels))
 
 
-def export(head_dir: Path, models_dir: Path, out: Path, seed: int = 0) -> dict:
+def export(head_dir: Path, models_dir: Path, out: Path, *, max_pixels: int, seed: int = 0) -> dict:
     """Write ``out``/model.onnx and model.json for the head in ``head_dir`` and the
     checkpoints in ``models_dir`` it pins (CheckpointError for any other). The graph's
     probabilities must match torch's (the backbones in eager mode, the head's own
     `predict_proba`) within TOLERANCE on random images drawn with ``seed``, else nothing is
-    written. Returns model.json's content."""
+    written. ``max_pixels`` (prepare.max_pixels) is recorded for the runtime's decoder.
+    Returns model.json's content."""
     head, sidecar = load_head(head_dir)
     backbones = list(sidecar["backbones"])
     branches, inputs, shas = [], [], {}
@@ -104,6 +108,7 @@ def export(head_dir: Path, models_dir: Path, out: Path, seed: int = 0) -> dict:
             "output": OUTPUT,
             "classes": list(sidecar["class_names"]),
             "inputs": inputs,  # (B, S, S, 3) uint8, S = preprocessing.input_size
+            "max_pixels": max_pixels,
             "head": head.name,
             "extraction": sidecar["extraction"],  # each backbone's checkpoint, dtype and TTA
             "built_from": {

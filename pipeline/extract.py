@@ -123,7 +123,16 @@ def extract(
             if len(rows):
                 paths = [manifest.image_path(int(r)) for r in rows]
                 squares = cache.manifest_squares(manifest, rows) if cache else None
-                batches = embed_images(net, info, paths, params, device, progress, squares)
+                batches = embed_images(
+                    net,
+                    info,
+                    paths,
+                    params,
+                    device,
+                    progress,
+                    squares,
+                    max_pixels=manifest.max_pixels,
+                )
                 groups.append(_at_rows(rows, batches))
         with _merged(itertools.chain(*groups), out, new_rows, params.batch_size) as computed:
             if here.is_main:
@@ -204,6 +213,8 @@ def embed_images(
     device: torch.device,
     progress: bool = True,
     squares: Squares | None = None,
+    *,
+    max_pixels: int,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """What a feature cache holds for each image of ``paths``: per batch of
     ``params.batch_size``, ``(positions in paths (b,), embeddings (b, D) rounded to
@@ -211,10 +222,13 @@ def embed_images(
 
     The checkpoint's eval preprocessing (``info``: resize, no crop), ``params.tta`` (mean over
     flips) and bf16 autocast on CUDA; ``params.num_workers`` loader processes. ``squares``:
-    the image cache's rows of ``paths``, read instead of decoding the files they hold.
+    the image cache's rows of ``paths``, read instead of decoding the files they hold;
+    ``max_pixels``: prepare.max_pixels, the bound for those decoded.
     """
     loader = DataLoader(
-        ImageDataset(paths, None, eval_transform(info), info.input_size, squares),
+        ImageDataset(
+            paths, None, eval_transform(info), info.input_size, squares, max_pixels=max_pixels
+        ),
         batch_size=params.batch_size,
         num_workers=params.num_workers,
         pin_memory=device.type == "cuda",

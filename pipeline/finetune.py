@@ -11,6 +11,7 @@ import copy
 import csv
 import io
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from pipeline.data.transforms import (
     target_info,
     train_transform,
 )
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, DefuseError
 from pipeline.metrics import classification_metrics
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.registry import create_backbone, embed, freeze_stages, set_train_mode
@@ -254,20 +255,26 @@ def finetune(
                 with autocast(device):
                     logits = train_model(images)
                     loss = criterion(logits.float(), labels)
+                step += 1
+                batch_loss = (
+                    loss.item()
+                )  # this rank's; a NaN spreads to all through DDP's gradients
+                _check_finite(batch_loss, "training loss", backbone, epoch, step, params)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                step += 1
                 seen += len(labels)
-                loss_sum += loss.item() * len(labels)
+                loss_sum += batch_loss * len(labels)
                 correct += (logits.argmax(1) == labels).sum().item()
                 bar.update(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
             bar.close()
             train_s = time.perf_counter() - start
             seen, loss_sum, correct = distributed.all_sum([seen, loss_sum, correct])
 
+            _check_weights(model, backbone, epoch, step, params)
             val_logits = eval_logits(val_idx, "val")
             val_loss = nn.functional.cross_entropy(val_logits, val_labels).item()
+            _check_finite(val_loss, "val loss", backbone, epoch, step, params)
             val_acc = (val_logits.argmax(1) == val_labels).float().mean().item()
             history.append(
                 {
@@ -323,6 +330,32 @@ def finetune(
             sidecar = save_checkpoint(model.cpu(), out_dir, sidecar)
         distributed.barrier()
     return FinetuneResult(sidecar, history, val_metrics, test_metrics)
+
+
+class DivergedError(DefuseError):
+    """Fine-tuning whose loss or weights stopped being finite numbers."""
+
+
+def _check_finite(
+    value: float, what: str, backbone: str, epoch: int, step: int, params: FinetuneParams
+) -> None:
+    """DivergedError naming where ``value`` (a loss; NaN for non-finite weights) stopped being
+    finite: raised before anything is written, so no checkpoint or metrics of it exist."""
+    if not math.isfinite(value):
+        raise DivergedError(
+            f"{backbone}: the {what} is {value} at epoch {epoch}, step {step} (finetune.lr="
+            f"{params.lr}): training diverged; nothing was written. Lower finetune.lr."
+        )
+
+
+def _check_weights(
+    model: nn.Module, backbone: str, epoch: int, step: int, params: FinetuneParams
+) -> None:
+    """`_check_finite` for the weights (and buffers) after an epoch: a step can leave them
+    non-finite while its own loss was still finite."""
+    for name, weights in model.state_dict().items():
+        if weights.is_floating_point() and not torch.isfinite(weights).all():
+            _check_finite(math.nan, f"weight {name}", backbone, epoch, step, params)
 
 
 def write_history(history: list[dict], path: Path) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline import layout
 from pipeline.config import ExtractParams
-from pipeline.data.manifest import load_image
+from pipeline.data.images import load_image
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.extract import embed_images
 from pipeline.fusion.heads import by_input, check_head_fits, load_head
@@ -29,6 +29,8 @@ def predict(
     models_dir: Path = layout.MODELS,
     progress: bool = True,
     images_dir: Path = layout.IMAGES,
+    *,
+    max_pixels: int,
 ) -> Predictions:
     """Class probabilities of every readable image under ``inputs``.
 
@@ -36,8 +38,8 @@ def predict(
     `extract` section); the checkpoints and the `extract` params that shape features must be
     those the head's caches were made with, checked before any image is read. A backbone's
     image cache in ``images_dir`` made for its checkpoint's squares serves the files whose
-    sha256 it holds; the others are decoded. DataError when ``inputs`` hold no file, or no
-    readable image.
+    sha256 it holds; the others are decoded, refused over ``max_pixels`` (prepare.max_pixels).
+    DataError when ``inputs`` hold no file, or no readable image.
     """
     head, sidecar = load_head(head_dir)
     checkpoints = [_pinned(b, sidecar, head_dir, models_dir, params) for b in sidecar["backbones"]]
@@ -64,7 +66,9 @@ def predict(
     for path in found:
         try:
             if ids.get(path) not in held:
-                load_image(path, size=64)  # a cheap full decode: catches truncated, non-image files
+                load_image(
+                    path, max_pixels=max_pixels, size=64
+                )  # a cheap full decode: catches truncated, non-image files
             paths.append(path)
         except DataError as exc:
             failures.append((path, str(exc)))
@@ -79,7 +83,11 @@ def predict(
     for directory, info, cache in zip(checkpoints, infos, caches, strict=True):
         model, _ = load_checkpoint(directory)
         squares = cache.squares([ids[p] for p in paths]) if cache else None
-        batches = list(embed_images(model, info, paths, params, device, progress, squares))
+        batches = list(
+            embed_images(
+                model, info, paths, params, device, progress, squares, max_pixels=max_pixels
+            )
+        )
         emb, logits = (np.concatenate([b[i] for b in batches]) for i in (1, 2))
         blocks.append(by_input(head, embeddings=emb.astype(np.float32), logits=logits))
     return Predictions(

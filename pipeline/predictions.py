@@ -7,12 +7,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.images import check_regular_file, walk_files
 from pipeline.errors import DataError
 from pipeline.storage.atomic import write_text
 
@@ -34,14 +34,14 @@ class Predictions:
 
 
 def find_images(inputs: list[Path]) -> list[Path]:
-    """Files as given, and every non-hidden file under given folders, sorted."""
+    """Files as given, and every non-hidden file under given folders, sorted; DataError
+    naming the first that is missing or not a regular file (a FIFO, a device, a link to one)."""
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            for dirpath, dirnames, filenames in os.walk(item):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                found += [Path(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
-        elif item.exists():
+            found += walk_files(item)
+        elif item.exists() or item.is_symlink():
+            check_regular_file(item)
             found.append(item)
         else:
             raise DataError(f"{item}: no such file or folder.")

@@ -11,6 +11,7 @@ import click
 
 from pipeline.errors import DefuseError
 from pipeline.runtime import keep_freed_memory
+from pipeline.storage.atomic import os_error_message
 
 # name -> "module:attribute"; a new stage adds one line here.
 COMMANDS = {
@@ -63,6 +64,8 @@ class _LazyGroup(click.Group):
             return super().invoke(ctx)
         except DefuseError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:  # disk full, permission denied, read-only: a line, not a trace
+            raise click.ClickException(os_error_message(exc)) from exc
 
 
 @click.group(cls=_LazyGroup)

@@ -32,6 +32,10 @@ def compare(manifest, features_dir, out, params_path, folds, head_names):
     from pipeline.data.manifest import read_manifest
     from pipeline.fusion.compare import compare as run
     from pipeline.fusion.fit import fused_features, in_memory
+    from pipeline.storage.atomic import atomic_file, write_text
+    from pipeline.storage.outputs import check_folder_output
+
+    check_folder_output(out, "--out")
 
     params = section(CompareParams, "compare", params_path, folds=folds)
     fuse = section(FuseParams, "fuse", params_path)
@@ -59,8 +63,8 @@ def compare(manifest, features_dir, out, params_path, folds, head_names):
         n_jobs=params.n_jobs,
         progress=True,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    board.to_csv(out / "leaderboard.csv")
-    (out / "leaderboard.md").write_text(board.to_markdown())
+    with atomic_file(out / "leaderboard.csv") as tmp:
+        board.to_csv(tmp)
+    write_text(out / "leaderboard.md", board.to_markdown())
     click.echo(board.to_markdown())
     click.echo(f"-> {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}")

@@ -29,9 +29,10 @@ def decode(backbone, manifest, out, params_path, workers):
     from pipeline.data.manifest import read_manifest
     from pipeline.data.transforms import target_info
     from pipeline.storage.image_cache import decode_images
+    from pipeline.storage.outputs import check_file_output
 
+    out = check_file_output(out or layout.image_cache(backbone), "--out")
     info = target_info(backbone, finetune_params(backbone, params_path))
-    out = out or layout.image_cache(backbone)
     result = decode_images(read_manifest(manifest), info, out, workers)
     click.echo(
         f"{result.path}: {result.n_rows} rows ({result.n_decoded} decoded, "

@@ -32,7 +32,14 @@ def evaluate(manifest, features_dir, heads_dir, models, reports, params_path):
     from pipeline.fusion.fit import evaluate as run
     from pipeline.fusion.fit import fused_features
     from pipeline.report.summary import verdict, write_reports
+    from pipeline.storage.outputs import check_folder_output, check_outputs
 
+    check_folder_output(reports, "--reports")
+    paths = layout.evaluate_reports(reports)
+    # the layout's entries with a suffix are files, the others folders (figures/, gallery/)
+    check_outputs([p for p in paths.values() if p.suffix], "--reports")
+    for folder in (p for p in paths.values() if not p.suffix):
+        check_folder_output(folder, "--reports")
     params = evaluate_params(params_path)
     man = read_manifest(manifest)
     features = fused_features(man, features_dir, params_path)
@@ -45,7 +52,6 @@ def evaluate(manifest, features_dir, heads_dir, models, reports, params_path):
         "backbones": list(features.backbones),
         "fused_dim": int(features.X.shape[1]),
     }
-    paths = layout.evaluate_reports(reports)
     evidence = write_reports(
         results,
         params.final_head,

@@ -17,7 +17,7 @@ from stages import options
     type=click.Path(path_type=Path),
     default=layout.EXPORT,
     show_default=True,
-    help="Folder for model.onnx and model.json (replaced whole).",
+    help="Folder for model.onnx and model.json (an earlier export there is replaced whole).",
 )
 @options.params
 def export(head, heads_dir, models, out, params_path):
@@ -30,12 +30,15 @@ def export(head, heads_dir, models, out, params_path):
     probabilities must match torch's within 1e-4, or nothing is written. Run it with
     `python -m pipeline.deploy OUT IMAGES...` (numpy, Pillow and onnxruntime; no torch).
     """
-    from pipeline.config import evaluate_params
-    from pipeline.export import GRAPH
+    from pipeline.config import PrepareParams, evaluate_params, section
+    from pipeline.export import EXPORT_FOLDER, GRAPH
     from pipeline.export import export as run
+    from pipeline.storage.outputs import check_folder_output
 
+    out = check_folder_output(out, "--out", EXPORT_FOLDER)
     head = head or evaluate_params(params_path).final_head
-    record = run(layout.head_dir(head, heads_dir), models, out)
+    max_pixels = section(PrepareParams, "prepare", params_path).max_pixels
+    record = run(layout.head_dir(head, heads_dir), models, out, max_pixels=max_pixels)
     names = ", ".join(
         f"{i['name']} ({i['preprocessing']['input_size']} px)" for i in record["inputs"]
     )

@@ -38,12 +38,14 @@ def extract(backbone, manifest, checkpoint, out, images, params_path, dtype, tta
     from pipeline.config import ExtractParams, section
     from pipeline.data.manifest import read_manifest
     from pipeline.extract import extract as run
+    from pipeline.storage.outputs import check_file_output
 
+    out = check_file_output(out or layout.feature_cache(backbone), "--out")
     params = section(ExtractParams, "extract", params_path, dtype=dtype, tta=tta, device=device)
     result = run(
         read_manifest(manifest),
         checkpoint or layout.checkpoint_dir(backbone),
-        out or layout.feature_cache(backbone),
+        out,
         params,
         images=options.image_cache(images, backbone),
     )

@@ -36,13 +36,20 @@ def finetune(backbone, manifest, out, images, reports, params_path, epochs, batc
     from pipeline.finetune import cross_fit_folds, write_history
     from pipeline.finetune import finetune as run
     from pipeline.metrics import write_json
+    from pipeline.models.checkpoint import SIDECAR, WEIGHTS
     from pipeline.plotting import plot_history
     from pipeline.runtime import resolve_device
+    from pipeline.storage.outputs import ArtifactFolder, check_folder_output, check_outputs
 
+    # a checkpoint folder holds its fold models (cross-fitting) under folds/
+    folds = layout.fold_dir(Path(), 0).parts[0]
+    checkpoint = ArtifactFolder.of("checkpoint", SIDECAR, WEIGHTS, folds)
+    out = check_folder_output(out or layout.checkpoint_dir(backbone), "--out", checkpoint)
+    check_folder_output(reports, "--reports")
+    check_outputs(layout.finetune_reports(backbone, reports).values(), "--reports")
     params = finetune_params(
         backbone, params_path, epochs=epochs, batch_size=batch_size, device=device
     )
-    out = out or layout.checkpoint_dir(backbone)
     man = read_manifest(manifest)
     images = options.image_cache(images, backbone)
     # Under torchrun the process group spans the reports too: every process ends after them.

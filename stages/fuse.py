@@ -48,14 +48,16 @@ def fuse(head, manifest, features_dir, out, params_path, seeds):
     from pipeline.config import FuseParams, head_params, section
     from pipeline.data.manifest import read_manifest
     from pipeline.fusion.fit import fit_head, fit_seed_refits, fused_features
-    from pipeline.fusion.heads import save_head
+    from pipeline.fusion.heads import HEAD_FOLDER, save_head
+    from pipeline.storage.outputs import check_folder_output
 
+    out = check_folder_output(out or layout.head_dir(head), "--out", HEAD_FOLDER)
     params = section(FuseParams, "fuse", params_path, seeds=seeds)
     entry = head_params(head, params_path)
     features = fused_features(read_manifest(manifest), features_dir, params_path)
     fitted, sidecar = fit_head(features, head, entry, params)
     refits = fit_seed_refits(features, head, entry, params)
-    save_head(fitted, out or layout.head_dir(head), sidecar, seed_refits=refits)
+    save_head(fitted, out, sidecar, seed_refits=refits)
     val, chosen = sidecar["val_metrics"], sidecar["selection"]["chosen"]
     n = len(sidecar["selection"]["candidates"])
     click.echo(

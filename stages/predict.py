@@ -39,15 +39,24 @@ def predict(inputs, head, heads_dir, models, images_dir, out, params_path, batch
     Writes one row per image: path, predicted class and one probability per class.
     Unreadable images are listed on stderr and do not stop the batch.
     """
-    from pipeline.config import ExtractParams, evaluate_params, section
+    from pipeline.config import ExtractParams, PrepareParams, evaluate_params, section
     from pipeline.predict import predict as run
     from pipeline.predictions import check_output, write_predictions
+    from pipeline.storage.outputs import check_file_output
 
-    check_output(out)
+    check_output(out)  # the suffix first: its message names the formats
+    check_file_output(out, "--out")
+    # New images are held to the bound the dataset's were checked against.
+    max_pixels = section(PrepareParams, "prepare", params_path).max_pixels
     head = head or evaluate_params(params_path).final_head
     params = section(ExtractParams, "extract", params_path, batch_size=batch_size, device=device)
     result = run(
-        list(inputs), layout.head_dir(head, heads_dir), params, models, images_dir=images_dir
+        list(inputs),
+        layout.head_dir(head, heads_dir),
+        params,
+        models,
+        images_dir=images_dir,
+        max_pixels=max_pixels,
     )
     write_predictions(result, out)
     for _, reason in result.failures:

@@ -11,7 +11,14 @@ from tqdm import tqdm
 
 from pipeline import layout
 from pipeline.config import PARAMS_FILE, PrepareParams, section
-from pipeline.data.manifest import SPLITS, build_manifest, manifest_json_path, write_manifest
+from pipeline.data.manifest import (
+    build_manifest,
+    manifest_files,
+    manifest_json_path,
+    write_manifest,
+)
+from pipeline.data.splits import SPLITS
+from pipeline.storage.outputs import check_file_output
 
 _LISTED = 20  # near-duplicate groups printed; manifest.json has them all
 
@@ -40,6 +47,8 @@ def prepare(params_path, out, **overrides):
         if overrides[name] is not None:
             overrides[name] = tuple(c.strip() for c in overrides[name].split(",") if c.strip())
     params = section(PrepareParams, "prepare", params_path, **overrides)
+    for path in manifest_files(out):
+        check_file_output(path, "--out")
     bar = functools.partial(tqdm, desc="checking images", unit="img", leave=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -1,5 +1,6 @@
 """Artifacts appear whole or not at all, with umask modes; killed runs' leftovers are removed."""
 
+import errno
 import os
 import stat
 import subprocess
@@ -8,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.storage.atomic import atomic_dir, atomic_file, clean_stale, temp_path, write_text
+from pipeline.storage.atomic import (
+    atomic_dir,
+    atomic_file,
+    clean_stale,
+    os_error_message,
+    temp_path,
+    write_text,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,3 +110,49 @@ def test_a_killed_writer_leaves_the_old_folder_and_the_next_run_tidies_up(tmp_pa
         (tmp / "weights").write_text("next")
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     assert (target / "weights").read_text() == "next"
+
+
+def _full_disk(src, dst):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src), None, str(dst))
+
+
+def test_a_failed_commit_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    target = write_text(tmp_path / "m.csv", "old")
+    monkeypatch.setattr(os, "replace", _full_disk)
+    with pytest.raises(OSError) as caught:
+        write_text(target, "new")
+    assert os_error_message(caught.value) == f"{target}: No space left on device [ENOSPC]."
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.csv"]
+
+
+def test_a_folder_whose_second_rename_fails_is_put_back(tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    real, calls = os.replace, []
+
+    def second_fails(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            _full_disk(src, dst)
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(OSError), atomic_dir(target) as tmp:
+        (tmp / "a").write_text("2")
+    assert (target / "a").read_text() == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_an_error_that_names_no_file_is_told_as_the_artifact(tmp_path):
+    target = tmp_path / "cache.h5"
+    with pytest.raises(OSError) as caught, atomic_file(target):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))  # h5py names no file
+    assert os_error_message(caught.value) == f"{target}: Read-only file system [EROFS]."
+    inside = temp_path(tmp_path / "head") / "head.json"  # a file in a folder being written
+    error = OSError(errno.EACCES, os.strerror(errno.EACCES), str(inside))
+    assert (
+        os_error_message(error) == f"{tmp_path / 'head' / 'head.json'}: Permission denied [EACCES]."
+    )
+    assert not target.exists() and list(tmp_path.iterdir()) == []

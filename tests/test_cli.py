@@ -134,3 +134,68 @@ def test_cache_verify_reports_a_killed_writers_file_as_fail(tmp_path):
     result = CliRunner().invoke(main, ["cache", "verify", str(path)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"FAIL {path}\n     - {path}: unreadable feature cache" in result.output
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.is_dir() or p.read_bytes() for p in root.rglob("*")}
+
+
+def _refused(args, says):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("Error: "), result.output
+    assert says in result.output, result.output
+
+
+def test_outputs_that_hold_something_else_are_refused_and_left_alone(tmp_path, monkeypatch):
+    """`--out cache/heads` once deleted every other head; `--out .` replaced the project;
+    `--out notes.txt` turned a file into a folder. Each is refused before any work."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("logreg", "mlp"):
+        (tmp_path / "cache/heads" / name).mkdir(parents=True)
+        (tmp_path / "cache/heads" / name / "head.json").write_text("{}")
+        (tmp_path / "cache/heads" / name / "head.safetensors").write_bytes(b"weights")
+    (tmp_path / "cache/models/lite0").mkdir(parents=True)
+    (tmp_path / "cache/models/lite0/notes.txt").write_text("mine")
+    (tmp_path / "notes.txt").write_text("mine")
+    params = str(write_params(tmp_path / "params.yaml"))
+    before = _tree(tmp_path)
+    _refused(["fuse", "logreg", "--out", "cache/heads"], "holds logreg, mlp, not a head")
+    _refused(["fuse", "logreg", "--out", "."], "--out .: holds cache, notes.txt, params.yaml")
+    _refused(["fuse", "logreg", "--out", "notes.txt"], "notes.txt: a file, not a folder")
+    _refused(["finetune", "lite0", "--out", "cache/models/lite0"], "notes.txt, not a checkpoint")
+    _refused(
+        ["finetune", "lite0", "--out", "new", "--reports", "notes.txt"],
+        "notes.txt: a file, not a folder",
+    )
+    _refused(["evaluate", "--reports", "notes.txt"], "notes.txt: a file, not a folder")
+    _refused(["prepare", "--params", params, "--out", "cache"], "cache: a folder, not a file")
+    _refused(["decode", "lite0", "--out", "cache"], "cache: a folder, not a file")
+    _refused(["extract", "lite0", "--out", "notes.txt/x.h5"], "notes.txt is a file, not a folder")
+    _refused(["predict", "notes.txt", "--out", "notes.txt/p.csv"], "notes.txt is a file")
+    assert _tree(tmp_path) == before
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary(
+    image_folder, tmp_path, monkeypatch
+):
+    import errno
+    import os
+
+    root = image_folder({"a": 6, "b": 6})
+    params = write_params(
+        tmp_path / "params.yaml",
+        prepare={"source": "folder", "root": str(root), "val_fraction": 0.34},
+    )
+    out = tmp_path / "cache" / "manifest.csv"
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src), None, str(dst))
+
+    monkeypatch.setattr(os, "replace", full)
+    result = CliRunner().invoke(main, ["prepare", "--params", str(params), "--out", str(out)])
+    assert result.exit_code == 1
+    # skipped.csv is the first of the three files renamed into place
+    said = f"Error: {out.with_name('skipped.csv')}: No space left on device [ENOSPC]."
+    assert result.output.splitlines()[-1] == said
+    assert list(out.parent.iterdir()) == []  # no manifest, no temporary file

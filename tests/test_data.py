@@ -3,6 +3,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import stat
 import warnings
 
@@ -12,20 +13,25 @@ from conftest import params_of
 from PIL import Image
 
 from pipeline.config import PrepareParams
+from pipeline.data import images
+from pipeline.data.images import decoded_channels
 from pipeline.data.manifest import (
     COLUMNS,
-    ELPV_CLASSES,
-    SPLITS,
     build_manifest,
-    decoded_channels,
-    elpv_root,
-    load_image,
     manifest_json_path,
     read_manifest,
     skipped_path,
     write_manifest,
 )
+from pipeline.data.sources import ELPV_CLASSES, elpv_root
+from pipeline.data.splits import SPLITS
 from pipeline.errors import DataError
+
+MAX_PIXELS = 64_000_000  # params.yaml's prepare.max_pixels
+
+
+def load_image(path, **kw):
+    return images.load_image(path, **{"max_pixels": MAX_PIXELS, **kw})
 
 
 def _params(root, **kw):
@@ -741,3 +747,65 @@ def test_elpv_two_classes():
     assert prepared.class_names == ("functional", "defective")
     assert prepared.counts()["class"] == {"functional": 2624 - defective, "defective": defective}
     assert all(r.label == int(labels[r.path][0] >= 0.5) for r in prepared.rows)
+
+
+# --- what is not a regular file, and advice that fits -------------------------------------------
+
+
+def _specials(folder):
+    """A FIFO and a symlink to /dev/zero in ``folder``: opening the one blocks, reading the
+    other never ends."""
+    os.mkfifo(folder / "pipe.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+
+
+def test_a_fifo_or_device_in_a_class_folder_is_refused_unopened(image_folder):
+    root = image_folder({"a": 6, "b": 6})
+    os.mkfifo(root / "a" / "pipe.png")
+    with pytest.raises(DataError, match=r"a/pipe\.png: cannot read image file: a FIFO"):
+        build_manifest(_params(root))
+    (root / "a" / "pipe.png").unlink()
+    (root / "b" / "zero.png").symlink_to("/dev/zero")
+    with pytest.raises(DataError, match=r"b/zero\.png: cannot read image file: a character"):
+        build_manifest(_params(root, on_bad_image="skip"))
+
+
+def test_labels_rows_naming_a_fifo_or_device_are_bad_rows(image_folder):
+    root, labels = _csv_dataset(image_folder, {"a": 6, "b": 6})
+    _specials(root / "a")
+    with labels.open("a") as f:
+        f.write("a/pipe.png,a,\na/zero.png,b,\n")
+    with pytest.raises(DataError) as caught:
+        build_manifest(_csv_params(labels))
+    assert str(caught.value).splitlines()[1:] == [
+        "  line 14: a/pipe.png: a FIFO (named pipe), not a regular file",
+        "  line 15: a/zero.png: a character device, not a regular file",
+    ]
+
+
+def test_a_labels_field_over_the_csv_limit_is_one_clean_line(image_folder):
+    _, labels = _csv_dataset(image_folder, {"a": 6, "b": 6})
+    with labels.open("a") as f:
+        f.write(f"a/000.png,{'x' * 200_000},\n")
+    with pytest.raises(
+        DataError, match=r"labels\.csv, line 14: not a labels row: field larger"
+    ) as e:
+        build_manifest(_csv_params(labels))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("fractions", "advice"),
+    [
+        ({"test_fraction": 0.99}, "lower test_fraction (now 0.0034 of each goes to val)"),
+        ({"test_fraction": 0.05}, "raise test_fraction (now 0.05 of each goes to test)"),
+        ({"val_fraction": 0.05}, "raise val_fraction (now 0.038 of each goes to val)"),
+        ({"val_fraction": 0.97}, "lower val_fraction (now 0.023 of each goes to train)"),
+    ],
+)
+def test_too_small_classes_get_advice_that_fits_the_scarce_split(image_folder, fractions, advice):
+    root = image_folder({"a": 6, "b": 6})
+    with pytest.raises(DataError, match="Too few images to stratify") as caught:
+        build_manifest(_params(root, **fractions))
+    assert str(caught.value).endswith(f"add images or {advice}.")
+    assert "raise the fractions" not in str(caught.value)

@@ -96,7 +96,9 @@ def test_the_graph_gives_the_heads_probabilities_on_the_cached_test_rows(fused_p
     record = json.loads((exported / "model.json").read_text())
     inputs = {i["name"]: preprocessing_of(read_sidecar(
         layout.checkpoint_dir(i["name"], fused_project["models"]))) for i in record["inputs"]}  # fmt: skip
-    squares = [prepared(manifest.image_path(int(r)), inputs) for r in test]
+    squares = [
+        prepared(manifest.image_path(int(r)), inputs, max_pixels=manifest.max_pixels) for r in test
+    ]
     feed = {n: np.stack([s[n] for s in squares]) for n in inputs}  # batch of 9: not the traced 2
     session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
     (got,) = session.run(["probabilities"], feed)

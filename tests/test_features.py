@@ -11,7 +11,7 @@ from conftest import checkpoint_for, make_manifest, params_of, tinted_folder
 from torch.utils.data import DataLoader
 
 from pipeline.config import ExtractParams
-from pipeline.data.manifest import load_image
+from pipeline.data.images import load_image
 from pipeline.data.transforms import eval_transform, model_input
 from pipeline.errors import DataError
 from pipeline.extract import extract
@@ -39,7 +39,7 @@ def test_cache_holds_every_manifest_row_with_the_models_outputs(tiny_run, tmp_pa
 
     model, side = load_checkpoint(tiny_run["checkpoint"])
     info = backbone_info_of(side)
-    image = eval_transform(info)(load_image(manifest.image_path(5)))
+    image = eval_transform(info)(load_image(manifest.image_path(5), max_pixels=manifest.max_pixels))
     with torch.inference_mode():
         emb, logits = embed(model, model_input(image[None], info, torch.device("cpu")))
     np.testing.assert_allclose(cache.embeddings[5], emb[0].numpy(), rtol=1e-4, atol=1e-5)
@@ -163,7 +163,7 @@ def test_cross_fitted_train_rows_come_from_the_fold_that_never_saw_them(tiny_run
 
     row = folds[1][0]  # embedded by fold model 1, not by the model trained on all of train
     image = eval_transform(backbone_info_of(load_checkpoint(ckpt)[1]))(
-        load_image(manifest.image_path(row))
+        load_image(manifest.image_path(row), max_pixels=manifest.max_pixels)
     )
     for directory, same in ((layout.fold_dir(ckpt, 1), True), (ckpt, False)):
         model, side = load_checkpoint(directory)
@@ -202,7 +202,7 @@ def test_extract_brings_images_to_the_square_as_the_checkpoint_says(tiny_run, tm
 
     model, side = load_checkpoint(ckpt)
     info = backbone_info_of(side)
-    image = load_image(manifest.image_path(0))
+    image = load_image(manifest.image_path(0), max_pixels=manifest.max_pixels)
     for mode, same in (("letterbox", True), ("stretch", False)):
         x = eval_transform(replace(info, resize=mode))(image)
         with torch.inference_mode():

@@ -15,7 +15,7 @@ from pipeline.config import ExtractParams, FinetuneParams
 from pipeline.data.transforms import ImageDataset, eval_transform, target_info
 from pipeline.errors import CacheError, CheckpointError, DataError
 from pipeline.extract import extract
-from pipeline.finetune import class_weights, finetune, predict_logits
+from pipeline.finetune import DivergedError, class_weights, finetune, predict_logits
 from pipeline.models.checkpoint import (
     SIDECAR,
     WEIGHTS,
@@ -176,3 +176,12 @@ def test_resize_mode_trains_and_is_recorded(tiny_run, tmp_path):
     side = json.loads((tmp_path / "m" / SIDECAR).read_text())
     assert side["resize"] == side["params"]["resize"] == "letterbox"
     assert backbone_info_of(side).resize == "letterbox"
+
+
+def test_a_diverging_fine_tune_stops_naming_where_and_writes_nothing(tiny_run, tmp_path):
+    params = params_of(FinetuneParams, "finetune", **{**TINY_FINETUNE, "lr": 1e30})
+    with pytest.raises(
+        DivergedError, match=r"tf_efficientnet_lite0: the .* at epoch \d+, step \d+"
+    ):
+        finetune(tiny_run["manifest"], "tf_efficientnet_lite0", params, tmp_path / "m", False)
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no temporary folder

@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from pipeline.config import RESIZE_MODES, FinetuneParams
-from pipeline.data.manifest import load_image
+from pipeline.data.images import load_image
 from pipeline.data.transforms import ImageDataset, eval_transform, target_info, train_transform
 from pipeline.errors import CacheError, DataError
 from pipeline.storage.feature_cache import CacheWriter
@@ -61,7 +61,9 @@ def data(tmp_path):
 
 def _decoded(info, path):
     """(C, S, S) uint8: what the eval loader makes of a file, grey in one channel."""
-    return eval_transform(info)(load_image(path, size=info.input_size, keep_gray=True))
+    return eval_transform(info)(
+        load_image(path, max_pixels=10**8, size=info.input_size, keep_gray=True)
+    )
 
 
 @pytest.mark.parametrize("mode", RESIZE_MODES)

@@ -2,6 +2,7 @@
 and clean errors for outputs it cannot write and inputs with nothing to classify."""
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from pipeline.extract import extract
 from pipeline.fusion.fit import fit_head
 from pipeline.fusion.heads import SeedRefits, load_head, save_head
 from pipeline.models.checkpoint import load_checkpoint, read_sidecar, save_checkpoint
-from pipeline.predict import predict
+from pipeline.predict import find_images, predict
 from pipeline.storage.feature_cache import load_features
 from stages.cli import main
 
@@ -27,6 +28,7 @@ BACKBONE = "tf_efficientnet_lite0"
 # TTA and float16 shape the features: predict must repeat both to match the cache
 EXTRACT = {"batch_size": 8, "num_workers": 0, "tta": True, "dtype": "float16"}
 LOGREG = {"C": 1.0, "class_weighted": False, "max_iter": 1000}
+MAX_PIXELS = 64_000_000  # prepare.max_pixels
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,14 @@ def test_predict_on_the_test_images_gives_the_heads_probabilities_on_their_cache
     features, manifest = fused["features"], fused["manifest"]
     test = np.flatnonzero(features.split == "test")
     paths = [manifest.image_path(int(i)) for i in test]
-    result = predict(paths, fused["head_dir"], fused["params"], fused["models"], progress=False)
+    result = predict(
+        paths,
+        fused["head_dir"],
+        fused["params"],
+        fused["models"],
+        progress=False,
+        max_pixels=MAX_PIXELS,
+    )
     head, sidecar = load_head(fused["head_dir"])
     assert (
         sidecar["extraction"][BACKBONE]["checkpoint_sha256"]
@@ -62,7 +71,13 @@ def test_predict_on_the_test_images_gives_the_heads_probabilities_on_their_cache
 def test_extract_params_other_than_the_caches_are_refused(fused):
     plain = params_of(ExtractParams, "extract", **{**EXTRACT, "tta": False})
     with pytest.raises(ConfigError, match=r"extracted with extract\.tta=True, but the params give"):
-        predict([fused["manifest"].image_path(0)], fused["head_dir"], plain, fused["models"])
+        predict(
+            [fused["manifest"].image_path(0)],
+            fused["head_dir"],
+            plain,
+            fused["models"],
+            max_pixels=MAX_PIXELS,
+        )
 
 
 def test_another_checkpoint_is_refused_before_any_image_is_read(fused, tmp_path):
@@ -75,7 +90,9 @@ def test_another_checkpoint_is_refused_before_any_image_is_read(fused, tmp_path)
     assert now != pinned
     (tmp_path / "empty").mkdir()  # nothing to read: the refusal must come first
     with pytest.raises(CheckpointError) as err:
-        predict([tmp_path / "empty"], fused["head_dir"], fused["params"], models)
+        predict(
+            [tmp_path / "empty"], fused["head_dir"], fused["params"], models, max_pixels=MAX_PIXELS
+        )
     message = str(err.value)
     assert f"features of {BACKBONE} checkpoint {pinned}, but {ckpt} is checkpoint {now}" in message
     assert f"`defuse extract {BACKBONE}` and `defuse fuse logreg` (or `dvc repro`)" in message
@@ -95,10 +112,22 @@ def test_a_head_whose_classes_differ_from_the_checkpoints_is_refused(fused, tmp_
 def test_nothing_to_classify_is_an_error(fused, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"No files under .*empty: nothing to classify"):
-        predict([tmp_path / "empty"], fused["head_dir"], fused["params"], fused["models"])
+        predict(
+            [tmp_path / "empty"],
+            fused["head_dir"],
+            fused["params"],
+            fused["models"],
+            max_pixels=MAX_PIXELS,
+        )
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(DataError, match=r"None of the 1 file\(s\) .* is a readable image"):
-        predict([tmp_path / "notes.txt"], fused["head_dir"], fused["params"], fused["models"])
+        predict(
+            [tmp_path / "notes.txt"],
+            fused["head_dir"],
+            fused["params"],
+            fused["models"],
+            max_pixels=MAX_PIXELS,
+        )
 
 
 def _cli(fused, tmp_path, *args, models=None):
@@ -156,14 +185,28 @@ def test_predict_reads_the_image_cache_for_files_it_holds_and_decodes_the_rest(
         monkeypatch.setattr(module, "load_image", load_image)
 
     args = (fused["head_dir"], fused["params"], fused["models"], False)
-    result = predict([*paths, new], *args, images_dir=images)
+    result = predict([*paths, new], *args, images_dir=images, max_pixels=MAX_PIXELS)
     assert decoded == ["new.png", "new.png"]  # the readability check, then the loader
-    plain = predict([*paths, new], *args, images_dir=tmp_path / "none")
+    plain = predict([*paths, new], *args, images_dir=tmp_path / "none", max_pixels=MAX_PIXELS)
     np.testing.assert_allclose(result.proba, plain.proba, atol=1e-6)
 
     decoded.clear()  # a cache of other squares is passed by: every file is decoded
     decode_images(
         manifest, replace(info, input_size=40), layout.image_cache(BACKBONE, images), 1, False
     )
-    predict(paths, *args, images_dir=images)
+    predict(paths, *args, images_dir=images, max_pixels=MAX_PIXELS)
     assert sorted(decoded) == sorted([p.name for p in paths] * 2)
+
+
+def test_inputs_that_are_not_regular_files_are_refused_unopened(tmp_path):
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "a.png").write_bytes(b"image")
+    (tmp_path / "new" / ".hidden").mkdir()
+    os.mkfifo(tmp_path / "new" / ".hidden" / "pipe")  # hidden: never listed
+    assert find_images([tmp_path / "new"]) == [tmp_path / "new" / "a.png"]
+    os.mkfifo(tmp_path / "new" / "pipe.png")
+    with pytest.raises(DataError, match=r"new/pipe\.png: cannot read image file: a FIFO"):
+        find_images([tmp_path / "new"])
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with pytest.raises(DataError, match=r"zero\.png: cannot read image file: a character device"):
+        find_images([tmp_path / "zero.png"])

@@ -36,7 +36,9 @@ def images(tmp_path):
 
 
 def test_dataset_yields_three_channel_uint8_for_every_source(images):
-    dataset = ImageDataset(images, [0, 1, 0], eval_transform(INFO), INFO.input_size)
+    dataset = ImageDataset(
+        images, [0, 1, 0], eval_transform(INFO), INFO.input_size, max_pixels=10**8
+    )
     for i in range(len(images)):
         image, label, index = dataset[i]
         assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
@@ -47,7 +49,7 @@ def test_dataset_yields_three_channel_uint8_for_every_source(images):
 
 def test_batch_normalization_matches_per_image_float_preprocessing(images):
     """model_input(uint8 batch) == ToTensor + Normalize on the RGB image, per image."""
-    dataset = ImageDataset(images, None, eval_transform(INFO), INFO.input_size)
+    dataset = ImageDataset(images, None, eval_transform(INFO), INFO.input_size, max_pixels=10**8)
     batch = torch.stack([dataset[i][0] for i in range(len(images))])
     x = model_input(batch, INFO, CPU)
     assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
@@ -59,14 +61,18 @@ def test_batch_normalization_matches_per_image_float_preprocessing(images):
 
 def test_resizing_grey_in_one_channel_equals_resizing_it_replicated(images):
     """The grey shortcut changes speed, not pixels."""
-    dataset = ImageDataset(images[1:2], None, eval_transform(INFO), INFO.input_size)
+    dataset = ImageDataset(
+        images[1:2], None, eval_transform(INFO), INFO.input_size, max_pixels=10**8
+    )
     replicated = eval_transform(INFO)(Image.open(images[1]).convert("RGB"))
     assert torch.equal(dataset[0][0], replicated)
 
 
 def test_train_transform_gives_uint8_at_input_size(images):
     params = params_of(FinetuneParams, "finetune", rotation=180, color_jitter=0.2)
-    dataset = ImageDataset(images, None, train_transform(INFO, params), INFO.input_size)
+    dataset = ImageDataset(
+        images, None, train_transform(INFO, params), INFO.input_size, max_pixels=10**8
+    )
     for i in range(len(images)):
         image = dataset[i][0]
         assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)

@@ -24,7 +24,8 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from pipeline.config import RESIZE_MODES, FinetuneParams
-from pipeline.data.manifest import Manifest, load_image
+from pipeline.data.images import load_image
+from pipeline.data.manifest import Manifest
 from pipeline.errors import ConfigError
 from pipeline.models.registry import BackboneInfo, backbone_info
 
@@ -133,12 +134,15 @@ class ImageDataset(Dataset):
         transform,
         size: int,
         squares=None,
+        *,
+        max_pixels: int,
     ):
         self.paths = list(paths)
         self.labels = np.full(len(self.paths), -1) if labels is None else np.asarray(labels)
         self.transform = transform
         self.size = size  # decode hint: big JPEGs decode at reduced scale (draft mode)
         self.squares = squares
+        self.max_pixels = max_pixels  # prepare.max_pixels: the decoding bound
 
     @classmethod
     def from_manifest(
@@ -146,7 +150,9 @@ class ImageDataset(Dataset):
     ) -> ImageDataset:
         """Manifest ``rows`` in the given order; the index returned is the position in ``rows``."""
         paths = [manifest.image_path(int(r)) for r in rows]
-        return cls(paths, manifest.label[rows], transform, size, squares)
+        return cls(
+            paths, manifest.label[rows], transform, size, squares, max_pixels=manifest.max_pixels
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -154,5 +160,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         image = self.squares.image(i) if self.squares is not None else None
         if image is None:
-            image = load_image(self.paths[i], size=self.size, keep_gray=True)
+            image = load_image(
+                self.paths[i], max_pixels=self.max_pixels, size=self.size, keep_gray=True
+            )
         return self.transform(image).expand(3, -1, -1), int(self.labels[i]), i

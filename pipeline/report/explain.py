@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import layout
-from pipeline.data.manifest import Manifest, load_image
+from pipeline.data.images import load_image
+from pipeline.data.manifest import Manifest
 from pipeline.data.transforms import ImageDataset, eval_transform, model_input
 from pipeline.errors import CheckpointError
 from pipeline.models.checkpoint import backbone_info_of, load_checkpoint
@@ -83,6 +84,7 @@ def explain(
     classes: np.ndarray,
     extracted_sha256: str,
     *,
+    max_pixels: int,
     device: torch.device,
 ) -> GradCam:
     """Grad-CAM of ``classes`` (n,) on the images at ``paths`` by the fine-tuned model in
@@ -97,7 +99,7 @@ def explain(
         )
     info = backbone_info_of(sidecar)
     model = prepare_model(model, device)
-    data = ImageDataset(paths, None, eval_transform(info), info.input_size)
+    data = ImageDataset(paths, None, eval_transform(info), info.input_size, max_pixels=max_pixels)
     images = torch.stack([data[i][0] for i in range(len(data))])  # (n, 3, H, W) uint8
     heat, prob = [], []
     for start in range(0, len(images), _BATCH):
@@ -141,6 +143,7 @@ def gallery(
                 paths,
                 pred,
                 features.extraction[backbone]["checkpoint_sha256"],
+                max_pixels=manifest.max_pixels,
                 device=where,
             )
         except CheckpointError as exc:
@@ -151,7 +154,7 @@ def gallery(
         n_errors=len(wrong),
         class_names=tuple(features.class_names),
         names=tuple(p.name for p in paths),
-        thumbnails=tuple(thumbnail(p) for p in paths),
+        thumbnails=tuple(thumbnail(p, manifest.max_pixels) for p in paths),
         true=result["y_true"][shown],
         pred=pred,
         prob=result["p_pred"][shown],
@@ -160,8 +163,8 @@ def gallery(
     )
 
 
-def thumbnail(path: Path) -> np.ndarray:
+def thumbnail(path: Path, max_pixels: int) -> np.ndarray:
     """The image at ``path`` as (h, w, 3) uint8, its longer side at most THUMBNAIL."""
-    image = load_image(path, size=THUMBNAIL)
+    image = load_image(path, max_pixels=max_pixels, size=THUMBNAIL)
     image.thumbnail((THUMBNAIL, THUMBNAIL))
     return np.asarray(image)

@@ -17,12 +17,17 @@ a shared machine can read it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+# `.<name>.tmp-<pid>-<hex>`; without the hex: the `.<name>.tmp-<pid>` of earlier versions
+_TEMP_SUFFIX = r"\.(?:tmp|old)-(\d+)(?:-[0-9a-f]+)?"
+_TEMP_NAME = re.compile(rf"\.(.+){_TEMP_SUFFIX}")
 
 
 def temp_path(path: Path | str, kind: str = "tmp") -> Path:
@@ -37,8 +42,7 @@ def clean_stale(path: Path | str) -> list[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    # the optional suffix also matches the `.<name>.tmp-<pid>` of earlier defuse versions
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:tmp|old)-(\d+)(?:-[0-9a-f]+)?")
+    pattern = re.compile(rf"\.{re.escape(path.name)}{_TEMP_SUFFIX}")
     removed = []
     for entry in path.parent.iterdir():
         match = pattern.fullmatch(entry.name)
@@ -84,6 +88,9 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
     try:
         yield tmp
         commit(tmp, path)
+    except OSError as exc:
+        _blame(exc, path)
+        raise
     finally:
         _remove(tmp)
 
@@ -100,6 +107,9 @@ def atomic_dir(directory: Path | str) -> Iterator[Path]:
     try:
         yield tmp
         commit(tmp, directory)
+    except OSError as exc:
+        _blame(exc, directory)
+        raise
     finally:
         _remove(tmp)
 
@@ -109,6 +119,31 @@ def write_text(path: Path | str, text: str) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8", newline="")
     return Path(path)
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for a failed read or write (disk full, permission denied, read-only file
+    system, ...): the file by its final name (a temporary one is told as the artifact it
+    was becoming), the reason, and the error code."""
+    name = exc.filename2 if exc.filename2 is not None else exc.filename
+    code = errno.errorcode.get(exc.errno, "")
+    reason = (exc.strerror or str(exc)) + (f" [{code}]" if code else "")
+    if name is None:
+        return f"cannot read or write a file: {reason}."
+    final = Path(*(_final_part(p) for p in Path(os.fsdecode(name)).parts))
+    return f"{final}: {reason}."
+
+
+def _final_part(part: str) -> str:
+    match = _TEMP_NAME.fullmatch(part)
+    return match.group(1) if match else part
+
+
+def _blame(exc: OSError, path: Path) -> None:
+    """An OSError raised while ``path`` was written that names no file is about ``path``
+    (h5py's and some writers' errors name none)."""
+    if exc.filename is None:
+        exc.filename = str(path)
 
 
 def _running(pid: int) -> bool:

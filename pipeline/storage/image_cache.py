@@ -19,7 +19,8 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from pipeline.data.manifest import Manifest, decoded_channels, load_image
+from pipeline.data.images import decoded_channels, load_image
+from pipeline.data.manifest import Manifest
 from pipeline.data.transforms import ToSquare
 from pipeline.errors import CacheError
 from pipeline.models.registry import BackboneInfo
@@ -58,10 +59,12 @@ def _versions() -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in LIBRARIES}
 
 
-def _square(path: Path, sample_id: str, info: BackboneInfo) -> np.ndarray:
+def _square(path: Path, sample_id: str, info: BackboneInfo, max_pixels: int) -> np.ndarray:
     """(S, S, C) uint8: the file decoded as the loaders decode it and brought to the square;
     C = 1 for a grey image. A file that no longer hashes to its sample id is refused."""
-    image = load_image(path, size=info.input_size, keep_gray=True, sha256=sample_id)
+    image = load_image(
+        path, max_pixels=max_pixels, size=info.input_size, keep_gray=True, sha256=sample_id
+    )
     pixels = np.asarray(ToSquare(info)(image))
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
@@ -120,7 +123,9 @@ def decode_images(
             todo = rows[old_row[rows] < 0]
             paths = [manifest.image_path(int(r)) for r in todo]
             ids = [manifest.sample_id[r] for r in todo]
-            for r, square in zip(todo, run(_square, paths, ids, [info] * len(todo)), strict=True):
+            limits = [manifest.max_pixels] * len(todo)
+            squares = run(_square, paths, ids, [info] * len(todo), limits)
+            for r, square in zip(todo, squares, strict=True):
                 if square.shape != (size, size, channels[r]):  # the header said otherwise
                     raise CacheError(
                         f"{manifest.image_path(int(r))}: decoded to shape {square.shape}, not "

@@ -27,6 +27,7 @@ from pipeline.errors import CheckpointError, ConfigError
 from pipeline.fusion.heads.base import HEADS, Head, make_head
 from pipeline.metrics import write_json
 from pipeline.storage.atomic import atomic_dir
+from pipeline.storage.outputs import ArtifactFolder
 
 HEAD_FILE, SIDECAR_FILE, SEEDS_FILE, SEEDS_DIR = (
     "head.safetensors",
@@ -34,6 +35,8 @@ HEAD_FILE, SIDECAR_FILE, SEEDS_FILE, SEEDS_DIR = (
     "seeds.json",
     "seeds",
 )
+# what `--out` of `defuse fuse` may replace: an earlier head folder, nothing else
+HEAD_FOLDER = ArtifactFolder.of("head", SIDECAR_FILE, HEAD_FILE, SEEDS_FILE, SEEDS_DIR)
 MAX_JSON_DEPTH = 32  # a head.json nests 4 deep (an MLP's history); deeper is not a head
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
