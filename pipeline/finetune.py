@@ -37,6 +37,7 @@ from pipeline.data.transforms import (
 from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import classification_metrics
 from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.preprocessing import Preprocessing
 from pipeline.models.registry import create_backbone, embed, freeze_stages, set_train_mode
 from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
 from pipeline.storage.atomic import write_text
@@ -171,7 +172,8 @@ def finetune(
     device = resolve_device(params.device)
     rank_batch = _rank_batch(params.batch_size, distributed.world().size)
     info = target_info(backbone, params)
-    cache = open_image_cache(images, info) if images is not None else None
+    prep = Preprocessing(info.input_size, info.resize, tuple(info.mean), tuple(info.std), info.interpolation)  # ADAPTER(records): info.preprocessing  # fmt: skip
+    cache = open_image_cache(images, prep, backbone) if images is not None else None
 
     def dataset(rows: np.ndarray, transform) -> ImageDataset:
         squares = cache.manifest_squares(manifest, rows) if cache else None

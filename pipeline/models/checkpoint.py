@@ -12,7 +12,7 @@ from pipeline.config import RESIZE_MODES
 from pipeline.errors import CheckpointError
 from pipeline.models.registry import BackboneInfo, create_backbone
 from pipeline.storage.atomic import atomic_dir
-from pipeline.storage.feature_cache import file_sha256
+from pipeline.storage.hashing import file_sha256
 
 WEIGHTS = "model.safetensors"
 SIDECAR = "model.json"
