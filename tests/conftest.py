@@ -98,6 +98,15 @@ TEST_PREPROCESSING = dict(input_size=32, resize="stretch", mean=(0.5, 0.5, 0.5),
                           std=(0.5, 0.5, 0.5), interpolation="bilinear")  # fmt: skip
 
 
+def preprocessing_of(info):
+    """The preprocessing record of a BackboneInfo."""
+    from pipeline.models.preprocessing import Preprocessing
+
+    return Preprocessing(
+        info.input_size, info.resize, tuple(info.mean), tuple(info.std), info.interpolation
+    )  # ADAPTER(records): info.preprocessing
+
+
 def feature_attrs(backbone="b", class_names=("a", "b", "c"), **over) -> dict:
     """`cache_attrs` of a synthetic feature cache (32 px, checkpoint c..c, manifest m..m);
     ``over`` replaces or adds attributes."""

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import feature_attrs, make_manifest, params_of, rewrite_digests
+from conftest import feature_attrs, make_manifest, params_of, preprocessing_of, rewrite_digests
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -17,7 +17,6 @@ from pipeline.config import RESIZE_MODES, FinetuneParams
 from pipeline.data.manifest import load_image
 from pipeline.data.transforms import ImageDataset, eval_transform, target_info, train_transform
 from pipeline.errors import CacheError, DataError
-from pipeline.models.preprocessing import Preprocessing
 from pipeline.storage.feature_cache import CacheWriter
 from pipeline.storage.image_cache import (
     decode_images,
@@ -62,12 +61,6 @@ def data(tmp_path):
     return make_manifest(root, tmp_path / "cache" / "manifest.csv")
 
 
-def _prep(info):
-    """The preprocessing record of ``info`` (until BackboneInfo carries it)."""
-    return Preprocessing(info.input_size, info.resize, tuple(info.mean), tuple(info.std),
-                         info.interpolation)  # fmt: skip
-
-
 def _decoded(info, path):
     """(C, S, S) uint8: what the eval loader makes of a file, grey in one channel."""
     return eval_transform(info)(load_image(path, size=info.input_size, keep_gray=True))
@@ -77,10 +70,10 @@ def _decoded(info, path):
 def test_rows_are_the_squares_the_loaders_make_of_the_files(data, tmp_path, mode):
     info = replace(INFO, resize=mode)
     result = decode_images(
-        data, BACKBONE, _prep(info), tmp_path / "images.h5", workers=2, progress=False
+        data, BACKBONE, preprocessing_of(info), tmp_path / "images.h5", workers=2, progress=False
     )
     assert (result.n_rows, result.n_decoded, result.n_reused) == (len(data), len(data), 0)
-    cache = open_image_cache(result.path, _prep(info), BACKBONE)
+    cache = open_image_cache(result.path, preprocessing_of(info), BACKBONE)
     assert cache.sample_id.astype(str).tolist() == list(data.sample_id)
     assert cache.attrs["backbone"] == BACKBONE and cache.preprocessing.resize == mode
     squares = cache.manifest_squares(data, np.arange(len(data)))
@@ -99,8 +92,8 @@ def _batches(dataset, workers, seed=0):
 @pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_the_loaders_yield_the_same_tensors_with_and_without_the_cache(data, tmp_path, mode):
     info = replace(INFO, resize=mode)
-    path = decode_images(data, BACKBONE, _prep(info), tmp_path / "i.h5", 1, False).path
-    cache = open_image_cache(path, _prep(info), BACKBONE)
+    path = decode_images(data, BACKBONE, preprocessing_of(info), tmp_path / "i.h5", 1, False).path
+    cache = open_image_cache(path, preprocessing_of(info), BACKBONE)
     rows = np.random.default_rng(1).permutation(len(data))  # any order, as a split gives
     squares = cache.manifest_squares(data, rows)
     for transform in (eval_transform(info), train_transform(info, AUGMENT)):
@@ -120,34 +113,38 @@ def test_unchanged_samples_are_copied_not_decoded(tmp_path):
     root = _mixed(tmp_path / "images")
     first = make_manifest(root, tmp_path / "m1" / "manifest.csv")
     out = tmp_path / "images.h5"
-    decode_images(first, BACKBONE, _prep(INFO), out, 2, False)
+    decode_images(first, BACKBONE, preprocessing_of(INFO), out, 2, False)
     _mixed(root, n_per_class=3, seed=1)  # new images
     gone = first.image_path(0)
     kept = first.image_path(1)
     gone.unlink()
     grown = make_manifest(root, tmp_path / "m2" / "manifest.csv")
     shutil.move(kept, tmp_path / "aside")  # a copied row needs no file
-    result = decode_images(grown, BACKBONE, _prep(INFO), out, 2, False)
+    result = decode_images(grown, BACKBONE, preprocessing_of(INFO), out, 2, False)
     assert (result.n_decoded, result.n_reused) == (6, len(first) - 1)
     assert read_image_cache(out).sample_id.astype(str).tolist() == list(grown.sample_id)
 
     shutil.move(tmp_path / "aside", kept)
-    fresh = decode_images(grown, BACKBONE, _prep(INFO), tmp_path / "fresh.h5", 1, False)
+    fresh = decode_images(grown, BACKBONE, preprocessing_of(INFO), tmp_path / "fresh.h5", 1, False)
     assert fresh.path.read_bytes() == out.read_bytes()
 
 
 def test_identical_inputs_give_identical_bytes_and_another_square_decodes_again(data, tmp_path):
-    a = decode_images(data, BACKBONE, _prep(INFO), tmp_path / "a.h5", 2, False).path
-    b = decode_images(data, BACKBONE, _prep(INFO), tmp_path / "b.h5", 1, False).path
+    a = decode_images(data, BACKBONE, preprocessing_of(INFO), tmp_path / "a.h5", 2, False).path
+    b = decode_images(data, BACKBONE, preprocessing_of(INFO), tmp_path / "b.h5", 1, False).path
     assert a.read_bytes() == b.read_bytes()
-    again = decode_images(data, BACKBONE, _prep(INFO), a, 2, False)
+    again = decode_images(data, BACKBONE, preprocessing_of(INFO), a, 2, False)
     assert again.n_reused == len(data) and a.read_bytes() == b.read_bytes()
-    other = decode_images(data, BACKBONE, _prep(replace(INFO, input_size=40)), a, 2, False)
+    other = decode_images(
+        data, BACKBONE, preprocessing_of(replace(INFO, input_size=40)), a, 2, False
+    )
     assert other.n_reused == 0 and read_image_cache(a).preprocessing.input_size == 40
 
 
 def test_a_cache_of_another_square_is_refused_and_predict_passes_it_by(data, tmp_path):
-    path = decode_images(data, BACKBONE, _prep(INFO), tmp_path / "images.h5", 1, False).path
+    path = decode_images(
+        data, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False
+    ).path
     for change, says in (
         ({"input_size": 48}, "holds squares of input_size 32, but tf_efficientnet_lite0 is "
                              "fine-tuned on input_size 48"),
@@ -155,22 +152,24 @@ def test_a_cache_of_another_square_is_refused_and_predict_passes_it_by(data, tmp
     ):  # fmt: skip
         other = replace(INFO, **change)
         with pytest.raises(CacheError, match=rf"{says}; re-run `defuse decode {BACKBONE}`"):
-            open_image_cache(path, _prep(other), BACKBONE)
-        assert usable_image_cache(path, _prep(other)) is None
-    assert usable_image_cache(tmp_path / "absent.h5", _prep(INFO)) is None
-    assert usable_image_cache(path, _prep(INFO)) is not None
+            open_image_cache(path, preprocessing_of(other), BACKBONE)
+        assert usable_image_cache(path, preprocessing_of(other)) is None
+    assert usable_image_cache(tmp_path / "absent.h5", preprocessing_of(INFO)) is None
+    assert usable_image_cache(path, preprocessing_of(INFO)) is not None
     with pytest.raises(CacheError, match=r"absent\.h5: no such image cache"):
-        open_image_cache(tmp_path / "absent.h5", _prep(INFO), BACKBONE)
+        open_image_cache(tmp_path / "absent.h5", preprocessing_of(INFO), BACKBONE)
 
 
 def test_images_the_cache_lacks_are_named(tmp_path):
     root = _mixed(tmp_path / "images")
     first = make_manifest(root, tmp_path / "m1" / "manifest.csv")
-    path = decode_images(first, BACKBONE, _prep(INFO), tmp_path / "images.h5", 1, False).path
+    path = decode_images(
+        first, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False
+    ).path
     _mixed(root, n_per_class=3, seed=1)
     grown = make_manifest(root, tmp_path / "m2" / "manifest.csv")
     new = [i for i, s in enumerate(grown.sample_id) if s not in first.sample_id]
-    cache = open_image_cache(path, _prep(INFO), BACKBONE)
+    cache = open_image_cache(path, preprocessing_of(INFO), BACKBONE)
     with pytest.raises(CacheError) as err:
         cache.manifest_squares(grown, np.arange(len(grown)))
     message = str(err.value)
@@ -188,12 +187,14 @@ def test_a_file_changed_since_prepare_is_refused(data, tmp_path):
     with pytest.raises(
         DataError, match=rf"{victim.name}: its bytes no longer hash to its sample_id"
     ):
-        decode_images(data, BACKBONE, _prep(INFO), tmp_path / "images.h5", 1, False)
+        decode_images(data, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False)
     assert not (tmp_path / "images.h5").exists()
 
 
 def test_damaged_or_foreign_files_are_errors_and_never_reused(data, tmp_path):
-    path = decode_images(data, BACKBONE, _prep(INFO), tmp_path / "images.h5", 1, False).path
+    path = decode_images(
+        data, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False
+    ).path
     info = image_cache_info(path)
     assert info["shape"] == (len(data), 32, 32, 3) and info["images"]["grey"] == len(data) // 2
     assert is_image_cache(path)
@@ -203,7 +204,7 @@ def test_damaged_or_foreign_files_are_errors_and_never_reused(data, tmp_path):
         read_image_cache(path)
     assert "not a readable HDF5 file" in verify_image_cache(path)[0]
     assert (
-        decode_images(data, BACKBONE, _prep(INFO), path, 1, False).n_reused == 0
+        decode_images(data, BACKBONE, preprocessing_of(INFO), path, 1, False).n_reused == 0
     )  # recomputed whole
 
     features = tmp_path / "features.h5"  # a sound feature cache is no image cache
@@ -218,11 +219,13 @@ def test_damaged_or_foreign_files_are_errors_and_never_reused(data, tmp_path):
 
 
 def test_readers_refuse_a_file_replaced_after_its_header_was_read(data, tmp_path):
-    path = decode_images(data, BACKBONE, _prep(INFO), tmp_path / "images.h5", 1, False).path
-    squares = open_image_cache(path, _prep(INFO), BACKBONE).manifest_squares(
+    path = decode_images(
+        data, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False
+    ).path
+    squares = open_image_cache(path, preprocessing_of(INFO), BACKBONE).manifest_squares(
         data, np.arange(len(data))
     )
-    decode_images(data, BACKBONE, _prep(replace(INFO, input_size=40)), path, 1, False)
+    decode_images(data, BACKBONE, preprocessing_of(replace(INFO, input_size=40)), path, 1, False)
     with pytest.raises(CacheError, match="changed since it was read"):
         squares.image(0)
 
@@ -242,15 +245,19 @@ def _change_pixel_row(f):
 def test_tampered_rows_are_refused_by_every_reader_and_never_reused(
     data, tmp_path, damage, dataset
 ):
-    path = decode_images(data, BACKBONE, _prep(INFO), tmp_path / "images.h5", 1, False).path
+    path = decode_images(
+        data, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False
+    ).path
     with h5py.File(path, "r+") as f:
         damage(f)
     says = f"{path}: dataset '{dataset}' does not match its stored sha256 digest"
     (problem,) = verify_image_cache(path, data)
     assert problem.startswith(says) and "\n" not in problem
     with pytest.raises(CacheError, match=re.escape(says)):  # what finetune / extract / predict do
-        open_image_cache(path, _prep(INFO), BACKBONE).manifest_squares(data, np.arange(len(data)))
-    result = decode_images(data, BACKBONE, _prep(INFO), path, 1, False)
+        open_image_cache(path, preprocessing_of(INFO), BACKBONE).manifest_squares(
+            data, np.arange(len(data))
+        )
+    result = decode_images(data, BACKBONE, preprocessing_of(INFO), path, 1, False)
     assert result.n_reused == 0 and verify_image_cache(path, data) == []
     # the digests cover what a reader compares: rewritten digests make the file sound again
     with h5py.File(path, "r+") as f:

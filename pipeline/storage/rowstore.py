@@ -234,12 +234,14 @@ class RowWriter:
             raise
 
     def _discard(self) -> None:
-        """Close and delete the temporary file; deleted even when closing fails (a full disk
-        fails the final flush)."""
+        """Close and delete the temporary file after a failure, which is what the caller
+        raises: closing may fail too (a full disk fails the final flush), the file still goes."""
         f, self._file = self._file, None
         try:
             if f is not None:
                 f.close()
+        except H5_ERRORS:
+            log.debug("%s: closing a discarded file failed too", self.tmp, exc_info=True)
         finally:
             self.tmp.unlink(missing_ok=True)
 
