@@ -76,7 +76,7 @@ def cache_attrs(
     layer: str = "pre_logits",
     dtype: str = "float32",
     tta: bool = False,
-    versions: Mapping | None = None,
+    versions: Mapping | str | None = None,  # a mapping, or its JSON text
     **extra,
 ) -> dict:
     """The attributes a CacheWriter needs (but `dim` and `n_classes`, which it derives):
@@ -90,7 +90,7 @@ def cache_attrs(
         layer=layer,
         dtype=np.dtype(dtype).name,
         tta=tta,
-        versions=dict(versions or {}),
+        versions=versions if versions is not None else {},
         **extra,
     )
 
