@@ -720,7 +720,7 @@ def reusable_cache(path: str | os.PathLike, attrs: Mapping) -> FeatureCache | No
 
     The old arrays are in memory, so writing over `path` is safe.
     """
-    return rowstore.reusable(read_cache, path, {k: attrs[k] for k in IDENTITY})
+    return rowstore.reusable(read_cache, path, FEATURES, attrs)
 
 
 def verify_cache(

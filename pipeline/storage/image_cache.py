@@ -86,7 +86,7 @@ def decode_images(
     """
     out, n, size = Path(out), len(manifest), preprocessing.input_size
     wanted = {"preprocessing": preprocessing, "versions": _versions()}
-    old = rowstore.reusable(_sound_image_cache, out, wanted)
+    old = rowstore.reusable(_sound_image_cache, out, IMAGES, wanted)
     old_row = old.rows_for(manifest.sample_id) if old else np.full(n, -1, np.int64)
     new = np.flatnonzero(old_row < 0)
     channels = np.zeros(n, np.uint8)

@@ -456,14 +456,9 @@ def reopen(path: Path, identity: tuple) -> h5py.File:
 # ---------------------------------------------------------------------------- reuse
 
 
-def differing_identity(attrs: Mapping, wanted: Mapping) -> list[str]:
-    """The identity attributes in ``wanted`` whose stored value in ``attrs`` differs."""
-    return [k for k, v in wanted.items() if k not in attrs or not same_attr(k, v, attrs[k])]
-
-
-def reusable(read, path, wanted: Mapping):
-    """``read(path)`` when the file there can lend its rows to a new one: readable, sound and
-    made with the ``wanted`` identity attributes; else None. A missing file is silently none;
+def reusable(read, path, schema: Schema, attrs: Mapping):
+    """``read(path)`` when the file there can lend its rows to a new one with ``attrs``:
+    readable, sound and equal in every ``schema.identity`` attribute; else None. A missing file is silently none;
     a damaged or tampered one is logged, and its rows are computed again."""
     if not Path(path).exists():
         return None
@@ -472,4 +467,5 @@ def reusable(read, path, wanted: Mapping):
     except CacheError as e:
         log.warning("%s; its rows are not reused, all are computed again", e)
         return None
-    return old if not differing_identity(old.attrs, wanted) else None
+    same = all(k in old.attrs and same_attr(k, attrs[k], old.attrs[k]) for k in schema.identity)
+    return old if same else None
