@@ -20,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.storage.feature_cache import SPLITS, CacheWriter, load_features
+from pipeline.models.preprocessing import Preprocessing
+from pipeline.storage.feature_cache import SPLITS, CacheWriter, cache_attrs, load_features
+
+SYNTHETIC = Preprocessing(299, "stretch", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
 
 BACKBONES = ("resnet50", "inception_v3", "legacy_xception")
 
@@ -33,13 +36,9 @@ def write_inputs(root: Path, n: int, dim: int) -> tuple[list[Path], list[Path]]:
     for name in BACKBONES:
         emb = rng.standard_normal((n, dim), dtype=np.float32)
         logits = rng.standard_normal((n, 4), dtype=np.float32)
-        attrs = dict(
-            backbone=name, class_names=["a", "b", "c", "d"], checkpoint_sha256="0" * 64,
-            manifest_sha256="1" * 64, input_size=299, mean=[0.5] * 3, std=[0.5] * 3,
-            layer="pre_logits", tta=False, versions={"numpy": np.__version__},
-        )  # fmt: skip
+        attrs = cache_attrs(name, "abcd", SYNTHETIC, "0" * 64, "1" * 64)
         caches.append(root / f"{name}.h5")
-        with CacheWriter(caches[-1], n, dim, 4, attrs=attrs) as w:
+        with CacheWriter(caches[-1], n, dim, attrs) as w:
             for s in range(0, n, 1024):
                 rows = slice(s, s + 1024)
                 w.write(s, emb[rows], logits[rows], ids[rows], label[rows], split[rows])

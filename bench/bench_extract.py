@@ -36,6 +36,7 @@ from pipeline.config import ExtractParams, asdict, finetune_params, section
 from pipeline.data.manifest import Manifest, manifest_json_path, read_manifest
 from pipeline.extract import extract
 from pipeline.models.checkpoint import backbone_info_of, read_sidecar, save_checkpoint
+from pipeline.models.preprocessing import Preprocessing
 from pipeline.models.registry import backbone_info, create_backbone, embed
 from pipeline.runtime import autocast, keep_freed_memory, prepare_model
 from pipeline.storage.image_cache import decode_images
@@ -92,7 +93,9 @@ def timed_decode(data, checkpoint: Path, out: Path, workers: int | None = None) 
     """Seconds `decode_images` takes to write ``out`` for ``checkpoint``'s squares."""
     out.unlink(missing_ok=True)
     start = time.perf_counter()
-    decode_images(data, backbone_info_of(read_sidecar(checkpoint)), out, workers, progress=False)
+    info = backbone_info_of(read_sidecar(checkpoint))
+    prep = Preprocessing(info.input_size, info.resize, tuple(info.mean), tuple(info.std), info.interpolation)  # ADAPTER(records): info.preprocessing  # fmt: skip
+    decode_images(data, info.name, prep, out, workers, progress=False)
     return time.perf_counter() - start
 
 

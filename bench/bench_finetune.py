@@ -30,6 +30,7 @@ from torch import nn
 from pipeline.config import finetune_params
 from pipeline.data.transforms import target_info
 from pipeline.finetune import finetune
+from pipeline.models.preprocessing import Preprocessing
 from pipeline.models.registry import backbone_info, create_backbone, freeze_stages, set_train_mode
 from pipeline.runtime import autocast, keep_freed_memory, prepare_model
 from pipeline.storage.image_cache import decode_images
@@ -109,7 +110,8 @@ def main() -> None:
         data = manifest(args.source, tmp, args.images, SMOKE_SIZE if args.smoke else JPEG_SIZE)
         start = time.perf_counter()
         info = target_info(args.backbone, params)
-        images = decode_images(data, info, tmp / "i.h5", progress=False).path
+        prep = Preprocessing(info.input_size, info.resize, tuple(info.mean), tuple(info.std), info.interpolation)  # ADAPTER(records): info.preprocessing  # fmt: skip
+        images = decode_images(data, args.backbone, prep, tmp / "i.h5", progress=False).path
         took = time.perf_counter() - start
         print(f"decode once ({len(data)} {args.source} images): {took:.1f} s")
         n_train = len(data.indices("train"))

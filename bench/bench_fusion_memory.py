@@ -33,8 +33,11 @@ from pipeline.config import FuseParams, head_params, section
 from pipeline.fusion.fit import fit_head
 from pipeline.fusion.heads import make_head
 from pipeline.fusion.selection import candidate_params
+from pipeline.models.preprocessing import Preprocessing
 from pipeline.runtime import keep_freed_memory
-from pipeline.storage.feature_cache import SPLITS, CacheWriter, load_features
+from pipeline.storage.feature_cache import SPLITS, CacheWriter, cache_attrs, load_features
+
+SYNTHETIC = Preprocessing(299, "stretch", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
 
 BACKBONES = ("resnet50", "inception_v3", "legacy_xception")
 DIM, N_CLASSES, BATCH = 2048, 4, 8192
@@ -49,13 +52,9 @@ def write_caches(root: Path, n: int, dim: int = DIM) -> list[Path]:
     paths = []
     for name in BACKBONES:
         means = rng.normal(0, 0.05, (N_CLASSES, dim)).astype(np.float32)
-        attrs = dict(
-            backbone=name, class_names=list("abcd"), checkpoint_sha256="0" * 64,
-            manifest_sha256="1" * 64, input_size=299, mean=[0.5] * 3, std=[0.5] * 3,
-            layer="pre_logits", tta=False, versions={"numpy": np.__version__},
-        )  # fmt: skip
+        attrs = cache_attrs(name, "abcd", SYNTHETIC, "0" * 64, "1" * 64, dtype="float16")
         paths.append(root / f"{name}.h5")
-        with CacheWriter(paths[-1], n, dim, N_CLASSES, dtype="float16", attrs=attrs) as w:
+        with CacheWriter(paths[-1], n, dim, attrs) as w:
             for s in range(0, n, BATCH):
                 rows = slice(s, min(s + BATCH, n))
                 emb = rng.standard_normal((len(label[rows]), dim), dtype=np.float32)

@@ -28,8 +28,9 @@ from pipeline.config import CompareParams, FuseParams, head_params, load_params,
 from pipeline.data.manifest import read_manifest
 from pipeline.fusion.compare import compare
 from pipeline.fusion.fit import fit_head, fit_seed_refits, fused_features
+from pipeline.models.preprocessing import Preprocessing
 from pipeline.runtime import keep_freed_memory
-from pipeline.storage.feature_cache import CacheWriter, FusedFeatures, load_features
+from pipeline.storage.feature_cache import CacheWriter, FusedFeatures, cache_attrs, load_features
 
 N_CLASSES = 4
 
@@ -54,14 +55,10 @@ def synthetic(
     ids = [f"{i:064x}" for i in range(len(y))]
     names = [f"backbone{i}" for i in range(3)]
     for name in names:
-        attrs = {
-            "backbone": name, "class_names": [str(c) for c in range(N_CLASSES)],
-            "checkpoint_sha256": "0" * 64, "manifest_sha256": "0" * 64, "input_size": 224,
-            "mean": [0.5] * 3, "std": [0.5] * 3, "layer": "pre_logits", "tta": False,
-            "versions": "{}",
-        }  # fmt: skip
+        prep = Preprocessing(224, "stretch", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+        attrs = cache_attrs(name, [str(c) for c in range(N_CLASSES)], prep, "0" * 64, "0" * 64)
         logits = rng.normal(0, 1, (len(y), N_CLASSES)) + 2 * np.eye(N_CLASSES)[y]
-        with CacheWriter(folder / f"{name}.h5", len(y), dim, N_CLASSES, "float32", attrs) as w:
+        with CacheWriter(folder / f"{name}.h5", len(y), dim, attrs) as w:
             w.write(0, features(len(y), dim, rng, y), logits, ids, y, split)
     return load_features([folder / f"{n}.h5" for n in names], names)
 

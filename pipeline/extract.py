@@ -23,11 +23,12 @@ from pipeline.data.manifest import Manifest
 from pipeline.data.transforms import ImageDataset, eval_transform, model_input
 from pipeline.errors import CacheError, CheckpointError, ConfigError
 from pipeline.models.checkpoint import backbone_info_of, load_checkpoint
+from pipeline.models.preprocessing import Preprocessing
 from pipeline.models.registry import BackboneInfo, embed
 from pipeline.progress import tracked
 from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
 from pipeline.storage.atomic import atomic_file
-from pipeline.storage.feature_cache import CacheWriter, FeatureCache, reusable_cache
+from pipeline.storage.feature_cache import CacheWriter, FeatureCache, cache_attrs, reusable_cache
 from pipeline.storage.image_cache import Squares, open_image_cache
 
 log = logging.getLogger(__name__)
@@ -70,35 +71,29 @@ def extract(
     model, sidecar = load_checkpoint(checkpoint_dir)
     _check_lineage(checkpoint_dir, sidecar, manifest)
     info = backbone_info_of(sidecar)
-    cache = open_image_cache(images, info) if images is not None else None
-    preprocessing = {
-        "input_size": info.input_size,
-        "mean": list(info.mean),
-        "std": list(info.std),
-        "layer": "pre_logits",
-        "dtype": params.dtype,
-        "tta": params.tta,
-    }
+    prep = Preprocessing(info.input_size, info.resize, tuple(info.mean), tuple(info.std), info.interpolation)  # ADAPTER(records): info.preprocessing  # fmt: skip
+    cache = open_image_cache(images, prep, info.name) if images is not None else None
     fold_of, fold_models = _cross_fit(checkpoint_dir, sidecar, manifest)
     fold_shas = " ".join(side["weights_sha256"] for _, side in fold_models)
-    old = reusable_cache(out, sidecar["weights_sha256"], preprocessing)
+    attrs = cache_attrs(
+        info.name,
+        manifest.class_names,
+        prep,
+        sidecar["weights_sha256"],
+        manifest.sha256,
+        dtype=params.dtype,
+        tta=params.tta,
+        versions=library_versions(),
+        cross_fit=len(fold_models),  # 0, or K: train rows come from the fold models
+        fold_checkpoint_sha256=fold_shas,
+    )
+    old = reusable_cache(out, attrs)
     if old is not None and old.attrs.get("fold_checkpoint_sha256", "") != fold_shas:
         old = None  # other fold models: every out-of-fold row changes
     # Row of each manifest sample in the previous cache, -1 where it must be computed.
     old_row = old.rows_for(manifest.sample_id) if old is not None else np.full(len(manifest), -1)
     new_rows = np.flatnonzero(old_row < 0)
     log.info("%s: %d rows reused, %d to compute", out, len(manifest) - len(new_rows), len(new_rows))
-    attrs = {
-        **preprocessing,
-        "backbone": info.name,
-        "class_names": list(manifest.class_names),
-        "checkpoint_sha256": sidecar["weights_sha256"],
-        "manifest_sha256": manifest.sha256,
-        "versions": library_versions(),
-        "cross_fit": len(fold_models),  # 0, or K: train rows come from the fold models
-        "fold_checkpoint_sha256": fold_shas,
-    }
-
     device = resolve_device(params.device)
     with distributed.process_group(device) as here:
         if fold_models and here.size > 1:
@@ -187,8 +182,7 @@ def _write_cache(
 ) -> None:
     """Stream ``batches`` of ``(sorted manifest rows, embeddings, logits)`` into the cache;
     ``fold_of``: (N,) the fold model of each manifest row."""
-    n_classes = len(manifest.class_names)
-    with CacheWriter(out, len(manifest), dim, n_classes, attrs["dtype"], attrs) as writer:
+    with CacheWriter(out, len(manifest), dim, attrs) as writer:
         for rows, emb, logits in batches:
             # write each run of consecutive rows as one slice
             for run in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1):

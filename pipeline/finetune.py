@@ -36,6 +36,7 @@ from pipeline.data.transforms import (
 from pipeline.errors import ConfigError, DataError, DefuseError
 from pipeline.metrics import classification_metrics
 from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.preprocessing import Preprocessing
 from pipeline.models.registry import create_backbone, embed, freeze_stages, set_train_mode
 from pipeline.optim import class_weights, cosine_lr
 from pipeline.progress import Progress, note, tracked
@@ -168,7 +169,8 @@ def finetune(
     device = resolve_device(params.device)
     rank_batch = _rank_batch(params.batch_size, distributed.world().size)
     info = target_info(backbone, params)
-    cache = open_image_cache(images, info) if images is not None else None
+    prep = Preprocessing(info.input_size, info.resize, tuple(info.mean), tuple(info.std), info.interpolation)  # ADAPTER(records): info.preprocessing  # fmt: skip
+    cache = open_image_cache(images, prep, backbone) if images is not None else None
 
     def dataset(rows: np.ndarray, transform) -> ImageDataset:
         squares = cache.manifest_squares(manifest, rows) if cache else None

@@ -16,6 +16,7 @@ from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.extract import embed_images
 from pipeline.fusion.heads import by_input, check_head_fits, load_head
 from pipeline.models.checkpoint import backbone_info_of, load_checkpoint, read_sidecar
+from pipeline.models.preprocessing import Preprocessing
 from pipeline.predictions import Predictions, find_images
 from pipeline.runtime import resolve_device
 from pipeline.storage.hashing import file_sha256
@@ -54,9 +55,10 @@ def predict(
         where=head_dir,
     )
     infos = [backbone_info_of(m) for m in metas]
+    preps = [Preprocessing(i.input_size, i.resize, tuple(i.mean), tuple(i.std), i.interpolation) for i in infos]  # ADAPTER(records): [i.preprocessing for i in infos]  # fmt: skip
     caches = [
-        usable_image_cache(layout.image_cache(b, images_dir), info)
-        for b, info in zip(sidecar["backbones"], infos, strict=True)
+        usable_image_cache(layout.image_cache(b, images_dir), prep)
+        for b, prep in zip(sidecar["backbones"], preps, strict=True)
     ]
     ids = {path: file_sha256(path) for path in found} if any(caches) else {}
     held = set()  # sha256 of files an image cache holds: decoded once already, fine then

@@ -57,6 +57,8 @@ def info(paths, manifest, models):
     for path in paths:
         images = is_image_cache(path)
         meta = image_cache_info(path) if images else cache_info(path)
+        # the preprocessing record is stored as JSON text: shown as the object it is
+        meta["attrs"]["preprocessing"] = json.loads(meta["attrs"]["preprocessing"])
         click.echo(f"{path}")
         click.echo(json.dumps(meta, indent=2, default=str))
         problems = _problems(path, manifest, models)
@@ -71,7 +73,7 @@ def info(paths, manifest, models):
 @_manifest
 @_models
 def verify(paths, manifest, models):
-    """Re-hash and check every cache; exit 1 on any problem."""
+    """Recompute every dataset's digest and check every cache; exit 1 on any problem."""
     from pipeline.errors import DefuseError
 
     bad = 0

@@ -112,21 +112,52 @@ def tinted_folder(root: Path, counts: dict[str, int], size: int = 24, seed: int 
     return root
 
 
+TEST_PREPROCESSING = dict(input_size=32, resize="stretch", mean=(0.5, 0.5, 0.5),
+                          std=(0.5, 0.5, 0.5), interpolation="bilinear")  # fmt: skip
+
+
+def preprocessing_of(info):
+    """The preprocessing record of a BackboneInfo."""
+    from pipeline.models.preprocessing import Preprocessing
+
+    return Preprocessing(
+        info.input_size, info.resize, tuple(info.mean), tuple(info.std), info.interpolation
+    )  # ADAPTER(records): info.preprocessing
+
+
+def feature_attrs(backbone="b", class_names=("a", "b", "c"), **over) -> dict:
+    """`cache_attrs` of a synthetic feature cache (32 px, checkpoint c..c, manifest m..m);
+    ``over`` replaces or adds attributes."""
+    from pipeline.models.preprocessing import Preprocessing
+    from pipeline.storage.feature_cache import cache_attrs
+
+    prep = Preprocessing(**TEST_PREPROCESSING)
+    return cache_attrs(backbone, class_names, prep, "c" * 64, "m" * 64) | over
+
+
+def rewrite_digests(f) -> None:
+    """Store the digests of what the open (r+) HDF5 file ``f`` now holds: a test that damages
+    a dataset's values this way reaches the checks behind the digest check."""
+    from pipeline.storage.rowstore import DIGESTS, digests, encode_attr
+
+    f.attrs[DIGESTS] = encode_attr(
+        DIGESTS, digests(f, [k for k in f if k in f.attrs[DIGESTS].decode()])
+    )
+
+
 def killed_cache_writer(path) -> Path:
     """Kill a CacheWriter for ``path`` half-way through; return the file it leaves behind
     (its HDF5 metadata never flushed: h5py raises KeyError on it)."""
     code = (
         "import os, sys, numpy as np\n"
+        "from conftest import feature_attrs\n"
         "from pipeline.storage.feature_cache import CacheWriter\n"
-        "attrs = dict(backbone='b', class_names=['a', 'b', 'c'], checkpoint_sha256='c' * 64,\n"
-        "             manifest_sha256='m' * 64, input_size=32, mean=[0.5] * 3, std=[0.5] * 3,\n"
-        "             layer='pre_logits', tta=False, versions='{}')\n"
-        "w = CacheWriter(sys.argv[1], 50, 16, 3, 'float32', attrs).__enter__()\n"
+        "w = CacheWriter(sys.argv[1], 50, 16, feature_attrs()).__enter__()\n"
         "w.write(0, np.ones((25, 16)), np.ones((25, 3)), [f'{i:064x}' for i in range(25)],\n"
         "        np.arange(25) % 3, ['train'] * 25)\n"
         "os._exit(9)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO_PARAMS.parent)}
+    env = {**os.environ, "PYTHONPATH": f"{REPO_PARAMS.parent}:{Path(__file__).parent}"}
     done = subprocess.run([sys.executable, "-c", code, str(path)], env=env)
     assert done.returncode == 9
     (left,) = Path(path).parent.glob(f".{Path(path).name}.tmp-*")

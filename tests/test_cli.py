@@ -1,6 +1,7 @@
 """The `defuse` command group: help, and library errors as one clean line with exit code 1."""
 
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -199,3 +200,26 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary(
     said = f"Error: {out.with_name('skipped.csv')}: No space left on device [ENOSPC]."
     assert result.output.splitlines()[-1] == said
     assert list(out.parent.iterdir()) == []  # no manifest, no temporary file
+
+
+def test_cache_verify_fails_a_fifo_and_a_tampered_cache_in_one_line_each(tmp_path):
+    import h5py
+    import numpy as np
+    from conftest import feature_attrs
+
+    from pipeline.storage.feature_cache import CacheWriter
+
+    fifo, tampered = tmp_path / "fifo.h5", tmp_path / "f.h5"
+    os.mkfifo(fifo)
+    with CacheWriter(tampered, 2, 4, feature_attrs()) as w:
+        w.write(0, np.ones((2, 4)), np.ones((2, 3)), ["a" * 64, "b" * 64], [0, 1], [0, 1])
+    with h5py.File(tampered, "r+") as f:
+        f["embeddings"][1, 2] = 0.5
+    args = ["cache", "verify", str(fifo), str(tampered), "--manifest", str(tmp_path / "none")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"FAIL {fifo}\n     - {fifo}: not a regular file" in result.output
+    assert (
+        f"FAIL {tampered}\n     - {tampered}: dataset 'embeddings' does not match its stored "
+        "sha256 digest" in result.output
+    )

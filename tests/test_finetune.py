@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_FINETUNE, params_of
+from conftest import TINY_FINETUNE, params_of, preprocessing_of
 from torch.utils.data import DataLoader
 
 from pipeline.config import ExtractParams, FinetuneParams
@@ -87,8 +87,9 @@ def test_the_image_cache_gives_the_same_checkpoint_and_features_as_decoding(tiny
     """Training and extraction read the squares `defuse decode` wrote instead of the files:
     the same pixels, so the same weights and the same cache bytes."""
     manifest, params = tiny_run["manifest"], params_of(FinetuneParams, "finetune", **TINY_FINETUNE)
+    prep = preprocessing_of(target_info("tf_efficientnet_lite0", params))
     images = decode_images(
-        manifest, target_info("tf_efficientnet_lite0", params), tmp_path / "i.h5", 1, False
+        manifest, "tf_efficientnet_lite0", prep, tmp_path / "i.h5", 1, False
     ).path
     again = finetune(
         manifest, "tf_efficientnet_lite0", params, tmp_path / "m", progress=False, images=images

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import head_entry, head_kwargs, params_of, write_params
+from conftest import feature_attrs, head_entry, head_kwargs, params_of, write_params
 
 from pipeline import layout
 from pipeline.config import FuseParams
@@ -46,19 +46,8 @@ def write_cache(path, backbone, dim, seed, split=None, manifest_sha="m" * 64):
     emb = (rng.normal(size=(N, dim)) + means[y]).astype(np.float32)
     logits = rng.normal(size=(N, 3)).astype(np.float32) + 2 * np.eye(3)[y]
     split = split if split is not None else np.array(["train", "val", "test"])[np.arange(N) % 5 % 3]
-    attrs = {
-        "backbone": backbone,
-        "class_names": CLASSES,
-        "checkpoint_sha256": "c" * 64,
-        "manifest_sha256": manifest_sha,
-        "input_size": 32,
-        "mean": [0.5] * 3,
-        "std": [0.5] * 3,
-        "layer": "pre_logits",
-        "tta": False,
-        "versions": "{}",
-    }
-    with CacheWriter(path, N, dim, 3, "float32", attrs) as w:
+    attrs = feature_attrs(backbone, CLASSES, manifest_sha256=manifest_sha)
+    with CacheWriter(path, N, dim, attrs) as w:
         w.write(0, emb, logits, [f"{i:064x}" for i in range(N)], y, split)
     return path
 

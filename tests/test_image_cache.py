@@ -1,13 +1,15 @@
 """Image caches: every image decoded once to its backbone's square; rows equal to what the
 loaders make of the files, reused for unchanged samples, refused for another square."""
 
+import re
 import shutil
 from dataclasses import replace
 
+import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import make_manifest, params_of
+from conftest import feature_attrs, make_manifest, params_of, preprocessing_of, rewrite_digests
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -69,11 +71,13 @@ def _decoded(info, path):
 @pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_rows_are_the_squares_the_loaders_make_of_the_files(data, tmp_path, mode):
     info = replace(INFO, resize=mode)
-    result = decode_images(data, info, tmp_path / "images.h5", workers=2, progress=False)
+    result = decode_images(
+        data, BACKBONE, preprocessing_of(info), tmp_path / "images.h5", workers=2, progress=False
+    )
     assert (result.n_rows, result.n_decoded, result.n_reused) == (len(data), len(data), 0)
-    cache = open_image_cache(result.path, info)
+    cache = open_image_cache(result.path, preprocessing_of(info), BACKBONE)
     assert cache.sample_id.astype(str).tolist() == list(data.sample_id)
-    assert cache.attrs["backbone"] == BACKBONE and cache.attrs["resize"] == mode
+    assert cache.attrs["backbone"] == BACKBONE and cache.preprocessing.resize == mode
     squares = cache.manifest_squares(data, np.arange(len(data)))
     for i in range(len(data)):
         expected = _decoded(info, data.image_path(i))
@@ -90,7 +94,8 @@ def _batches(dataset, workers, seed=0):
 @pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_the_loaders_yield_the_same_tensors_with_and_without_the_cache(data, tmp_path, mode):
     info = replace(INFO, resize=mode)
-    cache = open_image_cache(decode_images(data, info, tmp_path / "i.h5", 1, False).path, info)
+    path = decode_images(data, BACKBONE, preprocessing_of(info), tmp_path / "i.h5", 1, False).path
+    cache = open_image_cache(path, preprocessing_of(info), BACKBONE)
     rows = np.random.default_rng(1).permutation(len(data))  # any order, as a split gives
     squares = cache.manifest_squares(data, rows)
     for transform in (eval_transform(info), train_transform(info, AUGMENT)):
@@ -110,34 +115,38 @@ def test_unchanged_samples_are_copied_not_decoded(tmp_path):
     root = _mixed(tmp_path / "images")
     first = make_manifest(root, tmp_path / "m1" / "manifest.csv")
     out = tmp_path / "images.h5"
-    decode_images(first, INFO, out, 2, False)
+    decode_images(first, BACKBONE, preprocessing_of(INFO), out, 2, False)
     _mixed(root, n_per_class=3, seed=1)  # new images
     gone = first.image_path(0)
     kept = first.image_path(1)
     gone.unlink()
     grown = make_manifest(root, tmp_path / "m2" / "manifest.csv")
     shutil.move(kept, tmp_path / "aside")  # a copied row needs no file
-    result = decode_images(grown, INFO, out, 2, False)
+    result = decode_images(grown, BACKBONE, preprocessing_of(INFO), out, 2, False)
     assert (result.n_decoded, result.n_reused) == (6, len(first) - 1)
     assert read_image_cache(out).sample_id.astype(str).tolist() == list(grown.sample_id)
 
     shutil.move(tmp_path / "aside", kept)
-    fresh = decode_images(grown, INFO, tmp_path / "fresh.h5", 1, False)
+    fresh = decode_images(grown, BACKBONE, preprocessing_of(INFO), tmp_path / "fresh.h5", 1, False)
     assert fresh.path.read_bytes() == out.read_bytes()
 
 
 def test_identical_inputs_give_identical_bytes_and_another_square_decodes_again(data, tmp_path):
-    a = decode_images(data, INFO, tmp_path / "a.h5", 2, False).path
-    b = decode_images(data, INFO, tmp_path / "b.h5", 1, False).path
+    a = decode_images(data, BACKBONE, preprocessing_of(INFO), tmp_path / "a.h5", 2, False).path
+    b = decode_images(data, BACKBONE, preprocessing_of(INFO), tmp_path / "b.h5", 1, False).path
     assert a.read_bytes() == b.read_bytes()
-    again = decode_images(data, INFO, a, 2, False)
+    again = decode_images(data, BACKBONE, preprocessing_of(INFO), a, 2, False)
     assert again.n_reused == len(data) and a.read_bytes() == b.read_bytes()
-    other = decode_images(data, replace(INFO, input_size=40), a, 2, False)
-    assert other.n_reused == 0 and read_image_cache(a).attrs["input_size"] == 40
+    other = decode_images(
+        data, BACKBONE, preprocessing_of(replace(INFO, input_size=40)), a, 2, False
+    )
+    assert other.n_reused == 0 and read_image_cache(a).preprocessing.input_size == 40
 
 
 def test_a_cache_of_another_square_is_refused_and_predict_passes_it_by(data, tmp_path):
-    path = decode_images(data, INFO, tmp_path / "images.h5", 1, False).path
+    path = decode_images(
+        data, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False
+    ).path
     for change, says in (
         ({"input_size": 48}, "holds squares of input_size 32, but tf_efficientnet_lite0 is "
                              "fine-tuned on input_size 48"),
@@ -145,22 +154,24 @@ def test_a_cache_of_another_square_is_refused_and_predict_passes_it_by(data, tmp
     ):  # fmt: skip
         other = replace(INFO, **change)
         with pytest.raises(CacheError, match=rf"{says}; re-run `defuse decode {BACKBONE}`"):
-            open_image_cache(path, other)
-        assert usable_image_cache(path, other) is None
-    assert usable_image_cache(tmp_path / "absent.h5", INFO) is None
-    assert usable_image_cache(path, INFO) is not None
+            open_image_cache(path, preprocessing_of(other), BACKBONE)
+        assert usable_image_cache(path, preprocessing_of(other)) is None
+    assert usable_image_cache(tmp_path / "absent.h5", preprocessing_of(INFO)) is None
+    assert usable_image_cache(path, preprocessing_of(INFO)) is not None
     with pytest.raises(CacheError, match=r"absent\.h5: no such image cache"):
-        open_image_cache(tmp_path / "absent.h5", INFO)
+        open_image_cache(tmp_path / "absent.h5", preprocessing_of(INFO), BACKBONE)
 
 
 def test_images_the_cache_lacks_are_named(tmp_path):
     root = _mixed(tmp_path / "images")
     first = make_manifest(root, tmp_path / "m1" / "manifest.csv")
-    path = decode_images(first, INFO, tmp_path / "images.h5", 1, False).path
+    path = decode_images(
+        first, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False
+    ).path
     _mixed(root, n_per_class=3, seed=1)
     grown = make_manifest(root, tmp_path / "m2" / "manifest.csv")
     new = [i for i, s in enumerate(grown.sample_id) if s not in first.sample_id]
-    cache = open_image_cache(path, INFO)
+    cache = open_image_cache(path, preprocessing_of(INFO), BACKBONE)
     with pytest.raises(CacheError) as err:
         cache.manifest_squares(grown, np.arange(len(grown)))
     message = str(err.value)
@@ -178,36 +189,80 @@ def test_a_file_changed_since_prepare_is_refused(data, tmp_path):
     with pytest.raises(
         DataError, match=rf"{victim.name}: its bytes no longer hash to its sample_id"
     ):
-        decode_images(data, INFO, tmp_path / "images.h5", 1, False)
+        decode_images(data, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False)
     assert not (tmp_path / "images.h5").exists()
 
 
 def test_damaged_or_foreign_files_are_errors_and_never_reused(data, tmp_path):
-    path = decode_images(data, INFO, tmp_path / "images.h5", 1, False).path
+    path = decode_images(
+        data, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False
+    ).path
     info = image_cache_info(path)
     assert info["shape"] == (len(data), 32, 32, 3) and info["images"]["grey"] == len(data) // 2
     assert is_image_cache(path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert not is_image_cache(path)
-    with pytest.raises(CacheError, match="not a readable HDF5 image cache"):
+    with pytest.raises(CacheError, match="not a readable HDF5 file"):
         read_image_cache(path)
-    assert "not a readable HDF5 image cache" in verify_image_cache(path)[0]
-    assert decode_images(data, INFO, path, 1, False).n_reused == 0  # recomputed whole
+    assert "not a readable HDF5 file" in verify_image_cache(path)[0]
+    assert (
+        decode_images(data, BACKBONE, preprocessing_of(INFO), path, 1, False).n_reused == 0
+    )  # recomputed whole
 
     features = tmp_path / "features.h5"  # a sound feature cache is no image cache
-    attrs = dict(backbone=BACKBONE, class_names=["a", "b"], checkpoint_sha256="c" * 64,
-                 manifest_sha256="m" * 64, input_size=32, mean=[0.5] * 3, std=[0.5] * 3,
-                 layer="pre_logits", tta=False, versions="{}")  # fmt: skip
-    with CacheWriter(features, 2, 4, 2, "float32", attrs) as writer:
+    with CacheWriter(features, 2, 4, feature_attrs(class_names=["a", "b"])) as writer:
         writer.write(0, np.ones((2, 4)), np.ones((2, 2)), ["a" * 64, "b" * 64], [0, 1], [0, 1])
     assert not is_image_cache(features)
-    with pytest.raises(CacheError, match="image_schema None is not 1; not an image cache"):
+    with pytest.raises(
+        CacheError,
+        match="image_schema None is not 2; not a defuse image cache of this version: re-run `defuse decode b`",
+    ):
         read_image_cache(features)
 
 
 def test_readers_refuse_a_file_replaced_after_its_header_was_read(data, tmp_path):
-    path = decode_images(data, INFO, tmp_path / "images.h5", 1, False).path
-    squares = open_image_cache(path, INFO).manifest_squares(data, np.arange(len(data)))
-    decode_images(data, replace(INFO, input_size=40), path, 1, False)
-    with pytest.raises(CacheError, match="replaced since its header was read"):
+    path = decode_images(
+        data, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False
+    ).path
+    squares = open_image_cache(path, preprocessing_of(INFO), BACKBONE).manifest_squares(
+        data, np.arange(len(data))
+    )
+    decode_images(data, BACKBONE, preprocessing_of(replace(INFO, input_size=40)), path, 1, False)
+    with pytest.raises(CacheError, match="changed since it was read"):
         squares.image(0)
+
+
+def _swap_ids(f):
+    ids = f["sample_id"][()]
+    f["sample_id"][0], f["sample_id"][1] = ids[1], ids[0]
+
+
+def _change_pixel_row(f):
+    f["pixels"][3, 5] = 255 - f["pixels"][3, 5]
+
+
+@pytest.mark.parametrize(
+    ("damage", "dataset"), [(_swap_ids, "sample_id"), (_change_pixel_row, "pixels")]
+)
+def test_tampered_rows_are_refused_by_every_reader_and_never_reused(
+    data, tmp_path, damage, dataset
+):
+    path = decode_images(
+        data, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False
+    ).path
+    with h5py.File(path, "r+") as f:
+        damage(f)
+    says = f"{path}: dataset '{dataset}' does not match its stored sha256 digest"
+    (problem,) = verify_image_cache(path, data)
+    assert problem.startswith(says) and "\n" not in problem
+    with pytest.raises(CacheError, match=re.escape(says)):  # what finetune / extract / predict do
+        open_image_cache(path, preprocessing_of(INFO), BACKBONE).manifest_squares(
+            data, np.arange(len(data))
+        )
+    result = decode_images(data, BACKBONE, preprocessing_of(INFO), path, 1, False)
+    assert result.n_reused == 0 and verify_image_cache(path, data) == []
+    # the digests cover what a reader compares: rewritten digests make the file sound again
+    with h5py.File(path, "r+") as f:
+        damage(f)
+        rewrite_digests(f)
+    assert verify_image_cache(path) == []

@@ -4,7 +4,6 @@ stage's dependencies are the code it runs."""
 import ast
 from pathlib import Path
 
-import pytest
 import yaml
 
 from pipeline import layout
@@ -164,11 +163,6 @@ def test_checkpoints_hash_files_without_the_feature_cache():
     assert "pipeline/storage/feature_cache.py" not in closure
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/storage/image_cache.py still imports encode_attr, decode_attr and "
-    "file_identity from the feature cache; they move to the shared HDF5 store",
-)
 def test_feature_cache_edits_rerun_no_decode_or_finetune():
     for name in ("decode", "finetune"):
         assert "pipeline/storage/feature_cache.py" not in _stage_code(name), name

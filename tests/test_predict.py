@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import params_of, write_params
+from conftest import params_of, preprocessing_of, write_params
 
 from pipeline import layout
 from pipeline.config import ExtractParams, FuseParams
@@ -174,7 +174,9 @@ def test_predict_reads_the_image_cache_for_files_it_holds_and_decodes_the_rest(
     new.write_bytes(paths[0].read_bytes() + b"\0")
     info = backbone_info_of(read_sidecar(layout.checkpoint_dir(BACKBONE, fused["models"])))
     images = tmp_path / "images"
-    decode_images(manifest, info, layout.image_cache(BACKBONE, images), 1, False)
+    decode_images(
+        manifest, BACKBONE, preprocessing_of(info), layout.image_cache(BACKBONE, images), 1, False
+    )
     decoded = []  # names of the files decoded, by predict's check and by the loader
     for module in (pipeline.predict, pipeline.data.transforms):
 
@@ -191,9 +193,8 @@ def test_predict_reads_the_image_cache_for_files_it_holds_and_decodes_the_rest(
     np.testing.assert_allclose(result.proba, plain.proba, atol=1e-6)
 
     decoded.clear()  # a cache of other squares is passed by: every file is decoded
-    decode_images(
-        manifest, replace(info, input_size=40), layout.image_cache(BACKBONE, images), 1, False
-    )
+    other = preprocessing_of(replace(info, input_size=40))
+    decode_images(manifest, BACKBONE, other, layout.image_cache(BACKBONE, images), 1, False)
     predict(paths, *args, images_dir=images, max_pixels=MAX_PIXELS)
     assert sorted(decoded) == sorted([p.name for p in paths] * 2)
 

@@ -1,12 +1,13 @@
-"""HDF5 feature caches (schema 1): one file per backbone holding every sample's embedding.
+"""HDF5 feature caches (schema 2): one file per backbone holding every sample's embedding, a
+schema of the row store (`pipeline.storage.rowstore`: atomic, deterministic, digested).
 
-Written atomically and byte-for-byte deterministically; read, checked and aligned by sample id
-for fusion. Pure numpy + h5py: nothing in a cache is unpickled or executed.
+Read, checked and aligned by sample id for fusion. Pure numpy + h5py: nothing in a cache is
+unpickled or executed.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,26 +17,48 @@ import h5py
 import numpy as np
 
 from pipeline.errors import CacheError
-from pipeline.storage import atomic
+from pipeline.models.preprocessing import Preprocessing
+from pipeline.storage import rowstore
 from pipeline.storage.hashing import file_sha256
+from pipeline.storage.rowstore import (
+    SPLITS,
+    Column,
+    Schema,
+    Store,
+    check_unique,
+    file_identity,
+    ids_to_bytes,
+)
 
-SCHEMA = 1
-SPLITS = ("train", "val", "test")  # split code i means SPLITS[i]
-DATASETS = ("embeddings", "logits", "sample_id", "label", "split")
-# Cross-fitting: the fold model that embedded each row, -1 = the model trained on all of
-# train. Optional: a cache without it came from one model.
-FOLD = "fold"
-# File attributes, in the order they are written; extras follow, sorted by name. No clock
-# time among them: DVC hashes the file, and identical inputs must give identical bytes.
+SCHEMA = 2  # 2: the preprocessing record stored whole, digests of every dataset
+# File attributes after `schema`, in the order they are written; extras follow, sorted by
+# name, then `digests`. No clock time among them: DVC hashes the file, and identical inputs
+# must give identical bytes.
 ATTRS = (
-    "schema", "backbone", "dim", "n_classes", "class_names", "checkpoint_sha256",
-    "manifest_sha256", "input_size", "mean", "std", "layer", "dtype", "tta", "versions",
+    "backbone", "dim", "n_classes", "class_names", "checkpoint_sha256", "manifest_sha256",
+    "preprocessing", "layer", "dtype", "tta", "versions",
 )  # fmt: skip
-# What makes old embeddings valid for a new extraction, besides the checkpoint.
-PREPROCESSING = ("input_size", "mean", "std", "layer", "dtype", "tta")
-_DERIVED = ("schema", "dim", "n_classes", "dtype")  # the writer fills these itself
-_JSON = ("class_names", "versions")  # stored as JSON text; everything else is native
-_ID = "S64"  # sample ids are sha256 hex digests: 64 ASCII bytes
+# What makes old embeddings valid for a new extraction.
+IDENTITY = ("checkpoint_sha256", "preprocessing", "layer", "dtype", "tta")
+# Cross-fitting: the fold model that embedded each row, -1 = the model trained on all of train.
+FOLD = "fold"
+FEATURES = Schema(
+    kind="feature cache",
+    marker="schema",
+    version=SCHEMA,
+    columns=(
+        Column("embeddings", "f", 2, small=False),
+        Column("logits", "f", 2),
+        Column("sample_id", "S", 1),
+        Column("label", "iu", 1),
+        Column("split", "u", 1),
+        Column(FOLD, "i", 1),
+    ),
+    attrs=ATTRS,
+    identity=IDENTITY,
+    rerun="defuse extract BACKBONE",
+)
+DATASETS = tuple(c.name for c in FEATURES.columns)
 _PIECE_ROWS = 512  # rows read at a time: checked for NaN while still in the CPU cache
 _GAP_ROWS = 64  # unwanted rows between two wanted ones that are cheaper read through than skipped
 # A streamed block is held a few times over while a head trains on it (read, its float64
@@ -43,225 +66,111 @@ _GAP_ROWS = 64  # unwanted rows between two wanted ones that are cheaper read th
 _BLOCK_SHARE = 32
 
 
-# ---------------------------------------------------------------------------- attributes
-
-
-def encode_attr(key: str, value):
-    """Python value -> what h5py stores: UTF-8 text (JSON for some), a numpy scalar or
-    numeric array. Text is fixed-length bytes: a variable-length string lives in HDF5's global
-    heap, where one damaged byte can hang the library's reader instead of failing."""
-    if key in _JSON:
-        if isinstance(value, str):  # versions may come pre-encoded
-            value = json.loads(value)
-        return np.bytes_(json.dumps(value, sort_keys=True).encode("utf-8"))
-    if key == "dtype":
-        return np.bytes_(np.dtype(value).name.encode())
-    if isinstance(value, str):
-        return np.bytes_(value.encode("utf-8"))
-    if isinstance(value, bool | np.bool_):
-        return np.bool_(value)
-    if isinstance(value, int | np.integer):
-        return np.int64(value)
-    if isinstance(value, float | np.floating):
-        return np.float64(value)
-    arr = np.asarray(value)
-    if arr.ndim == 1 and arr.size and arr.dtype.kind in "iuf":
-        return arr.astype(np.float64 if arr.dtype.kind == "f" else np.int64)
-    raise CacheError(
-        f"attribute {key!r} must be a str, int, float, bool or a list of numbers; got {value!r}"
+def cache_attrs(
+    backbone: str,
+    class_names: Sequence[str],
+    preprocessing: Preprocessing,
+    checkpoint_sha256: str,
+    manifest_sha256: str,
+    *,
+    layer: str = "pre_logits",
+    dtype: str = "float32",
+    tta: bool = False,
+    versions: Mapping | str | None = None,  # a mapping, or its JSON text
+    **extra,
+) -> dict:
+    """The attributes a CacheWriter needs (but `dim` and `n_classes`, which it derives):
+    the one place that lists them. ``extra`` str / number attributes are stored after them."""
+    return dict(
+        backbone=backbone,
+        class_names=list(class_names),
+        checkpoint_sha256=checkpoint_sha256,
+        manifest_sha256=manifest_sha256,
+        preprocessing=preprocessing,
+        layer=layer,
+        dtype=np.dtype(dtype).name,
+        tta=tta,
+        versions=versions if versions is not None else {},
+        **extra,
     )
-
-
-def decode_attr(key: str, raw):
-    """What h5py returns -> plain Python (str, int, float, bool, list, dict)."""
-    if isinstance(raw, bytes | np.bytes_):
-        raw = raw.decode("utf-8")
-    if key in _JSON:
-        return json.loads(raw)
-    return raw.tolist() if isinstance(raw, np.ndarray | np.generic) else raw
-
-
-def _same(key: str, value, stored) -> bool:
-    """Whether a caller's value equals a stored attribute, compared after the same encoding."""
-    try:
-        return decode_attr(key, encode_attr(key, value)) == stored
-    except (CacheError, TypeError, ValueError):
-        return False
 
 
 # ---------------------------------------------------------------------------- writer
 
 
 class CacheWriter:
-    """Stream a feature cache to `path`: all rows or nothing, identical bytes for identical input.
+    """Stream a feature cache to `path`: all rows or nothing, identical bytes for identical
+    input (a `rowstore.RowWriter`: preallocated, written in place, temporary file beside
+    `path`, renamed into place only when every row was written with unique ids).
 
-    Datasets are preallocated with `n_rows` rows and each batch is written in place, so memory
-    does not grow with N. Everything goes to a hidden temporary file beside `path`
-    (`pipeline.storage.atomic`: the leftovers of killed runs are removed first); a clean exit checks
-    every row was written, fsyncs and renames it onto `path`, an exception deletes it and
-    leaves any existing `path` untouched.
+    `attrs`: what `cache_attrs` returns; the dtype of the embeddings is `attrs["dtype"]`
+    (float32 or float16) and n_classes is len(attrs["class_names"]):
 
-    `attrs` must hold every name in ATTRS except schema, dim, n_classes and dtype, which the
-    writer sets (extra str / number / bool / numeric-list attributes are stored too):
-
-        with CacheWriter(path, n, 1280, 4, attrs=attrs) as w:
+        with CacheWriter(path, n, 1280, attrs) as w:
             for start in range(0, n, 64):
-                w.write(start, emb, logits, ids, labels, splits)  # (b, 1280), (b, 4), (b,) x3
+                w.write(start, emb, logits, ids, labels, splits)  # (b, 1280), (b, C), (b,) x3
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        n_rows: int,
-        dim: int,
-        n_classes: int,
-        dtype: str = "float32",
-        attrs: Mapping | None = None,
-    ):
+    def __init__(self, path: str | os.PathLike, n_rows: int, dim: int, attrs: Mapping):
         self.path = Path(path)
-        self.tmp = atomic.temp_path(self.path)
-        if np.dtype(dtype) not in (np.float32, np.float16):
-            raise CacheError(f"{self.path}: dtype must be float32 or float16, got {dtype!r}")
+        given = dict(attrs)
+        missing = [k for k in ATTRS if k not in given and k not in ("dim", "n_classes")]
+        if missing:
+            raise CacheError(f"{self.path}: missing attributes {missing}")
+        self.dtype = np.dtype(given["dtype"])
+        if self.dtype not in (np.float32, np.float16):
+            raise CacheError(f"{self.path}: dtype must be float32 or float16, got {self.dtype}")
+        n_classes = len(given["class_names"])
         if min(n_rows, dim, n_classes) < 1:
             raise CacheError(
                 f"{self.path}: n_rows, dim and n_classes must be >= 1, "
                 f"got {n_rows}, {dim}, {n_classes}"
             )
-        self.n_rows, self.dim, self.n_classes = int(n_rows), int(dim), int(n_classes)
-        self.dtype = np.dtype(dtype)
-        self._attrs = self._file_attrs(dict(attrs or {}))
-        self._file: h5py.File | None = None
-        self._written = np.zeros(self.n_rows, bool)
-        self._next = 0
-
-    def _file_attrs(self, given: dict) -> dict:
-        derived = dict(schema=SCHEMA, dim=self.dim, n_classes=self.n_classes, dtype=self.dtype.name)
-        for key, value in derived.items():
-            if key in given and not _same(
-                key, given.pop(key), decode_attr(key, encode_attr(key, value))
-            ):
-                raise CacheError(f"{self.path}: attribute {key!r} disagrees with {value!r}")
-        missing = [k for k in ATTRS if k not in _DERIVED and k not in given]
-        if missing:
-            raise CacheError(f"{self.path}: missing attributes {missing}")
-        given |= derived
-        if len(given["class_names"]) != self.n_classes:
-            raise CacheError(
-                f"{self.path}: {len(given['class_names'])} class_names for "
-                f"n_classes={self.n_classes}"
-            )
-        order = [*ATTRS, *sorted(set(given) - set(ATTRS))]
-        return {k: encode_attr(k, given[k]) for k in order}
+        self.n_rows, self.dim, self.n_classes = int(n_rows), int(dim), n_classes
+        given |= dict(dim=self.dim, n_classes=n_classes, dtype=self.dtype.name)
+        shapes = dict(
+            embeddings=((self.dim,), self.dtype),
+            logits=((n_classes,), np.float32),
+            sample_id=((), rowstore.ID_DTYPE),
+            label=((), np.int64),
+            split=((), np.uint8),
+            fold=((), np.int8),
+        )
+        self._rows = rowstore.RowWriter(self.path, FEATURES, self.n_rows, shapes, given)
+        self.tmp = self._rows.tmp
 
     def __enter__(self) -> CacheWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.clean_stale(self.path)
-        # track_order: attributes come back in the order written. Determinism checked on
-        # HDF5 2.0 / h5py 3.16: with track_times=False no clock value reaches the file.
-        f = self._file = h5py.File(self.tmp, "w", track_order=True)
-        try:
-            for key, value in self._attrs.items():
-                f.attrs[key] = value
-            n, kw = self.n_rows, dict(track_times=False)  # contiguous: fastest to read
-            f.create_dataset("embeddings", (n, self.dim), self.dtype, **kw)
-            f.create_dataset("logits", (n, self.n_classes), np.float32, **kw)
-            f.create_dataset("sample_id", (n,), _ID, **kw)
-            f.create_dataset("label", (n,), np.int64, **kw)
-            f.create_dataset("split", (n,), np.uint8, **kw).attrs["split_names"] = encode_attr(
-                "class_names", list(SPLITS)
-            )
-            f.create_dataset(FOLD, (n,), np.int8, fillvalue=-1, **kw)
-        except BaseException:
-            self._discard()
-            raise
+        self._rows.__enter__()
         return self
+
+    def __exit__(self, *exc) -> None:
+        self._rows.__exit__(*exc)
 
     def write(self, start: int, embeddings, logits, sample_id, label, split, fold=None) -> None:
         """Write rows [start, start + b): embeddings (b, dim), logits (b, n_classes), sample_id
         (b,) str, label (b,) int in [0, n_classes), split (b,) "train"/"val"/"test" or 0/1/2,
         fold (b,) int: the cross-fitting fold model of each row, -1 (the default) for the
         model trained on all of train."""
-        if self._file is None:
-            raise CacheError(f"{self.path}: write() outside the `with CacheWriter(...)` block")
         with np.errstate(over="ignore"):  # float16 overflow is refused below, naming the sample
             emb = np.ascontiguousarray(embeddings, dtype=self.dtype)
-        b = len(emb)
-        lgt = np.ascontiguousarray(logits, dtype=np.float32)
-        ids, lab, spl = np.asarray(sample_id), np.asarray(label), np.asarray(split)
-        shapes = dict(
-            embeddings=(emb.shape, (b, self.dim)),
-            logits=(lgt.shape, (b, self.n_classes)),
-            sample_id=(ids.shape, (b,)),
-            label=(lab.shape, (b,)),
-            split=(spl.shape, (b,)),
-        )
-        for name, (got, want) in shapes.items():
-            if got != want:
-                raise CacheError(f"{self.path}: {name} has shape {got}, expected {want}")
-        if not 0 <= start <= self.n_rows - b:
-            raise CacheError(f"{self.path}: rows [{start}, {start + b}) outside [0, {self.n_rows})")
-        ids = _ids_to_bytes(ids, self.path)
-        for name, arr in (("embeddings", emb), ("logits", lgt)):
-            bad = _first_nonfinite(arr)  # after the cast: float16 overflows to inf
+        ids = ids_to_bytes(sample_id, self.path)
+        fold = np.full(len(ids), -1, np.int8) if fold is None else np.asarray(fold, np.int8)
+        columns = dict(embeddings=emb, logits=np.ascontiguousarray(logits, dtype=np.float32),
+                       sample_id=ids, label=np.asarray(label), split=np.asarray(split),
+                       fold=fold)  # fmt: skip
+        self._rows.check(start, columns)
+        for name in ("embeddings", "logits"):
+            bad = _first_nonfinite(columns[name])  # after the cast: float16 overflows to inf
             if bad is not None:
                 raise CacheError(
                     f"{self.path}: {name} of sample {ids[bad].decode()} are not finite"
                 )
+        lab = columns["label"]
         if lab.dtype.kind not in "iu" or ((lab < 0) | (lab >= self.n_classes)).any():
             raise CacheError(f"{self.path}: labels must be ints in [0, {self.n_classes})")
-        codes = _split_codes(spl, self.path)
-        f, rows = self._file, slice(start, start + b)
-        f["embeddings"][rows] = emb
-        f["logits"][rows] = lgt
-        f["sample_id"][rows] = ids
-        f["label"][rows] = lab.astype(np.int64)
-        f["split"][rows] = codes
-        if fold is not None:
-            f[FOLD][rows] = np.asarray(fold, dtype=np.int8)
-        self._written[rows] = True
-        self._next = start + b
-
-    def append(self, embeddings, logits, sample_id, label, split) -> None:
-        """write() at the row after the previous batch."""
-        self.write(self._next, embeddings, logits, sample_id, label, split)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self._discard()
-            return
-        try:
-            if not self._written.all():
-                missing = np.flatnonzero(~self._written)
-                raise CacheError(
-                    f"{self.path}: {len(missing)} of {self.n_rows} rows never written "
-                    f"(first: row {missing[0]})"
-                )
-            _check_unique(self._file["sample_id"][()], self.path)
-            self._file.close()
-            atomic.commit(self.tmp, self.path)
-        except BaseException:
-            self._discard()
-            raise
-        finally:
-            self._file = None
-
-    def _discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self.tmp.unlink(missing_ok=True)
-
-
-def _ids_to_bytes(ids: np.ndarray, where) -> np.ndarray:
-    if ids.dtype.kind == "S" and ids.dtype.itemsize <= 64:
-        return ids.astype(_ID)
-    try:
-        as_str = ids.astype(str)
-        if (np.char.str_len(as_str) > 64).any():
-            raise ValueError
-        return np.char.encode(as_str, "ascii").astype(_ID)
-    except (UnicodeEncodeError, ValueError):
-        raise CacheError(f"{where}: sample ids must be ASCII strings of <= 64 chars") from None
+        columns["label"] = lab.astype(np.int64)
+        columns["split"] = _split_codes(columns["split"], self.path)
+        self._rows.write(start, columns)
 
 
 def _split_codes(split: np.ndarray, where) -> np.ndarray:
@@ -291,16 +200,6 @@ def _first_nonfinite(a: np.ndarray) -> int | None:
     return int(bad[0]) if len(bad) else None
 
 
-def _check_unique(ids: np.ndarray, where) -> None:
-    s = np.sort(ids)
-    dup = np.flatnonzero(s[1:] == s[:-1])
-    if len(dup):
-        rows = np.flatnonzero(ids == s[dup[0]])
-        shown = f"{rows[:5].tolist()}{' ...' if len(rows) > 5 else ''}"
-        raise CacheError(f"{where}: sample_id {s[dup[0]].decode()!r} appears {len(rows)} times "
-                         f"(rows {shown})")  # fmt: skip
-
-
 # ---------------------------------------------------------------------------- reader
 
 
@@ -319,21 +218,34 @@ class FeatureCache:
 
     def rows_for(self, sample_ids: Sequence[str]) -> np.ndarray:
         """(M,) int64: the row of each given id in this cache, -1 where it is absent."""
-        return _lookup(self.sample_id.astype(_ID), _ids_to_bytes(np.asarray(sample_ids), "ids"))
+        return rowstore.rows_for(ids_to_bytes(self.sample_id, self.path), sample_ids)
 
 
 @dataclass
 class _Header:
     """Everything in a cache but the embeddings' values, checked; the file stays open."""
 
-    path: Path
-    file: h5py.File
-    attrs: dict
+    store: Store
     logits: np.ndarray  # (N, C) float32
-    sample_id: np.ndarray  # (N,) S64
     label: np.ndarray  # (N,) int64
     split: np.ndarray  # (N,) uint8 codes
     fold: np.ndarray  # (N,) int8, -1 where the model trained on all of train embedded the row
+
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    @property
+    def file(self) -> h5py.File:
+        return self.store.file
+
+    @property
+    def attrs(self) -> dict:
+        return self.store.attrs
+
+    @property
+    def sample_id(self) -> np.ndarray:  # (N,) S64
+        return self.store.sample_id
 
     @property
     def embeddings(self) -> h5py.Dataset:
@@ -341,18 +253,25 @@ class _Header:
 
     def read_into(self, out: np.ndarray, cols=slice(None), src: np.ndarray | None = None):
         """Copy embeddings into out[:, cols]: file row src[i] to out row i (src None: every
-        row in file order). Refuses NaN / inf; see `_read_rows`."""
-        _read_rows(self.path, self.embeddings, out, cols, src)
+        row in file order, checked against the digest as they are read; otherwise the digest
+        is checked first, once per process). Refuses NaN / inf; see `_read_rows`."""
+        if src is not None:
+            _guard(self.path, self.store.verify, "embeddings")
+        digest = _read_rows(self.path, self.embeddings, out, cols, src)
+        if digest is not None:
+            self.store.confirm("embeddings", digest)
 
 
-def _read_rows(path: Path, ds: h5py.Dataset, out, cols, src) -> None:
-    """out[i, cols] = ds[src[i]] for every i (src None: out[:n, cols] = ds[:n]).
+def _read_rows(path: Path, ds: h5py.Dataset, out, cols, src) -> str | None:
+    """out[i, cols] = ds[src[i]] for every i (src None: out[:n, cols] = ds[:n], and the
+    sha256 hex of all of ds's bytes is returned; else None).
 
     Reads whole row ranges of up to _PIECE_ROWS rows, never a fancy index (slow in HDF5):
     wanted rows less than _GAP_ROWS apart are read through, scattered ones one range each.
     Every row read is checked for NaN / inf, named by sample id and file row.
     """
     n = ds.shape[0]
+    whole = hashlib.sha256() if src is None else None
     if src is None:
         order, wanted = None, np.arange(n)
     elif len(src) < 2 or (np.diff(src) > 0).all():
@@ -360,17 +279,17 @@ def _read_rows(path: Path, ds: h5py.Dataset, out, cols, src) -> None:
     else:
         order = np.argsort(src, kind="stable")
         wanted = src[order]
-    if not len(wanted):
-        return
     direct = src is None and cols == slice(None) and out.dtype == ds.dtype
     buf = None if direct else np.empty((min(_PIECE_ROWS, n), ds.shape[1]), ds.dtype)
     cuts = np.flatnonzero(np.diff(wanted) > _GAP_ROWS) + 1
     for first, last in zip([0, *cuts.tolist()], [*cuts.tolist(), len(wanted)], strict=True):
         run = wanted[first:last]  # increasing file rows, each gap at most _GAP_ROWS
-        for s in range(int(run[0]), int(run[-1]) + 1, _PIECE_ROWS):
+        for s in range(int(run[0]), int(run[-1]) + 1, _PIECE_ROWS) if len(run) else ():
             e = min(s + _PIECE_ROWS, int(run[-1]) + 1)
             piece = out[s:e] if direct else buf[: e - s]
             _guard(path, ds.read_direct, piece, np.s_[s:e])
+            if whole is not None:
+                whole.update(piece)
             bad = _first_nonfinite(piece)
             if bad is not None:
                 sample = ds.file["sample_id"][s + bad].decode()
@@ -383,6 +302,7 @@ def _read_rows(path: Path, ds: h5py.Dataset, out, cols, src) -> None:
             dest = slice(i, j) if order is None else order[i:j]
             # a column block of X, float16 -> float32, another row order or a row subset
             out[dest, cols] = piece if j - i == e - s else piece[run[i - first : j - first] - s]
+    return None if whole is None else whole.hexdigest()
 
 
 def _guard(path: Path, fn, *args):
@@ -394,61 +314,28 @@ def _guard(path: Path, fn, *args):
 
 
 def _open(path: str | os.PathLike, unique: bool = True) -> _Header:
-    """Open and check a cache but its embeddings' values; `unique=False` leaves the sample id
-    uniqueness check to a caller that can often skip it (load_features)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CacheError(f"{path}: no such feature cache")
+    """Open and check a cache but its embeddings' values (`rowstore.open_store`, then what
+    the values must mean); `unique=False` leaves the sample id uniqueness check to a caller
+    that can often skip it (load_features)."""
+    store = rowstore.open_store(path, FEATURES)
     try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise CacheError(
-            f"{path}: not a readable HDF5 file: truncated, still being written or not HDF5 ({e})"
-        ) from None
-    try:
-        head = _read_header(path, f)
+        head = _check_header(store)
         if unique:
-            _check_unique(head.sample_id, path)
+            check_unique(head.sample_id, store.path)
         return head
-    # h5py reports damaged metadata as any of these (a killed writer's file: KeyError, "bad
-    # object header version number"); an attribute that is not JSON is a ValueError
-    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
-        f.close()
-        raise CacheError(f"{path}: unreadable feature cache ({e})") from None
+    except rowstore.H5_ERRORS as e:
+        store.file.close()
+        raise CacheError(f"{store.path}: unreadable feature cache ({e})") from None
     except BaseException:
-        f.close()
+        store.file.close()
         raise
 
 
-def _read_header(path: Path, f: h5py.File) -> _Header:
-    if "schema" not in f.attrs:
-        raise CacheError(f"{path}: missing attribute 'schema'; not a defuse feature cache")
-    schema = decode_attr("schema", f.attrs["schema"])
-    if schema != SCHEMA:
-        raise CacheError(
-            f"{path}: schema version {schema!r} is not supported (this defuse reads "
-            f"schema {SCHEMA}); re-extract the features"
-        )
-    missing = [k for k in ATTRS if k not in f.attrs] + [d for d in DATASETS if d not in f]
-    if missing:
-        raise CacheError(f"{path}: missing attributes / datasets {missing}")
-    attrs = {k: decode_attr(k, f.attrs[k]) for k in f.attrs}
-    ds = {name: f[name] for name in DATASETS}
-    # Check kinds before reading: a variable-length (object) dataset is never read.
-    kinds = dict(embeddings="f", logits="f", sample_id="S", label="iu", split="u")
-    ndims = dict(embeddings=2, logits=2)
-    for name, kind in kinds.items():
-        d = ds[name]
-        if not isinstance(d, h5py.Dataset) or d.dtype.kind not in kind:
-            raise CacheError(f"{path}: {name} has dtype {getattr(d, 'dtype', d)!r}")
-        if d.ndim != ndims.get(name, 1):
-            raise CacheError(f"{path}: {name} has shape {d.shape}")
-    n, dim = ds["embeddings"].shape
-    for name in DATASETS:
-        if ds[name].shape[0] != n:
-            raise CacheError(f"{path}: {name} has {ds[name].shape[0]} rows but embeddings has {n}")
-    n_classes = ds["logits"].shape[1]
-    expected = dict(dim=dim, n_classes=n_classes, dtype=ds["embeddings"].dtype.name)
+def _check_header(store: Store) -> _Header:
+    path, attrs, col, f = store.path, store.attrs, store.columns, store.file
+    n, dim = f["embeddings"].shape
+    n_classes = f["logits"].shape[1]
+    expected = dict(dim=dim, n_classes=n_classes, dtype=f["embeddings"].dtype.name)
     for key, value in expected.items():
         if attrs[key] != value:
             raise CacheError(f"{path}: attribute {key}={attrs[key]!r} but the data say {value!r}")
@@ -456,12 +343,8 @@ def _read_header(path: Path, f: h5py.File) -> _Header:
         raise CacheError(
             f"{path}: {len(attrs['class_names'])} class_names for {n_classes} logit columns"
         )
-    split_names = ds["split"].attrs.get("split_names")
-    if split_names is None or decode_attr("class_names", split_names) != list(SPLITS):
-        raise CacheError(f"{path}: split_names {split_names!r}, expected {list(SPLITS)}")
-
-    # Whole-dataset reads: one contiguous read each, never a fancy index into h5py.
-    logits, ids, label, split = (ds[k][()] for k in ("logits", "sample_id", "label", "split"))
+    Preprocessing.from_json(attrs["preprocessing"], where=f"{path}: attribute preprocessing")
+    ids, logits, label, split = col["sample_id"], col["logits"], col["label"], col["split"]
     bad_rows = np.flatnonzero((ids.view(np.uint8).reshape(n, -1) >= 128).any(axis=1))
     if len(bad_rows):  # ids are ASCII; a flipped bit in them is damage, named here
         raise CacheError(f"{path}: sample_id of row {bad_rows[0]} is not ASCII text")
@@ -470,33 +353,26 @@ def _read_header(path: Path, f: h5py.File) -> _Header:
         raise CacheError(
             f"{path}: logits of sample {ids[bad].decode()} (row {bad}) contain NaN or inf"
         )
-    bad_rows = np.flatnonzero((label < 0) | (label >= n_classes))
-    if len(bad_rows):
-        r = bad_rows[0]
-        raise CacheError(
-            f"{path}: label {label[r]} of sample {ids[r].decode()} (row {r}) is outside "
-            f"[0, {n_classes})"
-        )
-    bad_rows = np.flatnonzero(split >= len(SPLITS))
-    if len(bad_rows):
-        r = bad_rows[0]
-        raise CacheError(
-            f"{path}: split code {split[r]} of sample {ids[r].decode()} (row {r}) is not a "
-            f"code of {SPLITS}"
-        )
+    for name, bad_rows, what in (
+        ("label", (label < 0) | (label >= n_classes), f"outside [0, {n_classes})"),
+        ("split code", split >= len(SPLITS), f"not a code of {SPLITS}"),
+    ):
+        rows = np.flatnonzero(bad_rows)
+        if len(rows):
+            r = rows[0]
+            value = (label if name == "label" else split)[r]
+            raise CacheError(
+                f"{path}: {name} {value} of sample {ids[r].decode()} (row {r}) is {what}"
+            )
     logits, label = logits.astype(np.float32, copy=False), label.astype(np.int64, copy=False)
-    fold = np.full(n, -1, np.int8)
-    if FOLD in f:
-        if not isinstance(f[FOLD], h5py.Dataset) or f[FOLD].shape != (n,):
-            raise CacheError(f"{path}: {FOLD} is not one int per row: {f[FOLD]!r}")
-        fold = f[FOLD][()].astype(np.int8)
-    return _Header(path, f, attrs, logits, ids, label, split, fold)
+    return _Header(store, logits, label, split, col[FOLD].astype(np.int8, copy=False))
 
 
 def read_cache(path: str | os.PathLike) -> FeatureCache:
     """Read and check a whole cache: embeddings (N, D), logits (N, C), ids / labels / splits
-    (N,). Raises CacheError naming the file and the problem (corrupt, foreign schema, shapes,
-    duplicate ids, NaN / inf, bad labels or splits)."""
+    (N,), every dataset against its digest. Raises CacheError naming the file and the problem
+    (corrupt, tampered, foreign schema, shapes, duplicate ids, NaN / inf, bad labels or
+    splits)."""
     head = _open(path)
     with head.file:
         emb = np.empty(head.embeddings.shape, head.embeddings.dtype)
@@ -516,15 +392,6 @@ def read_cache(path: str | os.PathLike) -> FeatureCache:
 # ---------------------------------------------------------------------------- alignment
 
 
-def _lookup(ids: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """(M,) int64: the row in unique `ids` (N,) of each `query` id, -1 where absent."""
-    if not len(ids):
-        return np.full(len(query), -1, np.int64)
-    order = np.argsort(ids)
-    pos = np.searchsorted(ids[order], query).clip(max=len(ids) - 1)
-    return np.where(ids[order][pos] == query, order[pos], -1).astype(np.int64)
-
-
 def _id_difference(ids: np.ndarray, where, ref_ids: np.ndarray, ref_where) -> str | None:
     """Counts and one example of ids found on one side only, or None if the sets are equal."""
     parts = []
@@ -532,7 +399,7 @@ def _id_difference(ids: np.ndarray, where, ref_ids: np.ndarray, ref_where) -> st
         (ref_ids, ref_where, ids, where),
         (ids, where, ref_ids, ref_where),
     ):
-        only = np.flatnonzero(_lookup(b, a) < 0)
+        only = np.flatnonzero(rowstore.rows_for(b, a) < 0)
         if len(only):
             parts.append(
                 f"{len(only)} of the {len(a)} ids in {a_where} are missing from {b_where} "
@@ -571,7 +438,7 @@ class _Reference:
                       str(head.path))  # fmt: skip
         else:
             ref = cls(
-                _ids_to_bytes(np.asarray(manifest.sample_id), "the manifest"),
+                ids_to_bytes(np.asarray(manifest.sample_id), "the manifest"),
                 np.asarray(manifest.label, np.int64),
                 _split_codes(np.asarray(manifest.split), "the manifest"),
                 str(manifest.sha256),
@@ -579,7 +446,7 @@ class _Reference:
             )
             if not len(ref.sample_id) == len(ref.label) == len(ref.split):
                 raise CacheError("the manifest's sample_id, label and split differ in length")
-        _check_unique(ref.sample_id, ref.where)  # caches in the same order need no check
+        check_unique(ref.sample_id, ref.where)  # caches in the same order need no check
         return ref
 
     def problems(self, head: _Header) -> tuple[list[str], np.ndarray | None]:
@@ -594,8 +461,8 @@ class _Reference:
         if np.array_equal(head.sample_id, self.sample_id):
             rows = None  # the common case: no lookup, no permutation
         else:
-            _check_unique(head.sample_id, head.path)
-            rows = _lookup(head.sample_id, self.sample_id)
+            check_unique(head.sample_id, head.path)
+            rows = rowstore.rows_for(head.sample_id, self.sample_id)
             diff = _id_difference(head.sample_id, head.path, self.sample_id, self.where)
             if diff:
                 return [*found, diff], None
@@ -633,9 +500,10 @@ class FusedFeatures:
 
     @property
     def extraction(self) -> dict[str, dict]:
-        """backbone -> how its cache was made: the checkpoint's sha256 and the `extract`
-        params that shape the features (dtype, tta); what `defuse predict` must repeat."""
-        keys = ("checkpoint_sha256", "dtype", "tta")
+        """backbone -> how its cache was made: the checkpoint's sha256, its preprocessing
+        record (JSON text) and the `extract` params that shape the features (dtype, tta);
+        what `defuse predict` must repeat."""
+        keys = ("checkpoint_sha256", "preprocessing", "dtype", "tta")
         return {b: {k: a[k] for k in keys} for b, a in zip(self.backbones, self.attrs, strict=True)}
 
     @property
@@ -713,7 +581,7 @@ class LazyRows:
         offset = 0
         for part, d in zip(self._parts, self.dims, strict=True):
             src = rows if part.src is None else part.src[rows]
-            with _reopen(part.path, part.identity) as f:
+            with rowstore.reopen(part.path, part.identity) as f:
                 cols = slice(offset, offset + d)
                 _read_rows(part.path, f["embeddings"], out, cols, src)
             offset += d
@@ -737,24 +605,6 @@ class LazyRows:
                 f"{idx[:5].tolist()}{'...' if idx.size > 5 else ''}"
             )
         return idx
-
-
-def _reopen(path: Path, identity: tuple) -> h5py.File:
-    """The cache at ``path`` opened again, if it is still the file load_features read."""
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise CacheError(f"{path}: cannot be reopened to read rows ({e})") from None
-    if file_identity(path, f) != identity:
-        f.close()
-        raise CacheError(f"{path}: changed since its features were loaded")
-    return f
-
-
-def file_identity(path: Path, f: h5py.File | None = None) -> tuple:
-    """(size, mtime_ns, inode) of `path`, or of the file `f` actually has open."""
-    st = os.stat(path) if f is None else os.fstat(f.id.get_vfd_handle())
-    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def load_features(
@@ -817,7 +667,9 @@ def _fuse(heads: list[_Header], backbones, manifest, max_bytes) -> FusedFeatures
         for h, rows, d in zip(heads, all_rows, dims, strict=True):
             h.read_into(X, slice(offset, offset + d), rows)  # rows: file row of each X row
             offset += d
-    else:
+    else:  # rows read later, a few at a time: the digest is checked now, on the whole file
+        for h in heads:
+            _guard(h.path, h.store.verify, "embeddings")
         parts = [
             _Part(h.path, ident, rows)
             for h, ident, rows in zip(heads, identities, all_rows, strict=True)
@@ -851,40 +703,24 @@ def _fuse(heads: list[_Header], backbones, manifest, max_bytes) -> FusedFeatures
 # ---------------------------------------------------------------------------- reuse, checks
 
 
-def reusable_cache(
-    path: str | os.PathLike, checkpoint_sha256: str, preprocessing: Mapping
-) -> FeatureCache | None:
-    """The existing cache at `path` if its rows can be reused for a new extraction, else None.
+def reusable_cache(path: str | os.PathLike, attrs: Mapping) -> FeatureCache | None:
+    """The existing cache at `path` if its rows can be reused for a new extraction whose
+    `cache_attrs` are ``attrs``, else None.
 
-    Reusable means: it reads cleanly, was made by the same checkpoint and with the same
-    preprocessing (every key of PREPROCESSING: input_size, mean, std, layer, dtype, tta). A
-    missing or corrupt file is simply not reusable. Typical incremental extraction, writing
-    the new cache in manifest order (samples gone from the manifest just disappear):
+    Reusable means: it reads cleanly, every digest included, and its IDENTITY attributes
+    (checkpoint, preprocessing record, layer, dtype, tta) equal those of ``attrs``. A missing
+    file is simply not reusable; a damaged or tampered one is logged and not reused (its rows
+    are computed again). Typical incremental extraction, in manifest order (samples gone from
+    the manifest just disappear):
 
-        old = reusable_cache(path, ckpt_sha, prep)
+        old = reusable_cache(path, attrs)
         src = old.rows_for(manifest.sample_id) if old else np.full(n, -1)  # (n,) old row / -1
-        with CacheWriter(path, n, dim, n_classes, dtype=prep["dtype"], attrs=attrs) as w:
-            for start in range(0, n, batch):
-                idx = np.arange(start, min(start + batch, n))
-                emb, lgt = np.empty((len(idx), dim)), np.empty((len(idx), n_classes))
-                hit = src[idx] >= 0
-                emb[hit], lgt[hit] = old.embeddings[src[idx][hit]], old.logits[src[idx][hit]]
-                emb[~hit], lgt[~hit] = run_network(idx[~hit])  # only the new samples
-                w.write(start, emb, lgt, ids[idx], labels[idx], splits[idx])
+        with CacheWriter(path, n, dim, attrs) as w:
+            ...  # rows with src >= 0 copied from old.embeddings / old.logits, the others run
 
     The old arrays are in memory, so writing over `path` is safe.
     """
-    missing = [k for k in PREPROCESSING if k not in preprocessing]
-    if missing:
-        raise CacheError(f"reusable_cache: preprocessing lacks {missing}")
-    try:
-        cache = read_cache(path)
-    except CacheError:
-        return None
-    same = cache.attrs["checkpoint_sha256"] == checkpoint_sha256 and all(
-        _same(k, preprocessing[k], cache.attrs[k]) for k in PREPROCESSING
-    )
-    return cache if same else None
+    return rowstore.reusable(read_cache, path, FEATURES, attrs)
 
 
 def verify_cache(

@@ -12,7 +12,7 @@ import importlib.metadata
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import h5py
@@ -21,19 +21,30 @@ from PIL import Image
 
 from pipeline.data.images import decoded_channels, load_image
 from pipeline.data.manifest import Manifest
-from pipeline.data.transforms import ToSquare
 from pipeline.errors import CacheError
-from pipeline.models.registry import BackboneInfo
+from pipeline.models.preprocessing import Preprocessing
 from pipeline.progress import Progress
-from pipeline.storage.atomic import atomic_file
-from pipeline.storage.feature_cache import decode_attr, encode_attr, file_identity
+from pipeline.storage import rowstore
+from pipeline.storage.rowstore import Column, Schema
 
-SCHEMA = 1  # the `image_schema` attribute, which also tells an image cache from a feature cache
-# What fixes a row's pixels besides the file: the square it is brought to (mean is
-# letterbox's padding colour), and the libraries that decode and resample.
-TARGET = ("input_size", "resize", "interpolation", "mean")
-LIBRARIES = ("pillow", "torchvision")
-_ID = "S64"  # sample ids are sha256 hex digests
+SCHEMA = 2  # the `image_schema` attribute; 2: the preprocessing record whole, digests
+# What fixes a row's pixels besides the file: the preprocessing record (the square it is
+# brought to) and the library that decodes and resamples (`Preprocessing.square`: Pillow).
+IDENTITY = ("preprocessing", "versions")
+LIBRARIES = ("pillow",)
+IMAGES = Schema(
+    kind="image cache",
+    marker="image_schema",
+    version=SCHEMA,
+    columns=(
+        Column("sample_id", "S", 1),
+        Column("channels", "u", 1),
+        Column("pixels", "u", 4, small=False),
+    ),
+    attrs=("backbone", *IDENTITY),
+    identity=IDENTITY,
+    rerun="defuse decode BACKBONE",
+)
 _BLOCK_ROWS = 16  # per decoding process: rows assembled in memory and written at a time
 
 
@@ -45,86 +56,69 @@ class DecodeResult:
     n_decoded: int  # images decoded from their files
 
 
-def target(info: BackboneInfo) -> dict:
-    """The attributes a cache must hold to serve ``info``, in TARGET order."""
-    return {
-        "input_size": info.input_size,
-        "resize": info.resize,
-        "interpolation": info.interpolation,
-        "mean": [float(m) for m in info.mean],
-    }
-
-
 def _versions() -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in LIBRARIES}
 
 
-def _square(path: Path, sample_id: str, info: BackboneInfo, max_pixels: int) -> np.ndarray:
+def _square(
+    path: Path, sample_id: str, preprocessing: Preprocessing, max_pixels: int
+) -> np.ndarray:
     """(S, S, C) uint8: the file decoded as the loaders decode it and brought to the square;
     C = 1 for a grey image. A file that no longer hashes to its sample id is refused."""
-    image = load_image(
-        path, max_pixels=max_pixels, size=info.input_size, keep_gray=True, sha256=sample_id
-    )
-    pixels = np.asarray(ToSquare(info)(image))
+    size = preprocessing.input_size
+    image = load_image(path, max_pixels=max_pixels, size=size, keep_gray=True, sha256=sample_id)
+    pixels = np.asarray(preprocessing.square(image))
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 def decode_images(
     manifest: Manifest,
-    info: BackboneInfo,
+    backbone: str,
+    preprocessing: Preprocessing,
     out: Path,
     workers: int | None = None,
     progress: bool = True,
 ) -> DecodeResult:
     """Write the image cache ``out``: one row per manifest image, in manifest order.
 
-    Datasets `pixels` (N, S, S, C) uint8 (C = 3 when any image is in colour, else 1; a grey
-    row fills channel 0), `channels` (N,) uint8 (1 or 3: the image's own), `sample_id` (N,);
-    attributes `image_schema`, `backbone`, TARGET and `versions` (LIBRARIES). Rows of
-    samples in the previous ``out`` made for the same target with the same libraries are
-    copied; only the others are decoded, by ``workers`` processes (None: every core this
-    process may use).
+    Datasets `sample_id` (N,), `channels` (N,) uint8 (1 or 3: the image's own), `pixels`
+    (N, S, S, C) uint8 (C = 3 when any image is in colour, else 1; a grey row fills channel
+    0); attributes `image_schema`, `backbone`, `preprocessing` (the record's JSON), `versions`
+    (LIBRARIES) and `digests`. Rows of samples in the previous ``out`` made with the same
+    record and libraries are copied (after its digests are checked); only the others are
+    decoded, by ``workers`` processes (None: every core this process may use).
     """
-    out = Path(out)
-    n, size = len(manifest), info.input_size
-    wanted = target(info) | {"versions": _versions()}
-    old = _previous(out, wanted)
+    out, n, size = Path(out), len(manifest), preprocessing.input_size
+    wanted = {"preprocessing": preprocessing, "versions": _versions()}
+    old = rowstore.reusable(_sound_image_cache, out, IMAGES, wanted)
     old_row = old.rows_for(manifest.sample_id) if old else np.full(n, -1, np.int64)
     new = np.flatnonzero(old_row < 0)
     channels = np.zeros(n, np.uint8)
     if old:
         channels[old_row >= 0] = old.channels[old_row[old_row >= 0]]
     channels[new] = [decoded_channels(manifest.image_path(int(r))) for r in new]
-    depth = int(channels.max())
-    attrs = {"image_schema": SCHEMA, "backbone": info.name, **wanted}
+    shapes = dict(sample_id=((), rowstore.ID_DTYPE), channels=((), np.uint8),
+                  pixels=((size, size, int(channels.max(initial=1))), np.uint8))  # fmt: skip
     workers = workers or len(os.sched_getaffinity(0))
     parallel = workers > 1 and len(new) > 1
-    block = _BLOCK_ROWS * workers
     reused = old.squares_at(old_row) if old else None
-    bar = Progress(len(new), f"decode {info.name}", "img", enabled=progress)
+    bar = Progress(len(new), f"decode {backbone}", "img", enabled=progress)
     with (
         ProcessPoolExecutor(workers) if parallel else contextlib.nullcontext() as pool,
-        atomic_file(out) as tmp,
-        h5py.File(tmp, "w", track_order=True) as f,
+        rowstore.RowWriter(out, IMAGES, n, shapes, {"backbone": backbone, **wanted}) as writer,
         bar,
     ):
         run = pool.map if parallel else map
-        for key, value in attrs.items():
-            f.attrs[key] = encode_attr(key, value)
-        # track_times=False: no clock value in what DVC hashes; contiguous: a row is one read
-        f.create_dataset("sample_id", data=np.array(manifest.sample_id, _ID), track_times=False)
-        f.create_dataset("channels", data=channels, track_times=False)
-        pixels = f.create_dataset("pixels", (n, size, size, depth), np.uint8, track_times=False)
-        for start in range(0, n, block):
-            rows = np.arange(start, min(start + block, n))
-            chunk = np.zeros((len(rows), size, size, depth), np.uint8)
+        for start in range(0, n, _BLOCK_ROWS * workers):
+            rows = np.arange(start, min(start + _BLOCK_ROWS * workers, n))
+            chunk = np.zeros((len(rows), *shapes["pixels"][0]), np.uint8)
             for r in rows[old_row[rows] >= 0]:
                 chunk[r - start, ..., : channels[r]] = reused.array(r)
             todo = rows[old_row[rows] < 0]
             paths = [manifest.image_path(int(r)) for r in todo]
             ids = [manifest.sample_id[r] for r in todo]
             limits = [manifest.max_pixels] * len(todo)
-            squares = run(_square, paths, ids, [info] * len(todo), limits)
+            squares = run(_square, paths, ids, [preprocessing] * len(todo), limits)
             for r, square in zip(todo, squares, strict=True):
                 if square.shape != (size, size, channels[r]):  # the header said otherwise
                     raise CacheError(
@@ -133,18 +127,9 @@ def decode_images(
                     )
                 chunk[r - start, ..., : channels[r]] = square
                 bar.update()
-            pixels[start : start + len(rows)] = chunk
+            ids = rowstore.ids_to_bytes([manifest.sample_id[r] for r in rows], manifest.path)
+            writer.write(start, dict(sample_id=ids, channels=channels[rows], pixels=chunk))
     return DecodeResult(out, n, n - len(new), len(new))
-
-
-def _previous(out: Path, wanted: dict) -> ImageCache | None:
-    """The file at ``out`` if its rows can be reused: readable, made for the same target by
-    the same libraries."""
-    try:
-        old = read_image_cache(out)
-    except CacheError:
-        return None
-    return old if all(old.attrs.get(k) == v for k, v in wanted.items()) else None
 
 
 # ---------------------------------------------------------------------------- reading
@@ -161,19 +146,30 @@ class ImageCache:
     shape: tuple  # of the pixels, (N, S, S, C)
     identity: tuple  # (size, mtime_ns, inode) of the file that was read
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_json(self.attrs["preprocessing"], f"{self.path}: preprocessing")
+
     def rows_for(self, sample_ids: Sequence[str]) -> np.ndarray:
         """(M,) int64: the row of each sample id, -1 where this cache has none."""
-        index = {sid: i for i, sid in enumerate(self.sample_id.tolist())}
-        return np.array([index.get(s.encode(), -1) for s in sample_ids], np.int64)
+        return rowstore.rows_for(self.sample_id, sample_ids)
 
     def squares(self, sample_ids: Sequence[str]) -> Squares:
         """The rows of ``sample_ids``, in order; those it lacks are decoded by the loaders."""
         return self.squares_at(self.rows_for(sample_ids))
 
     def squares_at(self, rows: np.ndarray) -> Squares:
-        """`Squares` of file ``rows`` (n,), -1 for an image the cache lacks."""
+        """`Squares` of file ``rows`` (n,), -1 for an image the cache lacks. The pixels are
+        checked against their digest first, once per process and file."""
+        self.verify_pixels()
         channels = np.where(rows >= 0, self.channels[rows.clip(0)], 0)
         return Squares(self.path, rows, channels, self.identity)
+
+    def verify_pixels(self, again: bool = False) -> None:
+        """CacheError unless the pixels match their digest (read whole, by row ranges)."""
+        f = rowstore.reopen(self.path, self.identity)
+        with rowstore.Store(self.path, IMAGES, f, self.attrs, {}, self.identity) as store:
+            store.verify("pixels", again)
 
     def manifest_squares(self, manifest: Manifest, rows: np.ndarray) -> Squares:
         """The rows of manifest ``rows``, every one of them held (else CacheError naming the
@@ -192,72 +188,72 @@ class ImageCache:
 
 
 def read_image_cache(path: Path | str) -> ImageCache:
-    """Open and check an image cache's structure; CacheError naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise CacheError(f"{path}: no such image cache")
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = {k: decode_attr(k, v) for k, v in f.attrs.items()}
-            if attrs.get("image_schema") != SCHEMA:
-                raise CacheError(
-                    f"{path}: image_schema {attrs.get('image_schema')!r} is not {SCHEMA}; "
-                    "not an image cache of this defuse"
-                )
-            missing = [k for k in ("backbone", *TARGET, "versions") if k not in attrs]
-            missing += [d for d in ("sample_id", "channels", "pixels") if d not in f]
-            if missing:
-                raise CacheError(f"{path}: missing attributes / datasets {missing}")
-            pixels, size = f["pixels"], attrs["input_size"]
-            n = len(f["sample_id"])
-            if pixels.dtype != np.uint8 or pixels.shape not in (
-                (n, size, size, 1),
-                (n, size, size, 3),
-            ):
-                raise CacheError(
-                    f"{path}: pixels {pixels.dtype} {pixels.shape} are not {n} uint8 squares "
-                    f"of {size} px"
-                )
-            ids, channels = f["sample_id"][()], f["channels"][()]
-            depth = pixels.shape[3]
-            if len(channels) != n or not np.isin(channels, (1, depth)).all():
-                raise CacheError(f"{path}: channels must be 1 or {depth} per row")
-            shape, identity = pixels.shape, file_identity(path, f)
-    # h5py reports damaged metadata as any of these (see pipeline/storage/feature_cache.py)
-    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise CacheError(f"{path}: not a readable HDF5 image cache ({e})") from None
-    return ImageCache(path, attrs, ids.astype(_ID), channels, shape, identity)
+    """Open and check an image cache's header, ids and channels (`rowstore.open_store`: a
+    regular file, layout inside it, digests); CacheError naming the file otherwise."""
+    with rowstore.open_store(path, IMAGES) as store:
+        try:
+            return _checked(store)
+        except rowstore.H5_ERRORS as e:
+            raise CacheError(f"{store.path}: unreadable image cache ({e})") from None
 
 
-def open_image_cache(path: Path | str, info: BackboneInfo) -> ImageCache:
-    """The image cache at ``path``, which must hold ``info``'s squares: a CacheError naming
-    both targets otherwise, never other pixels."""
+def _sound_image_cache(path: Path) -> ImageCache:
+    """read_image_cache with the pixels checked against their digest too."""
     cache = read_image_cache(path)
-    held, wanted = {k: cache.attrs[k] for k in TARGET}, target(info)
-    if held != wanted:
-        differ = ", ".join(f"{k} {held[k]!r}" for k in TARGET if held[k] != wanted[k])
-        needs = ", ".join(f"{k} {wanted[k]!r}" for k in TARGET if held[k] != wanted[k])
+    cache.verify_pixels()
+    return cache
+
+
+def _checked(store: rowstore.Store) -> ImageCache:
+    path, channels, pixels = store.path, store.columns["channels"], store.file["pixels"]
+    size = Preprocessing.from_json(
+        store.attrs["preprocessing"], f"{path}: preprocessing"
+    ).input_size
+    n = len(store.sample_id)
+    if pixels.dtype != np.uint8 or pixels.shape not in ((n, size, size, 1), (n, size, size, 3)):
         raise CacheError(
-            f"{cache.path} holds squares of {differ}, but {info.name} is fine-tuned on {needs}; "
-            f"re-run `defuse decode {info.name}` (or `dvc repro`)."
+            f"{path}: pixels {pixels.dtype} {pixels.shape} are not {n} uint8 squares of {size} px"
+        )
+    depth = pixels.shape[3]
+    if not np.isin(channels, (1, depth)).all():
+        raise CacheError(f"{path}: channels must be 1 or {depth} per row")
+    return ImageCache(path, store.attrs, store.sample_id, channels, pixels.shape, store.identity)
+
+
+def _differ(held: Preprocessing, wanted: Preprocessing) -> tuple[str, str]:
+    names = [
+        f.name for f in fields(Preprocessing) if getattr(held, f.name) != getattr(wanted, f.name)
+    ]
+    return tuple(", ".join(f"{k} {getattr(p, k)!r}" for k in names) for p in (held, wanted))
+
+
+def open_image_cache(path: Path | str, preprocessing: Preprocessing, backbone: str) -> ImageCache:
+    """The image cache at ``path``, which must hold the squares of ``preprocessing`` (records
+    compared whole): a CacheError naming both otherwise, never other pixels."""
+    cache = read_image_cache(path)
+    if cache.preprocessing != preprocessing:
+        held, wanted = _differ(cache.preprocessing, preprocessing)
+        raise CacheError(
+            f"{cache.path} holds squares of {held}, but {backbone} is fine-tuned on {wanted}; "
+            f"re-run `defuse decode {backbone}` (or `dvc repro`)."
         )
     return cache
 
 
-def usable_image_cache(path: Path | str, info: BackboneInfo) -> ImageCache | None:
-    """The image cache at ``path`` if there is one for ``info``'s squares, else None (the
-    images are then decoded); a damaged file is still an error."""
-    if not Path(path).is_file():
+def usable_image_cache(path: Path | str, preprocessing: Preprocessing) -> ImageCache | None:
+    """The image cache at ``path`` if there is one for ``preprocessing``'s squares, else None
+    (the images are then decoded); a damaged file is still an error."""
+    if not Path(path).exists():
         return None
     cache = read_image_cache(path)
-    return cache if {k: cache.attrs[k] for k in TARGET} == target(info) else None
+    return cache if cache.preprocessing == preprocessing else None
 
 
 class Squares:
     """Image-cache rows by position: ``rows`` (n,) the file row of each image, -1 where the
     cache lacks it; ``channels`` (n,) its channels. The file is opened at the first read in
     each process (an open h5py handle does not survive a fork into loader workers) and must
-    still be the file whose header was checked."""
+    still be the file whose header and digests were checked."""
 
     def __init__(self, path: Path, rows: np.ndarray, channels: np.ndarray, identity: tuple):
         self.path, self.rows, self.channels = Path(path), rows, channels
@@ -276,7 +272,8 @@ class Squares:
         if row < 0:
             return None
         if self._pid != os.getpid():
-            self._pixels, self._pid = self._open(), os.getpid()
+            self._pixels = rowstore.reopen(self.path, self.identity)["pixels"]
+            self._pid = os.getpid()
         try:
             pixels = self._pixels[row]  # the whole row: one contiguous read
         except OSError as e:
@@ -294,29 +291,18 @@ class Squares:
             np.ascontiguousarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
         )
 
-    def _open(self) -> h5py.Dataset:
-        try:
-            f = h5py.File(self.path, "r")
-        except OSError as e:
-            raise CacheError(f"{self.path}: cannot be reopened to read rows ({e})") from None
-        if file_identity(self.path, f) != self.identity:
-            f.close()
-            raise CacheError(
-                f"{self.path}: replaced since its header was read (a `defuse decode` ran "
-                "meanwhile?); run again"
-            )
-        return f["pixels"]
-
 
 # ---------------------------------------------------------------------------- inspection
 
 
 def is_image_cache(path: Path | str) -> bool:
-    """Whether ``path`` is an HDF5 file that says it is an image cache (`image_schema`)."""
+    """Whether ``path`` is a regular HDF5 file that says it is an image cache (`image_schema`)."""
+    if not Path(path).is_file():  # a FIFO or device is neither cache: never opened here
+        return False
     try:
         with h5py.File(path, "r") as f:
-            return "image_schema" in f.attrs
-    except (OSError, KeyError, RuntimeError, ValueError, TypeError):
+            return IMAGES.marker in f.attrs
+    except rowstore.H5_ERRORS:
         return False
 
 
@@ -334,13 +320,12 @@ def image_cache_info(path: Path | str) -> dict:
 
 
 def verify_image_cache(path: Path | str, manifest: Manifest | None = None) -> list[str]:
-    """Problems with an image cache, [] when sound: what read_image_cache refuses, rows that
-    cannot be read, and (given ``manifest``) its images that the cache lacks."""
+    """Problems with an image cache, [] when sound: what read_image_cache refuses, pixels
+    that do not match their digest (recomputed), and (given ``manifest``) its images that
+    the cache lacks."""
     try:
         cache = read_image_cache(path)
-        squares = cache.squares_at(np.arange(len(cache.sample_id)))
-        for i in range(len(squares)):
-            squares.array(i)
+        cache.verify_pixels(again=True)
         if manifest is not None:
             cache.manifest_squares(manifest, np.arange(len(manifest)))
     except CacheError as e:

@@ -10,14 +10,16 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
-from conftest import killed_cache_writer
+from conftest import killed_cache_writer, rewrite_digests
 
 from pipeline.errors import CacheError
+from pipeline.models.preprocessing import Preprocessing
 from pipeline.storage.feature_cache import (
     ATTRS,
     SPLITS,
     CacheWriter,
     LazyRows,
+    cache_attrs,
     cache_info,
     load_features,
     read_cache,
@@ -28,8 +30,7 @@ from pipeline.storage.hashing import file_sha256
 
 N, D, C = 50, 16, 3
 MANIFEST_SHA = "a" * 64
-PREP = dict(input_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-            layer="pre_logits", dtype="float32", tta=False)  # fmt: skip
+PREP = Preprocessing(224, "stretch", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic")
 
 
 def _data(seed=0, n=N, dim=D):
@@ -44,26 +45,21 @@ def _data(seed=0, n=N, dim=D):
     )
 
 
-def _attrs(backbone="lite0", **over):
-    attrs = dict(
-        backbone=backbone,
-        class_names=["ok", "crack", "finger"],
-        checkpoint_sha256="c" * 64,
-        manifest_sha256=MANIFEST_SHA,
-        versions={"defuse": "0.1.0", "torch": "2.5", "timm": "1.0", "h5py": "3.16", "numpy": "2"},
-        **{k: v for k, v in PREP.items() if k != "dtype"},
-    )
+def _attrs(backbone="lite0", dtype="float32", **over):
+    versions = {"defuse": "0.1.0", "torch": "2.5", "timm": "1.0", "h5py": "3.16", "numpy": "2"}
+    attrs = cache_attrs(backbone, ["ok", "crack", "finger"], PREP, "c" * 64, MANIFEST_SHA,
+                        dtype=dtype, versions=versions)  # fmt: skip
     return attrs | over
 
 
-def _write(path, data, order=None, batch=16, dtype="float32", **attrs):
+def _write(path, data, order=None, batch=16, **attrs):
     order = np.arange(len(data["sample_id"])) if order is None else order
     n, dim = data["embeddings"].shape
-    with CacheWriter(path, n, dim, C, dtype=dtype, attrs=_attrs(**attrs)) as w:
+    with CacheWriter(path, n, dim, _attrs(**attrs)) as w:
         for s in range(0, n, batch):
             rows = order[s : s + batch]
-            w.append(*(data[k][rows] for k in ("embeddings", "logits", "sample_id", "label")),
-                     data["split"][rows])  # fmt: skip
+            w.write(s, *(data[k][rows] for k in ("embeddings", "logits", "sample_id", "label")),
+                    data["split"][rows])  # fmt: skip
     return path
 
 
@@ -78,9 +74,13 @@ def good(tmp_path):
     return _write(tmp_path / "lite0.h5", data), data
 
 
-def _edit(path, fn):
+def _edit(path, fn, digests=True):
+    """Change the file with ``fn``; ``digests``: store the digests of the changed content
+    too, so that the checks behind the digest check are reached."""
     with h5py.File(path, "r+") as f:
         fn(f)
+        if digests:
+            rewrite_digests(f)
 
 
 def test_round_trip_keeps_values_attrs_and_their_order(good):
@@ -94,10 +94,13 @@ def test_round_trip_keeps_values_attrs_and_their_order(good):
     assert cache.label.dtype == np.int64
     assert cache.attrs["class_names"] == ["ok", "crack", "finger"]
     assert cache.attrs["versions"]["h5py"] == "3.16"
-    assert cache.attrs["mean"] == list(PREP["mean"]) and cache.attrs["tta"] is False
-    assert (cache.attrs["schema"], cache.attrs["dim"], cache.attrs["n_classes"]) == (1, D, C)
+    assert Preprocessing.from_json(cache.attrs["preprocessing"]) == PREP
+    assert cache.attrs["tta"] is False
+    assert (cache.attrs["schema"], cache.attrs["dim"], cache.attrs["n_classes"]) == (2, D, C)
+    assert set(cache.attrs["digests"]) == {"embeddings", "logits", "sample_id", "label", "split",
+                                           "fold"}  # fmt: skip
     with h5py.File(path) as f:
-        assert list(f.attrs) == list(ATTRS)
+        assert list(f.attrs) == ["schema", *ATTRS, "digests"]
         assert f["split"].dtype == np.uint8 and f["sample_id"].dtype == "S64"
         assert f["embeddings"].chunks is None and f["embeddings"].compression is None
     info = cache_info(path)
@@ -109,7 +112,7 @@ def test_round_trip_keeps_values_attrs_and_their_order(good):
 def test_extra_attrs_are_stored_after_the_fixed_ones_sorted(tmp_path):
     path = _write(tmp_path / "x.h5", _data(), zeta=1, alpha="a")
     with h5py.File(path) as f:
-        assert list(f.attrs) == [*ATTRS, "alpha", "zeta"]
+        assert list(f.attrs) == ["schema", *ATTRS, "alpha", "zeta", "digests"]
 
 
 def test_float16_round_trip(tmp_path):
@@ -210,7 +213,7 @@ def test_lazy_rows_check_values_and_files_as_they_read(good):
     path, data = good
     X = load_features([path], max_bytes=0).X
     _edit(path, lambda f: f["embeddings"].__setitem__((7, 2), np.nan))  # same inode, new mtime
-    with pytest.raises(CacheError, match="changed since its features were loaded"):
+    with pytest.raises(CacheError, match="changed since it was read"):
         X[0:2]
     X = load_features([path], max_bytes=0).X  # the header reads no embedding values
     np.testing.assert_array_equal(X[0:7], data["embeddings"][:7])
@@ -230,7 +233,7 @@ def test_exception_mid_write_keeps_the_old_cache_and_no_temp_file(good):
     path, data = good
     before = path.read_bytes()
     with pytest.raises(RuntimeError, match="boom"):  # noqa: SIM117
-        with CacheWriter(path, N, D, C, attrs=_attrs()) as w:
+        with CacheWriter(path, N, D, _attrs()) as w:
             w.write(0, *(data[k][:25] for k in ("embeddings", "logits", "sample_id", "label",
                                                 "split")))  # fmt: skip
             assert w.tmp.exists()
@@ -242,7 +245,7 @@ def test_exception_mid_write_keeps_the_old_cache_and_no_temp_file(good):
 def test_writer_refuses_missing_rows_and_duplicate_ids(tmp_path):
     data = _data()
     with pytest.raises(CacheError, match="25 of 50 rows never written"):  # noqa: SIM117
-        with CacheWriter(tmp_path / "x.h5", N, D, C, attrs=_attrs()) as w:
+        with CacheWriter(tmp_path / "x.h5", N, D, _attrs()) as w:
             w.write(0, *(data[k][:25] for k in ("embeddings", "logits", "sample_id", "label",
                                                 "split")))  # fmt: skip
     data["sample_id"][3] = data["sample_id"][4]
@@ -250,7 +253,7 @@ def test_writer_refuses_missing_rows_and_duplicate_ids(tmp_path):
         _write(tmp_path / "x.h5", data)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(CacheError, match="missing attributes"):
-        CacheWriter(tmp_path / "x.h5", N, D, C, attrs={"backbone": "x"})
+        CacheWriter(tmp_path / "x.h5", N, D, {"backbone": "x"})
     data = _data()
     data["embeddings"][5, 0] = np.nan
     with pytest.raises(CacheError, match=f"embeddings of sample {data['sample_id'][5]}"):
@@ -266,7 +269,7 @@ def _corrupt_cases():
         "killed writer": (lambda p, d, t: os.replace(killed_cache_writer(p), p),
                           "unreadable feature cache"),
         "schema": (lambda p, d, t: _edit(p, lambda f: f.attrs.__setitem__("schema", 7)),
-                   "schema version 7 is not supported (this defuse reads schema 1)"),
+                   "schema 7 is not 2; not a defuse feature cache of this version: re-run `defuse extract lite0`"),
         "duplicate id": (
             lambda p, d, t: _edit(p, lambda f: f["sample_id"].__setitem__(9, d["sample_id"][8])),
             f"sample_id '{_data()['sample_id'][8]}' appears 2 times (rows [8, 9])"),
@@ -300,7 +303,7 @@ def test_each_corruption_is_refused_by_reader_and_verify(good, tmp_path, case):
     assert message in str(err.value)
     problems = verify_cache(path)
     assert len(problems) == 1 and message in problems[0]
-    assert reusable_cache(path, "c" * 64, PREP) is None  # corrupt: just no reuse
+    assert reusable_cache(path, _attrs()) is None  # corrupt: just no reuse
     with pytest.raises(CacheError) as err:
         load_features([path])
     assert message in str(err.value) and str(path) in str(err.value)
@@ -361,20 +364,20 @@ def test_verify_against_manifest_and_checkpoint(good):
 
 def test_reusable_cache_needs_same_checkpoint_and_preprocessing(good, tmp_path):
     path, data = good
-    assert reusable_cache(path, "d" * 64, PREP) is None
-    assert reusable_cache(path, "c" * 64, PREP | {"input_size": 240}) is None
-    assert reusable_cache(path, "c" * 64, PREP | {"dtype": "float16"}) is None
-    assert reusable_cache(tmp_path / "absent.h5", "c" * 64, PREP) is None
-    old = reusable_cache(path, "c" * 64, PREP | {"mean": [0.485, 0.456, 0.406]})
+    assert reusable_cache(path, _attrs(checkpoint_sha256="d" * 64)) is None
+    other = Preprocessing(240, "stretch", PREP.mean, PREP.std, "bicubic")
+    assert reusable_cache(path, _attrs(preprocessing=other)) is None
+    assert reusable_cache(path, _attrs(dtype="float16")) is None
+    assert reusable_cache(path, _attrs(tta=True)) is None
+    assert reusable_cache(tmp_path / "absent.h5", _attrs()) is None
+    old = reusable_cache(path, _attrs(versions={}, manifest_sha256="e" * 64))  # not identity
     assert old is not None
     wanted = [data["sample_id"][7], "f" * 64, data["sample_id"][0]]
     np.testing.assert_array_equal(old.rows_for(wanted), [7, -1, 0])
-    with pytest.raises(CacheError, match="preprocessing lacks"):
-        reusable_cache(path, "c" * 64, {"layer": "pre_logits"})
 
 
 def test_temp_file_sits_beside_the_target_and_stale_ones_go(tmp_path):
-    w = CacheWriter(tmp_path / "lite0.h5", N, D, C, attrs=_attrs())
+    w = CacheWriter(tmp_path / "lite0.h5", N, D, _attrs())
     assert w.tmp.parent == tmp_path and w.tmp.name.startswith(f".lite0.h5.tmp-{os.getpid()}-")
     killed_cache_writer(tmp_path / "lite0.h5")  # a killed extraction's temporary file, left behind
     assert len([p for p in tmp_path.iterdir() if p.name.startswith(".lite0.h5.tmp-")]) == 1
@@ -399,6 +402,6 @@ def test_random_damage_gives_a_cache_error_never_another_exception(good, tmp_pat
                 b[i] ^= 1 << rng.integers(8)
         damaged.write_bytes(bytes(b))
         for read in (read_cache, verify_cache, cache_info, lambda p: load_features([p]),
-                     lambda p: reusable_cache(p, "c" * 64, PREP)):  # fmt: skip
+                     lambda p: reusable_cache(p, _attrs())):  # fmt: skip
             with contextlib.suppress(CacheError):
                 read(damaged)
