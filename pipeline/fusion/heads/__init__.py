@@ -8,6 +8,7 @@ in a new module, imported below.
 
 from pipeline.fusion.heads import late, linear, mlp  # noqa: F401  (registers the heads)
 from pipeline.fusion.heads.artifact import (
+    HEAD_FOLDER,
     SeedRefits,
     check_head_fits,
     load_head,
@@ -28,6 +29,7 @@ from pipeline.fusion.heads.scaling import BlockScaler
 
 __all__ = [
     "HEADS",
+    "HEAD_FOLDER",
     "INPUTS",
     "BlockScaler",
     "Head",
