@@ -22,7 +22,7 @@ from pipeline import layout
 from pipeline.config import backbone_names
 from pipeline.data.manifest import read_manifest
 from pipeline.data.transforms import ImageDataset, eval_transform, model_input
-from pipeline.models.checkpoint import read_sidecar
+from pipeline.models.checkpoint import read_record
 from pipeline.models.registry import backbone_info, create_backbone, embed
 from pipeline.runtime import keep_freed_memory, prepare_model, resolve_device
 
@@ -31,15 +31,15 @@ def imagenet_embeddings(
     name: str, input_size: int, manifest, rows: np.ndarray, device
 ) -> np.ndarray:
     model = prepare_model(create_backbone(name, manifest.n_classes, pretrained=True).eval(), device)
-    info = backbone_info(name, input_size)
+    prep = backbone_info(name, input_size).preprocessing
     loader = DataLoader(
-        ImageDataset.from_manifest(manifest, rows, eval_transform(info), info.input_size),
+        ImageDataset.from_manifest(manifest, rows, eval_transform(prep), prep.input_size),
         batch_size=64,
         num_workers=2,
     )
     with torch.inference_mode():
         return torch.cat(
-            [embed(model, model_input(x, info, device))[0].float().cpu() for x, _, _ in loader]
+            [embed(model, model_input(x, prep, device))[0].float().cpu() for x, _, _ in loader]
         ).numpy()
 
 
@@ -53,16 +53,17 @@ def main() -> None:
     train, val = manifest.indices("train"), manifest.indices("val")
     device = resolve_device("auto")
     for name in args.backbones.split(",") if args.backbones else backbone_names():
-        side = read_sidecar(layout.checkpoint_dir(name))
+        record = read_record(layout.checkpoint_dir(name))
+        input_size = record.preprocessing.input_size
         start = time.perf_counter()
-        x_train = imagenet_embeddings(name, side["input_size"], manifest, train, device)
-        x_val = imagenet_embeddings(name, side["input_size"], manifest, val, device)
+        x_train = imagenet_embeddings(name, input_size, manifest, train, device)
+        x_val = imagenet_embeddings(name, input_size, manifest, val, device)
         probe = make_pipeline(
             StandardScaler(), LogisticRegression(C=0.1, max_iter=3000, class_weight="balanced")
         )
         probe.fit(x_train, manifest.label[train])
         frozen = float((probe.predict(x_val) == manifest.label[val]).mean())
-        tuned = side["val_metrics"]["accuracy"]
+        tuned = record.val_metrics["accuracy"]
         print(
             f"frozen_baseline_{name}: {tuned:.4f} / {frozen:.4f} = {tuned / frozen:.3f}  ({time.perf_counter() - start:.0f} s for the baseline)"
         )

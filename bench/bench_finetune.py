@@ -44,7 +44,7 @@ def bare_training(
     freeze_stages(model, params.frozen_stages)
     model = set_train_mode(prepare_model(model, device))
     optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    size = backbone_info(backbone, params.input_size).input_size
+    size = backbone_info(backbone, params.input_size).preprocessing.input_size
     b = min(params.batch_size, n_images)  # the real loop never sees a larger batch
     images = torch.randn(b, 3, size, size, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
@@ -102,7 +102,7 @@ def main() -> None:
         took = time.perf_counter() - start
         print(f"decode once ({len(data)} {args.source} images): {took:.1f} s")
         n_train = len(data.indices("train"))
-        size = backbone_info(args.backbone, params.input_size).input_size
+        size = backbone_info(args.backbone, params.input_size).preprocessing.input_size
         bare = in_fresh_process(bare_training, args.backbone, params, data.n_classes, n_train)
         what = (
             f"{args.backbone}, {n_train} {args.source} images at {size} px, batch "

@@ -123,9 +123,11 @@ def throughput(backbone: str, data: Manifest, mode: Mode, tmp: Path) -> None:
     start = time.perf_counter()
     images = decode_images(data, info, tmp / f"{backbone}-images.h5", progress=False).path
     took = time.perf_counter() - start
-    print(f"{backbone} decode once ({len(data)} images at {info.input_size} px): {took:.1f} s")
+    print(
+        f"{backbone} decode once ({len(data)} images at {info.preprocessing.input_size} px): {took:.1f} s"
+    )
     ways = (("decoding every file", None), ("image cache", images))
-    n_train, size = len(data.indices("train")), info.input_size
+    n_train, size = len(data.indices("train")), info.preprocessing.input_size
     bare = bare_training(backbone, params, data.n_classes, n_train, mode.device)
     what = (
         f"{n_train} images at {size} px, batch {params.batch_size}, "

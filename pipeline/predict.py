@@ -9,7 +9,7 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,8 @@ from pipeline.data.manifest import load_image
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.extract import embed_images
 from pipeline.fusion.heads import load_head
-from pipeline.models.checkpoint import backbone_info_of, load_checkpoint, read_sidecar
+from pipeline.models.checkpoint import SIDECAR, CheckpointRecord, load_checkpoint, read_record
+from pipeline.models.preprocessing import Preprocessing
 from pipeline.runtime import resolve_device
 from pipeline.storage.atomic import write_text
 from pipeline.storage.feature_cache import file_sha256
@@ -80,7 +81,7 @@ def predict(
     found = find_images(inputs)
     if not found:
         raise DataError(f"No files under {', '.join(map(str, inputs))}: nothing to classify.")
-    infos = [backbone_info_of(read_sidecar(d)) for d in checkpoints]
+    infos = [record.info for _, record in checkpoints]
     caches = [
         usable_image_cache(layout.image_cache(b, images_dir), info)
         for b, info in zip(sidecar["backbones"], infos, strict=True)
@@ -105,8 +106,10 @@ def predict(
 
     device = resolve_device(params.device)
     blocks = []
-    for directory, info, cache in zip(checkpoints, infos, caches, strict=True):
-        model, _ = load_checkpoint(directory)
+    for (directory, pinned), info, cache in zip(checkpoints, infos, caches, strict=True):
+        model, record = load_checkpoint(directory)
+        if record != pinned:  # replaced since it was checked
+            raise CheckpointError(f"{directory / SIDECAR} changed while predict was running.")
         squares = cache.squares([ids[p] for p in paths]) if cache else None
         batches = list(embed_images(model, info, paths, params, device, progress, squares))
         emb, logits = (np.concatenate([b[i] for b in batches]) for i in (1, 2))
@@ -118,25 +121,27 @@ def predict(
 
 def _pinned(
     backbone: str, sidecar: dict, head_dir: Path, models_dir: Path, params: ExtractParams
-) -> Path:
-    """The checkpoint folder of ``backbone`` in ``models_dir``: CheckpointError unless it is
-    the checkpoint whose cache the head was trained on, ConfigError unless ``params`` extract
-    as that cache was extracted."""
+) -> tuple[Path, CheckpointRecord]:
+    """The checkpoint folder of ``backbone`` in ``models_dir`` and its record: CheckpointError
+    unless it is the checkpoint whose cache the head was trained on (weights sha256 and whole
+    preprocessing record), ConfigError unless ``params`` extract as that cache was extracted."""
     pinned = (sidecar.get("extraction") or {}).get(backbone)
-    if pinned is None:
+    if pinned is None or "preprocessing" not in pinned:
         raise CheckpointError(
-            f"Head {head_dir} does not record the checkpoints its caches came from (an older "
-            f"defuse made it); re-run `defuse fuse {sidecar['head']}` (or `dvc repro`)."
+            f"Head {head_dir} does not record the checkpoints its caches came from and their "
+            f"preprocessing (an older defuse made it); re-run `defuse fuse {sidecar['head']}` "
+            "(or `dvc repro`)."
         )
     directory = layout.checkpoint_dir(backbone, models_dir)
-    sha = read_sidecar(directory)["weights_sha256"]
-    if sha != pinned["checkpoint_sha256"]:
+    record = read_record(directory)
+    if record.weights_sha256 != pinned["checkpoint_sha256"]:
         raise CheckpointError(
             f"Head {head_dir} was trained on features of {backbone} checkpoint "
-            f"{pinned['checkpoint_sha256']}, but {directory} is checkpoint {sha}. Re-run "
-            f"`defuse extract {backbone}` and `defuse fuse {sidecar['head']}` (or `dvc repro`), "
-            "or restore that checkpoint."
+            f"{pinned['checkpoint_sha256']}, but {directory} is checkpoint "
+            f"{record.weights_sha256}. Re-run `defuse extract {backbone}` and `defuse fuse "
+            f"{sidecar['head']}` (or `dvc repro`), or restore that checkpoint."
         )
+    _check_preprocessing(record, pinned, directory / SIDECAR, head_dir)
     for key in ("dtype", "tta"):
         if pinned[key] != getattr(params, key):
             raise ConfigError(
@@ -144,7 +149,23 @@ def _pinned(
                 f"extract.{key}={pinned[key]!r}, but the params give {getattr(params, key)!r}; "
                 f"set it back, or re-run `dvc repro` with the new value."
             )
-    return directory
+    return directory, record
+
+
+def _check_preprocessing(
+    record: CheckpointRecord, pin: dict, sidecar: Path, head_dir: Path
+) -> None:
+    """Refuse a checkpoint whose preprocessing record is not the one the head's cache was
+    extracted with: model.json is not covered by the weights' sha256, and an edited
+    input_size or mean would silently change every answer."""
+    pinned = Preprocessing.from_json(pin["preprocessing"], f"head {head_dir}: preprocessing")
+    if record.preprocessing != pinned:
+        now, then = asdict(record.preprocessing), asdict(pinned)
+        differ = ", ".join(f"{k} {now[k]!r} (pinned {then[k]!r})" for k in now if now[k] != then[k])
+        raise CheckpointError(
+            f"{sidecar}: preprocessing differs from the one head {head_dir} pinned: {differ}; "
+            "restore the checkpoint's model.json, or re-run `dvc repro`."
+        )
 
 
 def check_output(out: Path) -> None:

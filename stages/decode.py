@@ -35,5 +35,5 @@ def decode(backbone, manifest, out, params_path, workers):
     result = decode_images(read_manifest(manifest), info, out, workers)
     click.echo(
         f"{result.path}: {result.n_rows} rows ({result.n_decoded} decoded, "
-        f"{result.n_reused} reused) of {info.input_size} px, {info.resize}"
+        f"{result.n_reused} reused) of {info.preprocessing.input_size} px, {info.preprocessing.resize}"
     )

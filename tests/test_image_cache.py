@@ -28,6 +28,13 @@ from pipeline.storage.image_cache import (
 
 BACKBONE = "tf_efficientnet_lite0"
 INFO = target_info(BACKBONE, params_of(FinetuneParams, "finetune", input_size=32))
+
+
+def _at(info, **change):
+    """``info`` with its preprocessing record changed."""
+    return replace(info, preprocessing=replace(info.preprocessing, **change))
+
+
 AUGMENT = params_of(
     FinetuneParams, "finetune", hflip=True, vflip=True, rotation=30, color_jitter=0.3
 )
@@ -61,12 +68,13 @@ def data(tmp_path):
 
 def _decoded(info, path):
     """(C, S, S) uint8: what the eval loader makes of a file, grey in one channel."""
-    return eval_transform(info)(load_image(path, size=info.input_size, keep_gray=True))
+    p = info.preprocessing
+    return eval_transform(p)(load_image(path, size=p.input_size, keep_gray=True))
 
 
 @pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_rows_are_the_squares_the_loaders_make_of_the_files(data, tmp_path, mode):
-    info = replace(INFO, resize=mode)
+    info = _at(INFO, resize=mode)
     result = decode_images(data, info, tmp_path / "images.h5", workers=2, progress=False)
     assert (result.n_rows, result.n_decoded, result.n_reused) == (len(data), len(data), 0)
     cache = open_image_cache(result.path, info)
@@ -87,19 +95,24 @@ def _batches(dataset, workers, seed=0):
 
 @pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_the_loaders_yield_the_same_tensors_with_and_without_the_cache(data, tmp_path, mode):
-    info = replace(INFO, resize=mode)
+    info = _at(INFO, resize=mode)
     cache = open_image_cache(decode_images(data, info, tmp_path / "i.h5", 1, False).path, info)
     rows = np.random.default_rng(1).permutation(len(data))  # any order, as a split gives
     squares = cache.manifest_squares(data, rows)
-    for transform in (eval_transform(info), train_transform(info, AUGMENT)):
-        files = ImageDataset.from_manifest(data, rows, transform, info.input_size)
-        cached = ImageDataset.from_manifest(data, rows, transform, info.input_size, squares)
+    for transform in (
+        eval_transform(info.preprocessing),
+        train_transform(info.preprocessing, AUGMENT),
+    ):
+        files = ImageDataset.from_manifest(data, rows, transform, 32)
+        cached = ImageDataset.from_manifest(data, rows, transform, 32, squares)
         for a, b in zip(_batches(files, 0), _batches(cached, 0), strict=True):
             assert torch.equal(a, b)
     # Loader workers open the file themselves, even when this process already has it open.
     assert squares.image(0) is not None
-    files = ImageDataset.from_manifest(data, rows, train_transform(info, AUGMENT), 32)
-    cached = ImageDataset.from_manifest(data, rows, train_transform(info, AUGMENT), 32, squares)
+    files = ImageDataset.from_manifest(data, rows, train_transform(info.preprocessing, AUGMENT), 32)
+    cached = ImageDataset.from_manifest(
+        data, rows, train_transform(info.preprocessing, AUGMENT), 32, squares
+    )
     for a, b in zip(_batches(files, 2), _batches(cached, 2), strict=True):
         assert torch.equal(a, b)
 
@@ -130,7 +143,7 @@ def test_identical_inputs_give_identical_bytes_and_another_square_decodes_again(
     assert a.read_bytes() == b.read_bytes()
     again = decode_images(data, INFO, a, 2, False)
     assert again.n_reused == len(data) and a.read_bytes() == b.read_bytes()
-    other = decode_images(data, replace(INFO, input_size=40), a, 2, False)
+    other = decode_images(data, _at(INFO, input_size=40), a, 2, False)
     assert other.n_reused == 0 and read_image_cache(a).attrs["input_size"] == 40
 
 
@@ -141,7 +154,7 @@ def test_a_cache_of_another_square_is_refused_and_predict_passes_it_by(data, tmp
                              "fine-tuned on input_size 48"),
         ({"resize": "letterbox"}, "resize 'stretch', but .* resize 'letterbox'"),
     ):  # fmt: skip
-        other = replace(INFO, **change)
+        other = _at(INFO, **change)
         with pytest.raises(CacheError, match=rf"{says}; re-run `defuse decode {BACKBONE}`"):
             open_image_cache(path, other)
         assert usable_image_cache(path, other) is None
@@ -206,6 +219,6 @@ def test_damaged_or_foreign_files_are_errors_and_never_reused(data, tmp_path):
 def test_readers_refuse_a_file_replaced_after_its_header_was_read(data, tmp_path):
     path = decode_images(data, INFO, tmp_path / "images.h5", 1, False).path
     squares = open_image_cache(path, INFO).manifest_squares(data, np.arange(len(data)))
-    decode_images(data, replace(INFO, input_size=40), path, 1, False)
+    decode_images(data, _at(INFO, input_size=40), path, 1, False)
     with pytest.raises(CacheError, match="replaced since its header was read"):
         squares.image(0)

@@ -18,7 +18,7 @@ from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.extract import extract
 from pipeline.fusion.fit import fit_head
 from pipeline.fusion.heads import load_head, save_head
-from pipeline.models.checkpoint import load_checkpoint, read_sidecar, save_checkpoint
+from pipeline.models.checkpoint import SIDECAR, load_checkpoint, read_record, save_checkpoint
 from pipeline.predict import predict
 from pipeline.storage.feature_cache import load_features
 from stages.cli import main
@@ -40,6 +40,10 @@ def fused(tiny_run, tmp_path_factory):
     extract(tiny_run["manifest"], layout.checkpoint_dir(BACKBONE, models), cache, params, False)
     features = load_features([cache], [BACKBONE], manifest=tiny_run["manifest"])
     head, sidecar = fit_head(features, "logreg", LOGREG, params_of(FuseParams, "fuse"))
+    pin = sidecar["extraction"][BACKBONE]
+    if "preprocessing" not in pin:  # until the feature cache stores the record whole
+        prep = read_record(layout.checkpoint_dir(BACKBONE, models)).preprocessing
+        pin["preprocessing"] = prep.to_json()
     head_dir = save_head(head, base / "heads" / "logreg", sidecar)
     return {"base": base, "models": models, "params": params, "features": features,
             "head_dir": head_dir, "manifest": tiny_run["manifest"]}  # fmt: skip
@@ -53,7 +57,7 @@ def test_predict_on_the_test_images_gives_the_heads_probabilities_on_their_cache
     head, sidecar = load_head(fused["head_dir"])
     assert (
         sidecar["extraction"][BACKBONE]["checkpoint_sha256"]
-        == read_sidecar(layout.checkpoint_dir(BACKBONE, fused["models"]))["weights_sha256"]
+        == read_record(layout.checkpoint_dir(BACKBONE, fused["models"])).weights_sha256
     )
     assert result.paths == paths and not result.failures
     np.testing.assert_allclose(result.proba, head.predict_proba(features.X[test]), atol=1e-5)
@@ -71,7 +75,7 @@ def test_another_checkpoint_is_refused_before_any_image_is_read(fused, tmp_path)
     model, sidecar = load_checkpoint(ckpt)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # fine-tuned again: other weights, same sidecar
-    pinned, now = sidecar["weights_sha256"], save_checkpoint(model, ckpt, sidecar)["weights_sha256"]
+    pinned, now = sidecar.weights_sha256, save_checkpoint(model, ckpt, sidecar).weights_sha256
     assert now != pinned
     (tmp_path / "empty").mkdir()  # nothing to read: the refusal must come first
     with pytest.raises(CheckpointError) as err:
@@ -79,6 +83,33 @@ def test_another_checkpoint_is_refused_before_any_image_is_read(fused, tmp_path)
     message = str(err.value)
     assert f"features of {BACKBONE} checkpoint {pinned}, but {ckpt} is checkpoint {now}" in message
     assert f"`defuse extract {BACKBONE}` and `defuse fuse logreg` (or `dvc repro`)" in message
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("mean", [0.4, 0.5, 0.5], r"preprocessing differs from the one head .* pinned: mean"),
+        ("input_size", 48, r"preprocessing differs from the one head .* pinned: input_size 48"),
+        ("resize", "fit", r"preprocessing: resize must be one of"),  # fails validation
+    ],
+)
+def test_an_edited_preprocessing_record_in_model_json_is_refused(
+    fused, tmp_path, field, value, says
+):
+    """model.json is not under the weights' sha256: the head's pinned record catches an edit
+    that would otherwise change every answer with exit 0."""
+    models = tmp_path / "models"
+    ckpt = shutil.copytree(layout.checkpoint_dir(BACKBONE, fused["models"]), models / BACKBONE)
+    record = json.loads((ckpt / SIDECAR).read_text())
+    record["preprocessing"][field] = value
+    (ckpt / SIDECAR).write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=says) as err:
+        predict([fused["manifest"].image_path(0)], fused["head_dir"], fused["params"], models)
+    assert str(ckpt / SIDECAR) in str(err.value) and "\n" not in str(err.value)
+    result = _cli(fused, tmp_path, fused["manifest"].image_path(0), "--out", tmp_path / "p.csv",
+                  models=models)  # fmt: skip
+    assert result.exit_code == 1 and str(ckpt / SIDECAR) in result.output
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_nothing_to_classify_is_an_error(fused, tmp_path):
@@ -124,7 +155,6 @@ def test_predict_reads_the_image_cache_for_files_it_holds_and_decodes_the_rest(
 ):
     import pipeline.data.transforms
     import pipeline.predict
-    from pipeline.models.checkpoint import backbone_info_of
     from pipeline.storage.image_cache import decode_images
 
     manifest = fused["manifest"]
@@ -132,7 +162,7 @@ def test_predict_reads_the_image_cache_for_files_it_holds_and_decodes_the_rest(
     paths = [manifest.image_path(i) for i in test]
     new = tmp_path / "new.png"  # not in the cache: other bytes
     new.write_bytes(paths[0].read_bytes() + b"\0")
-    info = backbone_info_of(read_sidecar(layout.checkpoint_dir(BACKBONE, fused["models"])))
+    info = read_record(layout.checkpoint_dir(BACKBONE, fused["models"])).info
     images = tmp_path / "images"
     decode_images(manifest, info, layout.image_cache(BACKBONE, images), 1, False)
     decoded = []  # names of the files decoded, by predict's check and by the loader
@@ -152,7 +182,11 @@ def test_predict_reads_the_image_cache_for_files_it_holds_and_decodes_the_rest(
 
     decoded.clear()  # a cache of other squares is passed by: every file is decoded
     decode_images(
-        manifest, replace(info, input_size=40), layout.image_cache(BACKBONE, images), 1, False
+        manifest,
+        replace(info, preprocessing=replace(info.preprocessing, input_size=40)),
+        layout.image_cache(BACKBONE, images),
+        1,
+        False,
     )
     predict(paths, *args, images_dir=images)
     assert sorted(decoded) == sorted([p.name for p in paths] * 2)

@@ -21,7 +21,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.data.manifest import Manifest, decoded_channels, load_image
-from pipeline.data.transforms import ToSquare
 from pipeline.errors import CacheError
 from pipeline.models.registry import BackboneInfo
 from pipeline.storage.atomic import atomic_file
@@ -46,11 +45,12 @@ class DecodeResult:
 
 def target(info: BackboneInfo) -> dict:
     """The attributes a cache must hold to serve ``info``, in TARGET order."""
+    p = info.preprocessing
     return {
-        "input_size": info.input_size,
-        "resize": info.resize,
-        "interpolation": info.interpolation,
-        "mean": [float(m) for m in info.mean],
+        "input_size": p.input_size,
+        "resize": p.resize,
+        "interpolation": p.interpolation,
+        "mean": [float(m) for m in p.mean],
     }
 
 
@@ -61,8 +61,9 @@ def _versions() -> dict[str, str]:
 def _square(path: Path, sample_id: str, info: BackboneInfo) -> np.ndarray:
     """(S, S, C) uint8: the file decoded as the loaders decode it and brought to the square;
     C = 1 for a grey image. A file that no longer hashes to its sample id is refused."""
-    image = load_image(path, size=info.input_size, keep_gray=True, sha256=sample_id)
-    pixels = np.asarray(ToSquare(info)(image))
+    p = info.preprocessing
+    image = load_image(path, size=p.input_size, keep_gray=True, sha256=sample_id)
+    pixels = np.asarray(p.square(image))
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
@@ -83,7 +84,7 @@ def decode_images(
     process may use).
     """
     out = Path(out)
-    n, size = len(manifest), info.input_size
+    n, size = len(manifest), info.preprocessing.input_size
     wanted = target(info) | {"versions": _versions()}
     old = _previous(out, wanted)
     old_row = old.rows_for(manifest.sample_id) if old else np.full(n, -1, np.int64)
