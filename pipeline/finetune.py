@@ -50,7 +50,7 @@ HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    record: CheckpointRecord  # what save_checkpoint wrote; on ranks > 0 without weights_sha256
+    record: CheckpointRecord  # as save_checkpoint wrote it; on ranks > 0 weights_sha256 is ""
     history: list[dict]  # one row per epoch, HISTORY_FIELDS
     val_metrics: dict
     test_metrics: dict | None  # None when the manifest has no test rows
