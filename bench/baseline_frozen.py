@@ -28,7 +28,7 @@ from pipeline.config import backbone_names, finetune_params
 from pipeline.data.manifest import read_manifest
 from pipeline.data.transforms import ImageDataset, eval_transform, model_input
 from pipeline.finetune import finetune
-from pipeline.models.checkpoint import read_sidecar
+from pipeline.models.checkpoint import read_record
 from pipeline.models.registry import backbone_info, create_backbone, embed
 from pipeline.runtime import keep_freed_memory, prepare_model, resolve_device
 
@@ -38,15 +38,15 @@ def imagenet_embeddings(
 ) -> np.ndarray:
     model = create_backbone(name, manifest.n_classes, pretrained=pretrained)
     model = prepare_model(model.eval(), device)
-    info = backbone_info(name, input_size)
+    prep = backbone_info(name, input_size).preprocessing
     loader = DataLoader(
-        ImageDataset.from_manifest(manifest, rows, eval_transform(info), info.input_size),
+        ImageDataset.from_manifest(manifest, rows, eval_transform(prep), prep.input_size),
         batch_size=64,
         num_workers=2 if pretrained else 0,
     )
     with torch.inference_mode():
         return torch.cat(
-            [embed(model, model_input(x, info, device))[0].float().cpu() for x, _, _ in loader]
+            [embed(model, model_input(x, prep, device))[0].float().cpu() for x, _, _ in loader]
         ).numpy()
 
 
@@ -54,10 +54,12 @@ def compare(name: str, manifest, checkpoint: Path, device, pretrained: bool = Tr
     """Print ``name``'s fine-tuned val accuracy (``checkpoint``'s sidecar) against the frozen
     baseline's."""
     train, val = manifest.indices("train"), manifest.indices("val")
-    side = read_sidecar(checkpoint)
+    record = read_record(checkpoint)
     start = time.perf_counter()
     x_train, x_val = (
-        imagenet_embeddings(name, side["input_size"], manifest, rows, device, pretrained)
+        imagenet_embeddings(
+            name, record.preprocessing.input_size, manifest, rows, device, pretrained
+        )
         for rows in (train, val)
     )
     probe = make_pipeline(
@@ -65,7 +67,7 @@ def compare(name: str, manifest, checkpoint: Path, device, pretrained: bool = Tr
     )
     probe.fit(x_train, manifest.label[train])
     frozen = float((probe.predict(x_val) == manifest.label[val]).mean())
-    tuned = side["val_metrics"]["accuracy"]
+    tuned = record.val_metrics["accuracy"]
     print(
         f"frozen_baseline_{name}: {tuned:.4f} / {frozen:.4f} = {tuned / max(frozen, 1e-9):.3f}  "
         f"({time.perf_counter() - start:.0f} s for the baseline)"

@@ -21,7 +21,6 @@ to check the code runs (its figures mean nothing).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import resource
 import tempfile
@@ -35,29 +34,36 @@ from _process import runner
 from pipeline.config import ExtractParams, asdict, finetune_params, section
 from pipeline.data.manifest import Manifest, manifest_json_path, read_manifest
 from pipeline.extract import extract
-from pipeline.models.checkpoint import backbone_info_of, read_sidecar, save_checkpoint
-from pipeline.models.preprocessing import Preprocessing
-from pipeline.models.registry import backbone_info, create_backbone, embed
+from pipeline.models.checkpoint import CheckpointRecord, read_record, save_checkpoint
+from pipeline.models.registry import BackboneInfo, backbone_info, create_backbone, embed
 from pipeline.runtime import autocast, keep_freed_memory, prepare_model
 from pipeline.storage.image_cache import decode_images
 
 SELF, CHILDREN = resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN  # children: loader workers
 
 
+def untrained_record(info: BackboneInfo, class_names, manifest_sha256: str) -> CheckpointRecord:
+    """The record of a checkpoint that was never fine-tuned (benches time, not train)."""
+    return CheckpointRecord(
+        backbone=info.name,
+        class_names=tuple(class_names),
+        dim=info.dim,
+        preprocessing=info.preprocessing,
+        params=asdict(finetune_params(info.name)),
+        world_size=1,
+        best_epoch=1,
+        val_metrics={},
+        manifest_sha256=manifest_sha256,  # `extract` refuses a checkpoint of another manifest
+        held_out=None,
+        versions="{}",
+    )
+
+
 def make_checkpoint(backbone: str, data: Manifest, directory: Path) -> None:
-    """A random-weight checkpoint of ``data``'s classes with the sidecar fields `extract` reads."""
-    class_names = list(data.class_names)
-    info = backbone_info(backbone)
-    model = create_backbone(backbone, len(class_names), pretrained=False, quiet=True)
-    sidecar = {
-        **{k: v for k, v in dataclasses.asdict(info).items() if k != "name"},
-        "backbone": backbone,
-        "num_classes": len(class_names),
-        "class_names": class_names,
-        "manifest_sha256": data.sha256,  # `extract` refuses a checkpoint of another manifest
-        "params": asdict(finetune_params(backbone)),  # extract reads cross_fit from it
-    }
-    save_checkpoint(model, directory, sidecar)
+    """A random-weight checkpoint of ``data``'s classes at ``backbone``'s native size."""
+    model = create_backbone(backbone, len(data.class_names), pretrained=False, quiet=True)
+    record = untrained_record(backbone_info(backbone), data.class_names, data.sha256)
+    save_checkpoint(model, directory, record)
 
 
 def bare_forward(
@@ -72,7 +78,7 @@ def bare_forward(
     the first-call allocations (and CUDA's lazy start), and a second; ``input_size`` None:
     the backbone's native size."""
     device = torch.device(device)
-    size = backbone_info(backbone, input_size).input_size
+    size = backbone_info(backbone, input_size).preprocessing.input_size
     model = create_backbone(backbone, 2, pretrained=False, quiet=True)
     model = prepare_model(model, device).eval()
     batch = torch.randn(min(batch_size, n_images), 3, size, size, device=device)
@@ -93,9 +99,8 @@ def timed_decode(data, checkpoint: Path, out: Path, workers: int | None = None) 
     """Seconds `decode_images` takes to write ``out`` for ``checkpoint``'s squares."""
     out.unlink(missing_ok=True)
     start = time.perf_counter()
-    info = backbone_info_of(read_sidecar(checkpoint))
-    prep = Preprocessing(info.input_size, info.resize, tuple(info.mean), tuple(info.std), info.interpolation)  # ADAPTER(records): info.preprocessing  # fmt: skip
-    decode_images(data, info.name, prep, out, workers, progress=False)
+    info = read_record(checkpoint).info
+    decode_images(data, info.name, info.preprocessing, out, workers, progress=False)
     return time.perf_counter() - start
 
 

@@ -30,7 +30,6 @@ from torch import nn
 from pipeline.config import finetune_params
 from pipeline.data.transforms import target_info
 from pipeline.finetune import finetune
-from pipeline.models.preprocessing import Preprocessing
 from pipeline.models.registry import backbone_info, create_backbone, freeze_stages, set_train_mode
 from pipeline.runtime import autocast, keep_freed_memory, prepare_model
 from pipeline.storage.image_cache import decode_images
@@ -47,7 +46,7 @@ def bare_training(
     freeze_stages(model, params.frozen_stages)
     model = set_train_mode(prepare_model(model, device))
     optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    size = backbone_info(backbone, params.input_size).input_size
+    size = backbone_info(backbone, params.input_size).preprocessing.input_size
     b = min(params.batch_size, n_images)  # the real loop never sees a larger batch
     images = torch.randn(b, 3, size, size, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
@@ -110,12 +109,12 @@ def main() -> None:
         data = manifest(args.source, tmp, args.images, SMOKE_SIZE if args.smoke else JPEG_SIZE)
         start = time.perf_counter()
         info = target_info(args.backbone, params)
-        prep = Preprocessing(info.input_size, info.resize, tuple(info.mean), tuple(info.std), info.interpolation)  # ADAPTER(records): info.preprocessing  # fmt: skip
+        prep = info.preprocessing
         images = decode_images(data, args.backbone, prep, tmp / "i.h5", progress=False).path
         took = time.perf_counter() - start
         print(f"decode once ({len(data)} {args.source} images): {took:.1f} s")
         n_train = len(data.indices("train"))
-        size = backbone_info(args.backbone, params.input_size).input_size
+        size = backbone_info(args.backbone, params.input_size).preprocessing.input_size
         bare = in_fresh_process(bare_training, args.backbone, params, data.n_classes, n_train)
         what = (
             f"{args.backbone}, {n_train} {args.source} images at {size} px, batch "

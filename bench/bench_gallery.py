@@ -11,12 +11,12 @@ first --images cells. Lines read `<what>: <seconds> s`; the budget is 60 s on 2 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_extract import untrained_record
 
 from pipeline.config import PrepareParams, backbone_names, evaluate_params, finetune_params, section
 from pipeline.data.sources import ELPV_CLASSES, elpv_root
@@ -49,19 +49,17 @@ def main() -> None:
             size = 32 if args.smoke else finetune_params(backbone).input_size
             info = backbone_info(backbone, size)
             model = create_backbone(backbone, 4, pretrained=not args.smoke, quiet=True)
-            sidecar = {
-                **{k: v for k, v in dataclasses.asdict(info).items() if k != "name"},
-                "backbone": backbone,
-                "class_names": list(ELPV_CLASSES[4]),
-            }
-            sha = save_checkpoint(model, Path(tmp) / backbone, sidecar)["weights_sha256"]
+            record = untrained_record(info, ELPV_CLASSES[4], "0" * 64)  # no manifest here
+            sha = save_checkpoint(model, Path(tmp) / backbone, record).weights_sha256
             start = time.perf_counter()
             cams[backbone] = explain(
                 Path(tmp) / backbone, paths, classes, sha, max_pixels=max_pixels, device=device
             )
             took = time.perf_counter() - start
             total += took
-            print(f"Grad-CAM {backbone} at {info.input_size} px, {len(paths)} images: {took:.2f} s")
+            print(
+                f"Grad-CAM {backbone} at {info.preprocessing.input_size} px, {len(paths)} images: {took:.2f} s"
+            )
         start = time.perf_counter()
         gallery = Gallery(
             head="bench",

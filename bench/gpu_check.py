@@ -51,7 +51,6 @@ from bench_finetune import bare_training, second_epoch
 from pipeline.config import ExtractParams, finetune_params, section
 from pipeline.data.manifest import Manifest
 from pipeline.data.transforms import target_info
-from pipeline.models.preprocessing import Preprocessing
 from pipeline.runtime import keep_freed_memory
 from pipeline.storage.image_cache import decode_images
 from stages.cli import main as defuse
@@ -122,12 +121,14 @@ def throughput(backbone: str, data: Manifest, mode: Mode, tmp: Path) -> None:
     )
     checkpoint, info = tmp / backbone, target_info(backbone, params)
     start = time.perf_counter()
-    prep = Preprocessing(info.input_size, info.resize, tuple(info.mean), tuple(info.std), info.interpolation)  # ADAPTER(records): info.preprocessing  # fmt: skip
+    prep = info.preprocessing
     images = decode_images(data, backbone, prep, tmp / f"{backbone}-images.h5", progress=False).path
     took = time.perf_counter() - start
-    print(f"{backbone} decode once ({len(data)} images at {info.input_size} px): {took:.1f} s")
+    print(
+        f"{backbone} decode once ({len(data)} images at {info.preprocessing.input_size} px): {took:.1f} s"
+    )
     ways = (("decoding every file", None), ("image cache", images))
-    n_train, size = len(data.indices("train")), info.input_size
+    n_train, size = len(data.indices("train")), info.preprocessing.input_size
     bare = bare_training(backbone, params, data.n_classes, n_train, mode.device)
     what = (
         f"{n_train} images at {size} px, batch {params.batch_size}, "

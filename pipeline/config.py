@@ -9,6 +9,7 @@ the file; a bad value is an error naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import difflib
@@ -24,13 +25,13 @@ from typing import Any, ClassVar
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.models.preprocessing import RESIZE_MODES
 
 PARAMS_FILE = Path("params.yaml")
 # The sections of a params file; `backbones` and `heads` map names to mappings of keys.
 SECTIONS = ("prepare", "finetune", "backbones", "extract", "fuse", "heads", "evaluate", "compare")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 SOURCES = ("elpv", "folder", "csv")
-RESIZE_MODES = ("stretch", "letterbox", "center_crop")  # how a non-square image meets the input
 BLOCK_NORMS = ("none", "standardize", "l2")  # per-backbone treatment of fused embeddings
 SELECT_BY = ("log_loss", "accuracy", "f1_macro")  # val scores that pick a head's candidate
 
@@ -313,13 +314,45 @@ def finetune_params(backbone: str, path: Path | str = PARAMS_FILE, **overrides) 
     """The `finetune` section with the keys of `backbones.<backbone>` (if it is listed) and
     then the ``overrides`` that are not None laid over it."""
     params = load_params(path)
-    own = _section(params, "backbones", path).get(backbone, {})
+    own = dict(_section(params, "backbones", path).get(backbone, {}))
     label = f"backbones.{backbone}"
+    if "family" in own:
+        _check_family(backbone, own.pop("family"), path)
     _check_keys(FinetuneParams, own, label, path)
     with _in_file(path):
         _typed(FinetuneParams, own, label)  # a bad value is named where it was written
     data = _section(params, "finetune", path) | own | _given(overrides)
     return from_dict(FinetuneParams, data, "finetune", path)
+
+
+FAMILIES = Path(__file__).parent / "models" / "families"
+
+
+def _check_family(backbone: str, family, path: Path | str) -> None:
+    """`backbones.<backbone>.family` must name the module under models/families/ that
+    registers ``backbone``: dvc.yaml reruns its stages when that file changes, and only then.
+    The files are read, not imported, so that reading params needs no torch."""
+    found = [f.stem for f in sorted(FAMILIES.glob("*.py")) if backbone in _registered_in(f)]
+    if family not in found:
+        where = (
+            f"pipeline/models/families/{found[0]}.py; write family: {found[0]}"
+            if found
+            else "no module of pipeline/models/families/"
+        )
+        raise ConfigError(
+            f"{path}: backbones.{backbone}.family is {family!r}, but {backbone!r} is "
+            f"registered in {where}."
+        )
+
+
+def _registered_in(family_file: Path) -> set[str]:
+    """Names of the functions ``family_file`` registers with `@register_backbone`."""
+    return {
+        node.name
+        for node in ast.parse(family_file.read_text()).body
+        if isinstance(node, ast.FunctionDef)
+        and any(getattr(d, "id", None) == "register_backbone" for d in node.decorator_list)
+    }
 
 
 def evaluate_params(path: Path | str = PARAMS_FILE, **overrides) -> EvaluateParams:

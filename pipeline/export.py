@@ -20,7 +20,7 @@ from pipeline.errors import CheckpointError
 from pipeline.fusion.heads import load_head
 from pipeline.fusion.heads.artifact import HEAD_FILE, SIDECAR_FILE
 from pipeline.metrics import write_json
-from pipeline.models.checkpoint import backbone_info_of, load_checkpoint
+from pipeline.models.checkpoint import SIDECAR, load_checkpoint
 from pipeline.models.preprocessing import Preprocessing
 from pipeline.models.registry import embed
 from pipeline.predict import pinned_checkpoint
@@ -34,12 +34,6 @@ EXPORT_FOLDER = ArtifactFolder.of("export", RECORD, GRAPH)
 TOLERANCE = 1e-4  # largest |onnxruntime - torch| probability accepted at export
 OPSET = 17
 _LIBRARIES = ("defuse", "torch", "timm", "onnx", "onnxruntime", "numpy")
-
-
-def preprocessing_of(sidecar: dict) -> Preprocessing:
-    """The preprocessing record of a checkpoint sidecar (its eval square and normalisation)."""
-    info = backbone_info_of(sidecar)
-    return Preprocessing(info.input_size, info.resize, info.mean, info.std, info.interpolation)
 
 
 class _Branch(nn.Module):
@@ -90,12 +84,14 @@ def export(head_dir: Path, models_dir: Path, out: Path, *, max_pixels: int, seed
     backbones = list(sidecar["backbones"])
     branches, inputs, shas = [], [], {}
     for backbone in backbones:
-        directory = pinned_checkpoint(backbone, sidecar, head_dir, models_dir)
-        model, meta = load_checkpoint(directory)  # verifies the weights' sha256
-        prep = preprocessing_of(meta)
+        directory, pinned = pinned_checkpoint(backbone, sidecar, head_dir, models_dir)
+        model, record = load_checkpoint(directory)  # verifies the weights' sha256
+        if record != pinned:  # replaced since it was checked
+            raise CheckpointError(f"{directory / SIDECAR} changed while export was running.")
+        prep = record.preprocessing
         branches.append(_Branch(model, prep, sidecar["extraction"][backbone], head.input))
         inputs.append({"name": backbone, "preprocessing": json.loads(prep.to_json())})
-        shas[backbone] = meta["weights_sha256"]
+        shas[backbone] = record.weights_sha256
     fused = FusedModel(branches, head.torch_module()).eval()
     sizes = [i["preprocessing"]["input_size"] for i in inputs]
     with atomic_dir(out) as tmp:

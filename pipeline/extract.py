@@ -22,8 +22,7 @@ from pipeline.config import ExtractParams
 from pipeline.data.manifest import Manifest
 from pipeline.data.transforms import ImageDataset, eval_transform, model_input
 from pipeline.errors import CacheError, CheckpointError, ConfigError
-from pipeline.models.checkpoint import backbone_info_of, load_checkpoint
-from pipeline.models.preprocessing import Preprocessing
+from pipeline.models.checkpoint import CheckpointRecord, load_checkpoint
 from pipeline.models.registry import BackboneInfo, embed
 from pipeline.progress import tracked
 from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
@@ -68,18 +67,17 @@ def extract(
     r + N, ... of the single-process order) and rank 0 writes the cache from all of them, so
     the file is byte-identical to a plain run's.
     """
-    model, sidecar = load_checkpoint(checkpoint_dir)
-    _check_lineage(checkpoint_dir, sidecar, manifest)
-    info = backbone_info_of(sidecar)
-    prep = Preprocessing(info.input_size, info.resize, tuple(info.mean), tuple(info.std), info.interpolation)  # ADAPTER(records): info.preprocessing  # fmt: skip
+    model, record = load_checkpoint(checkpoint_dir)
+    _check_lineage(checkpoint_dir, record, manifest)
+    info, prep = record.info, record.preprocessing
     cache = open_image_cache(images, prep, info.name) if images is not None else None
-    fold_of, fold_models = _cross_fit(checkpoint_dir, sidecar, manifest)
-    fold_shas = " ".join(side["weights_sha256"] for _, side in fold_models)
+    fold_of, fold_models = _cross_fit(checkpoint_dir, record, manifest)
+    fold_shas = " ".join(fold.weights_sha256 for _, fold in fold_models)
     attrs = cache_attrs(
         info.name,
         manifest.class_names,
         prep,
-        sidecar["weights_sha256"],
+        record.weights_sha256,
         manifest.sha256,
         dtype=params.dtype,
         tta=params.tta,
@@ -144,35 +142,37 @@ def _reused(old: FeatureCache | None, old_row: np.ndarray) -> Iterator[tuple]:
         yield chunk, old.embeddings[old_row[chunk]], old.logits[old_row[chunk]]
 
 
-def _check_lineage(directory: Path, sidecar: dict, manifest: Manifest) -> None:
+def _check_lineage(directory: Path, record: CheckpointRecord, manifest: Manifest) -> None:
     """Refuse a checkpoint (or fold model) fine-tuned on another manifest: its val and test
     rows may be images it trained on."""
-    if sidecar.get("manifest_sha256") != manifest.sha256:
+    if record.manifest_sha256 != manifest.sha256:
         raise CheckpointError(
             f"Checkpoint {directory} was fine-tuned on manifest "
-            f"{sidecar.get('manifest_sha256')}, but {manifest.path} is manifest {manifest.sha256}: "
+            f"{record.manifest_sha256}, but {manifest.path} is manifest {manifest.sha256}: "
             "its val and test images may be ones it trained on. Re-run "
-            f"`defuse finetune {sidecar['backbone']}` on this manifest (or `dvc repro`)."
+            f"`defuse finetune {record.backbone}` on this manifest (or `dvc repro`)."
         )
 
 
-def _cross_fit(checkpoint_dir: Path, sidecar: dict, manifest: Manifest) -> tuple[np.ndarray, list]:
+def _cross_fit(
+    checkpoint_dir: Path, record: CheckpointRecord, manifest: Manifest
+) -> tuple[np.ndarray, list]:
     """For a cross-fitted checkpoint: the fold model of each manifest row ((N,) int8, -1 for
-    the model trained on all of train) and the fold models with their sidecars; a plain
+    the model trained on all of train) and the fold models with their records; a plain
     checkpoint gives all -1 and none. Every train row must be held out by exactly one fold."""
-    k = sidecar["params"].get("cross_fit", 0)
+    k = record.cross_fit
     fold_of, folds = np.full(len(manifest), -1, np.int8), []
     index = {sid: i for i, sid in enumerate(manifest.sample_id)}
     for j in range(k):
-        model, side = load_checkpoint(layout.fold_dir(checkpoint_dir, j))
-        _check_lineage(layout.fold_dir(checkpoint_dir, j), side, manifest)  # so its ids are here
-        fold_of[[index[sid] for sid in side.get("held_out") or []]] = j
-        folds.append((model, side))
+        model, fold = load_checkpoint(layout.fold_dir(checkpoint_dir, j))
+        _check_lineage(layout.fold_dir(checkpoint_dir, j), fold, manifest)  # so its ids are here
+        fold_of[[index[sid] for sid in fold.held_out or ()]] = j
+        folds.append((model, fold))
     train = manifest.indices("train")
     if k and (fold_of[train] < 0).any():
         raise CacheError(
             f"{checkpoint_dir}: {(fold_of[train] < 0).sum()} train rows are held out by none of "
-            f"its {k} fold models; re-run `defuse finetune {sidecar['backbone']}`."
+            f"its {k} fold models; re-run `defuse finetune {record.backbone}`."
         )
     return fold_of, folds
 
@@ -219,9 +219,10 @@ def embed_images(
     the image cache's rows of ``paths``, read instead of decoding the files they hold;
     ``max_pixels``: prepare.max_pixels, the bound for those decoded.
     """
+    prep = info.preprocessing
     loader = DataLoader(
         ImageDataset(
-            paths, None, eval_transform(info), info.input_size, squares, max_pixels=max_pixels
+            paths, None, eval_transform(prep), prep.input_size, squares, max_pixels=max_pixels
         ),
         batch_size=params.batch_size,
         num_workers=params.num_workers,
@@ -230,7 +231,7 @@ def embed_images(
     model = prepare_model(model, device).eval()
     for images, _, index in tracked(loader, f"embed {info.name}", "batch", enabled=progress):
         with autocast(device):
-            emb, logits = _tta_embed(model, model_input(images, info, device), params.tta)
+            emb, logits = _tta_embed(model, model_input(images, prep, device), params.tta)
         with np.errstate(over="ignore"):  # float16 overflow: the cache writer refuses the inf
             emb = emb.float().cpu().numpy().astype(params.dtype, copy=False)
         yield index.numpy(), emb, logits.float().cpu().numpy()

@@ -35,7 +35,7 @@ from pipeline.data.transforms import (
 )
 from pipeline.errors import ConfigError, DataError, DefuseError
 from pipeline.metrics import classification_metrics
-from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.checkpoint import CheckpointRecord, save_checkpoint
 from pipeline.models.preprocessing import Preprocessing
 from pipeline.models.registry import create_backbone, embed, freeze_stages, set_train_mode
 from pipeline.optim import class_weights, cosine_lr
@@ -51,7 +51,7 @@ HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    sidecar: dict  # what save_checkpoint wrote; on ranks > 0 without weights_sha256
+    record: CheckpointRecord  # as save_checkpoint wrote it; on ranks > 0 weights_sha256 is ""
     history: list[dict]  # one row per epoch, HISTORY_FIELDS
     val_metrics: dict
     test_metrics: dict | None  # None when the manifest has no test rows
@@ -98,14 +98,20 @@ def _rank_batch(batch_size: int, n_processes: int) -> int:
 
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, loader: DataLoader, info, device, desc: str = "eval", progress: bool = True
+    model: nn.Module,
+    loader: DataLoader,
+    preprocessing: Preprocessing,
+    device,
+    desc: str = "eval",
+    progress: bool = True,
 ):
     """Logits ``(n, n_classes)`` and labels ``(n,)`` for every batch of ``loader``."""
     model.eval()
     logits, labels = [], []
     for images, y, _ in tracked(loader, desc, "batch", every=None, enabled=progress):
         with autocast(device):
-            logits.append(embed(model, model_input(images, info, device))[1].float().cpu())
+            x = model_input(images, preprocessing, device)
+            logits.append(embed(model, x)[1].float().cpu())
         labels.append(y)
     return torch.cat(logits), torch.cat(labels)
 
@@ -169,12 +175,12 @@ def finetune(
     device = resolve_device(params.device)
     rank_batch = _rank_batch(params.batch_size, distributed.world().size)
     info = target_info(backbone, params)
-    prep = Preprocessing(info.input_size, info.resize, tuple(info.mean), tuple(info.std), info.interpolation)  # ADAPTER(records): info.preprocessing  # fmt: skip
+    prep = info.preprocessing
     cache = open_image_cache(images, prep, backbone) if images is not None else None
 
     def dataset(rows: np.ndarray, transform) -> ImageDataset:
         squares = cache.manifest_squares(manifest, rows) if cache else None
-        return ImageDataset.from_manifest(manifest, rows, transform, info.input_size, squares)
+        return ImageDataset.from_manifest(manifest, rows, transform, prep.input_size, squares)
 
     # A forked RNG keeps the seed local: head init, augmentation and dropout follow it.
     with distributed.process_group(device) as here, torch.random.fork_rng(devices=[]):
@@ -204,7 +210,7 @@ def finetune(
                 model, device_ids=[device.index] if cuda else None
             )
 
-        train_set = dataset(train_idx, train_transform(info, params))
+        train_set = dataset(train_idx, train_transform(prep, params))
         # One permutation per epoch whatever the world size; rank r takes every size-th sample
         # of it, so a step's global batch holds the same samples as a single process's batch.
         sampler = DistributedSampler(
@@ -222,8 +228,8 @@ def finetune(
             mine = rows[distributed.batch_shard(len(rows), size, here.rank, here.size)]
             logits = torch.empty(0, n_classes)
             if len(mine):
-                loader = _loader(dataset(mine, eval_transform(info)), size, eval_workers, device)
-                logits = predict_logits(model, loader, info, device, desc, progress)[0]
+                loader = _loader(dataset(mine, eval_transform(prep)), size, eval_workers, device)
+                logits = predict_logits(model, loader, prep, device, desc, progress)[0]
             return distributed.gather_rows(logits, len(rows), size)
 
         val_labels = torch.as_tensor(manifest.label[val_idx], dtype=torch.long)
@@ -253,7 +259,7 @@ def finetune(
             for images, labels, _ in train_loader:
                 for group in optimizer.param_groups:
                     group["lr"] = cosine_lr(step, total_steps, params.lr, params.lr_final)
-                images, labels = model_input(images, info, device), labels.to(device)
+                images, labels = model_input(images, prep, device), labels.to(device)
                 with autocast(device):
                     logits = train_model(images)
                     loss = criterion(logits.float(), labels)
@@ -309,29 +315,23 @@ def finetune(
                 manifest.label[test_idx], test_logits.argmax(1).numpy(), names
             )
 
-        # No clock time: DVC hashes the checkpoint, so the same weights must give the same bytes.
-        sidecar = {
-            "backbone": backbone,
-            "num_classes": n_classes,
-            "class_names": names,
-            "input_size": info.input_size,
-            "mean": list(info.mean),
-            "std": list(info.std),
-            "interpolation": info.interpolation,
-            "resize": info.resize,  # extract and predict read it from here, never from params
-            "dim": info.dim,
-            "params": asdict(params),
-            "world_size": here.size,  # BatchNorm statistics are per process: it shapes the weights
-            "best_epoch": best_epoch,
-            "val_metrics": {k: val_metrics[k] for k in ("accuracy", "f1_macro", "n")},
-            "manifest_sha256": manifest.sha256,
-            "held_out": None if held_out is None else [manifest.sample_id[i] for i in held_out],
-            "versions": library_versions(),
-        }
+        record = CheckpointRecord(
+            backbone=backbone,
+            class_names=tuple(names),
+            dim=info.dim,
+            preprocessing=prep,  # extract and predict read it from here, never from params
+            params=asdict(params),
+            world_size=here.size,
+            best_epoch=best_epoch,
+            val_metrics={k: val_metrics[k] for k in ("accuracy", "f1_macro", "n")},
+            manifest_sha256=manifest.sha256,
+            held_out=None if held_out is None else tuple(manifest.sample_id[i] for i in held_out),
+            versions=library_versions(),
+        )
         if here.is_main:
-            sidecar = save_checkpoint(model.cpu(), out_dir, sidecar)
+            record = save_checkpoint(model.cpu(), out_dir, record)
         distributed.barrier()
-    return FinetuneResult(sidecar, history, val_metrics, test_metrics)
+    return FinetuneResult(record, history, val_metrics, test_metrics)
 
 
 class DivergedError(DefuseError):

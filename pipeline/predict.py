@@ -5,6 +5,7 @@ Unreadable images are reported per file; the rest are still classified."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from pipeline.data.images import load_image
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.extract import embed_images
 from pipeline.fusion.heads import by_input, check_head_fits, load_head
-from pipeline.models.checkpoint import backbone_info_of, load_checkpoint, read_sidecar
+from pipeline.models.checkpoint import SIDECAR, CheckpointRecord, load_checkpoint, read_record
 from pipeline.models.preprocessing import Preprocessing
 from pipeline.predictions import Predictions, find_images
 from pipeline.runtime import resolve_device
@@ -47,15 +48,15 @@ def predict(
     found = find_images(inputs)
     if not found:
         raise DataError(f"No files under {', '.join(map(str, inputs))}: nothing to classify.")
-    metas = [read_sidecar(d) for d in checkpoints]
+    records = [record for _, record in checkpoints]
     check_head_fits(
         sidecar,
-        class_names=metas[0]["class_names"],
-        backbones=[m["backbone"] for m in metas],
+        class_names=list(records[0].class_names),
+        backbones=[r.backbone for r in records],
         where=head_dir,
     )
-    infos = [backbone_info_of(m) for m in metas]
-    preps = [Preprocessing(i.input_size, i.resize, tuple(i.mean), tuple(i.std), i.interpolation) for i in infos]  # ADAPTER(records): [i.preprocessing for i in infos]  # fmt: skip
+    infos = [r.info for r in records]
+    preps = [i.preprocessing for i in infos]
     caches = [
         usable_image_cache(layout.image_cache(b, images_dir), prep)
         for b, prep in zip(sidecar["backbones"], preps, strict=True)
@@ -82,8 +83,10 @@ def predict(
 
     device = resolve_device(params.device)
     blocks = []
-    for directory, info, cache in zip(checkpoints, infos, caches, strict=True):
-        model, _ = load_checkpoint(directory)
+    for (directory, pinned), info, cache in zip(checkpoints, infos, caches, strict=True):
+        model, record = load_checkpoint(directory)
+        if record != pinned:  # replaced since it was checked
+            raise CheckpointError(f"{directory / SIDECAR} changed while predict was running.")
         squares = cache.squares([ids[p] for p in paths]) if cache else None
         batches = list(
             embed_images(
@@ -99,10 +102,10 @@ def predict(
 
 def _pinned(
     backbone: str, sidecar: dict, head_dir: Path, models_dir: Path, params: ExtractParams
-) -> Path:
+) -> tuple[Path, CheckpointRecord]:
     """`pinned_checkpoint`, and ConfigError unless ``params`` extract as that cache was
     extracted."""
-    directory = pinned_checkpoint(backbone, sidecar, head_dir, models_dir)
+    directory, record = pinned_checkpoint(backbone, sidecar, head_dir, models_dir)
     pinned = sidecar["extraction"][backbone]
     for key in ("dtype", "tta"):
         if pinned[key] != getattr(params, key):
@@ -111,25 +114,46 @@ def _pinned(
                 f"extract.{key}={pinned[key]!r}, but the params give {getattr(params, key)!r}; "
                 f"set it back, or re-run `dvc repro` with the new value."
             )
-    return directory
+    return directory, record
 
 
-def pinned_checkpoint(backbone: str, sidecar: dict, head_dir: Path, models_dir: Path) -> Path:
-    """The checkpoint folder of ``backbone`` in ``models_dir``: CheckpointError unless it is
-    the checkpoint whose cache the head (``sidecar``, in ``head_dir``) was trained on."""
+def pinned_checkpoint(
+    backbone: str, sidecar: dict, head_dir: Path, models_dir: Path
+) -> tuple[Path, CheckpointRecord]:
+    """The checkpoint folder of ``backbone`` in ``models_dir`` and its record: CheckpointError
+    unless it is the checkpoint whose cache the head (``sidecar``, in ``head_dir``) was
+    trained on: weights sha256 and whole preprocessing record."""
     pinned = (sidecar.get("extraction") or {}).get(backbone)
-    if pinned is None:
+    if pinned is None or "preprocessing" not in pinned:
         raise CheckpointError(
-            f"Head {head_dir} does not record the checkpoints its caches came from (an older "
-            f"defuse made it); re-run `defuse fuse {sidecar['head']}` (or `dvc repro`)."
+            f"Head {head_dir} does not record the checkpoints its caches came from and their "
+            f"preprocessing (an older defuse made it); re-run `defuse fuse {sidecar['head']}` "
+            "(or `dvc repro`)."
         )
     directory = layout.checkpoint_dir(backbone, models_dir)
-    sha = read_sidecar(directory)["weights_sha256"]
-    if sha != pinned["checkpoint_sha256"]:
+    record = read_record(directory)
+    if record.weights_sha256 != pinned["checkpoint_sha256"]:
         raise CheckpointError(
             f"Head {head_dir} was trained on features of {backbone} checkpoint "
-            f"{pinned['checkpoint_sha256']}, but {directory} is checkpoint {sha}. Re-run "
-            f"`defuse extract {backbone}` and `defuse fuse {sidecar['head']}` (or `dvc repro`), "
-            "or restore that checkpoint."
+            f"{pinned['checkpoint_sha256']}, but {directory} is checkpoint "
+            f"{record.weights_sha256}. Re-run `defuse extract {backbone}` and `defuse fuse "
+            f"{sidecar['head']}` (or `dvc repro`), or restore that checkpoint."
         )
-    return directory
+    _check_preprocessing(record, pinned, directory / SIDECAR, head_dir)
+    return directory, record
+
+
+def _check_preprocessing(
+    record: CheckpointRecord, pin: dict, sidecar: Path, head_dir: Path
+) -> None:
+    """Refuse a checkpoint whose preprocessing record is not the one the head's cache was
+    extracted with: model.json is not covered by the weights' sha256, and an edited
+    input_size or mean would silently change every answer."""
+    pinned = Preprocessing.from_json(pin["preprocessing"], f"head {head_dir}: preprocessing")
+    if record.preprocessing != pinned:
+        now, then = asdict(record.preprocessing), asdict(pinned)
+        differ = ", ".join(f"{k} {now[k]!r} (pinned {then[k]!r})" for k in now if now[k] != then[k])
+        raise CheckpointError(
+            f"{sidecar}: preprocessing differs from the one head {head_dir} pinned: {differ}; "
+            "restore the checkpoint's model.json, or re-run `dvc repro`."
+        )

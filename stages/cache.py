@@ -25,7 +25,7 @@ def _problems(path: Path, manifest: Path, models: Path) -> list[str]:
     """What keeps a feature or image cache from agreeing with the manifest (and, for a feature
     cache, its checkpoint), where those are present; [] when it is sound."""
     from pipeline.data.manifest import read_manifest
-    from pipeline.models.checkpoint import read_sidecar
+    from pipeline.models.checkpoint import read_record
     from pipeline.storage.feature_cache import cache_info, verify_cache
     from pipeline.storage.image_cache import is_image_cache, verify_image_cache
 
@@ -34,7 +34,7 @@ def _problems(path: Path, manifest: Path, models: Path) -> list[str]:
         return verify_image_cache(path, man)
     backbone = cache_info(path)["attrs"]["backbone"]
     ckpt = layout.checkpoint_dir(backbone, models)
-    sha = read_sidecar(ckpt)["weights_sha256"] if (ckpt / "model.json").is_file() else None
+    sha = read_record(ckpt).weights_sha256 if (ckpt / "model.json").is_file() else None
     return verify_cache(path, man, sha)
 
 

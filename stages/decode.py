@@ -28,15 +28,14 @@ def decode(backbone, manifest, out, params_path, workers):
     from pipeline.config import finetune_params
     from pipeline.data.manifest import read_manifest
     from pipeline.data.transforms import target_info
-    from pipeline.models.preprocessing import Preprocessing
     from pipeline.storage.image_cache import decode_images
     from pipeline.storage.outputs import check_file_output
 
     out = check_file_output(out or layout.image_cache(backbone), "--out")
     info = target_info(backbone, finetune_params(backbone, params_path))
-    prep = Preprocessing(info.input_size, info.resize, tuple(info.mean), tuple(info.std), info.interpolation)  # ADAPTER(records): info.preprocessing  # fmt: skip
+    prep = info.preprocessing
     result = decode_images(read_manifest(manifest), backbone, prep, out, workers)
     click.echo(
         f"{result.path}: {result.n_rows} rows ({result.n_decoded} decoded, "
-        f"{result.n_reused} reused) of {info.input_size} px, {info.resize}"
+        f"{result.n_reused} reused) of {info.preprocessing.input_size} px, {info.preprocessing.resize}"
     )

@@ -62,14 +62,14 @@ def finetune(backbone, manifest, out, images, reports, params_path, epochs, batc
             write_json(
                 paths["metrics"],
                 {
-                    "best_epoch": result.sidecar["best_epoch"],
+                    "best_epoch": result.record.best_epoch,
                     "val": result.val_metrics,
                     "test": result.test_metrics,
                 },
             )
             val = result.val_metrics
             click.echo(
-                f"{backbone}: best epoch {result.sidecar['best_epoch']}, val accuracy {val['accuracy']:.4f}, macro F1 {val['f1_macro']:.4f}"
+                f"{backbone}: best epoch {result.record.best_epoch}, val accuracy {val['accuracy']:.4f}, macro F1 {val['f1_macro']:.4f}"
             )
         # After the main model, whose folder save_checkpoint replaces whole.
         for k, held_out in enumerate(cross_fit_folds(man, params.cross_fit, params.seed)):

@@ -116,15 +116,6 @@ TEST_PREPROCESSING = dict(input_size=32, resize="stretch", mean=(0.5, 0.5, 0.5),
                           std=(0.5, 0.5, 0.5), interpolation="bilinear")  # fmt: skip
 
 
-def preprocessing_of(info):
-    """The preprocessing record of a BackboneInfo."""
-    from pipeline.models.preprocessing import Preprocessing
-
-    return Preprocessing(
-        info.input_size, info.resize, tuple(info.mean), tuple(info.std), info.interpolation
-    )  # ADAPTER(records): info.preprocessing
-
-
 def feature_attrs(backbone="b", class_names=("a", "b", "c"), **over) -> dict:
     """`cache_attrs` of a synthetic feature cache (32 px, checkpoint c..c, manifest m..m);
     ``over`` replaces or adds attributes."""
@@ -234,7 +225,7 @@ def fused_project(tiny_run, tmp_path_factory):
 
     Session-scoped: tests must not modify these files; copy them first.
     """
-    import json
+    import dataclasses
     import shutil
 
     from pipeline import layout
@@ -242,20 +233,19 @@ def fused_project(tiny_run, tmp_path_factory):
     from pipeline.extract import extract
     from pipeline.fusion.fit import fit_head, fit_seed_refits
     from pipeline.fusion.heads import save_head
-    from pipeline.models.checkpoint import SIDECAR, save_checkpoint
+    from pipeline.models.checkpoint import read_record, save_checkpoint
     from pipeline.models.registry import create_backbone
     from pipeline.storage.feature_cache import load_features
 
     base = tmp_path_factory.mktemp("fused")
     models, manifest = base / "models", tiny_run["manifest"]
     shutil.copytree(tiny_run["checkpoint"], layout.checkpoint_dir("tf_efficientnet_lite0", models))
-    sidecar = json.loads((tiny_run["checkpoint"] / SIDECAR).read_text())
-    sidecar = {k: v for k, v in sidecar.items() if k != "weights_sha256"}
+    record = read_record(tiny_run["checkpoint"])
     lite1 = create_backbone("tf_efficientnet_lite1", 3, pretrained=False, quiet=True)
     save_checkpoint(
         lite1,
         layout.checkpoint_dir("tf_efficientnet_lite1", models),
-        {**sidecar, "backbone": "tf_efficientnet_lite1"},
+        dataclasses.replace(record, backbone="tf_efficientnet_lite1", weights_sha256=""),
     )
     backbones = ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
     params = params_of(

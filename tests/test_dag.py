@@ -37,7 +37,7 @@ PARAMS = {
         "num_workers": 0,
         "input_size": 32,
     },
-    "backbones": {"tf_efficientnet_lite0": {"frozen_stages": 0}},
+    "backbones": {"tf_efficientnet_lite0": {"family": "efficientnet_lite", "frozen_stages": 0}},
     "extract": {"batch_size": 16, "num_workers": 0},
     "fuse": {"seed": 0, "seeds": [0, 1]},
     "heads": {

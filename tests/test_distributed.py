@@ -86,8 +86,8 @@ def test_two_processes_train_what_one_does(ddp_run, one_thread, tmp_path):
         del got["train_s"], row["train_s"]  # wall time: the one column that may differ
         assert got == pytest.approx(row, abs=2e-6)
     ddp_sidecar = json.loads((base / "models" / "ddp" / SIDECAR).read_text())
-    assert ddp_sidecar["best_epoch"] == one.sidecar["best_epoch"]
-    assert (ddp_sidecar["world_size"], one.sidecar["world_size"]) == (2, 1)
+    assert ddp_sidecar["best_epoch"] == one.record.best_epoch
+    assert (ddp_sidecar["world_size"], one.record.world_size) == (2, 1)
     a, b = load_file(base / "models" / "ddp" / WEIGHTS), load_file(tmp_path / "one" / WEIGHTS)
     assert a.keys() == b.keys()
     for key in a:

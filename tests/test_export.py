@@ -2,6 +2,7 @@
 probabilities, with model.json saying what it was built from; other checkpoints and graphs
 that disagree with torch are refused, and nothing is written then."""
 
+import dataclasses
 import json
 import shutil
 
@@ -17,9 +18,9 @@ from pipeline import layout
 from pipeline.config import BLOCK_NORMS
 from pipeline.deploy import prepared
 from pipeline.errors import CheckpointError
-from pipeline.export import export, preprocessing_of
+from pipeline.export import export
 from pipeline.fusion.heads import HEADS, load_head, make_head
-from pipeline.models.checkpoint import load_checkpoint, read_sidecar, save_checkpoint
+from pipeline.models.checkpoint import load_checkpoint, read_record, save_checkpoint
 from pipeline.storage.feature_cache import file_sha256
 from stages.cli import main
 
@@ -76,10 +77,10 @@ def test_the_record_says_what_the_graph_was_built_from(fused_project, exported):
     assert record["graph_sha256"] == file_sha256(exported / "model.onnx")
     assert [i["name"] for i in record["inputs"]] == sidecar["backbones"]
     for item in record["inputs"]:
-        ckpt = read_sidecar(layout.checkpoint_dir(item["name"], fused_project["models"]))
-        assert item["preprocessing"] == json.loads(preprocessing_of(ckpt).to_json())
+        ckpt = read_record(layout.checkpoint_dir(item["name"], fused_project["models"]))
+        assert item["preprocessing"] == json.loads(ckpt.preprocessing.to_json())
         assert item["preprocessing"]["input_size"] == 32
-        assert record["built_from"]["checkpoints"][item["name"]] == ckpt["weights_sha256"]
+        assert record["built_from"]["checkpoints"][item["name"]] == ckpt.weights_sha256
     assert record["built_from"]["head"] == {
         f: file_sha256(head_dir / f) for f in ("head.json", "head.safetensors")
     }
@@ -94,8 +95,11 @@ def test_the_graph_gives_the_heads_probabilities_on_the_cached_test_rows(fused_p
     head, _ = load_head(layout.head_dir("logreg", fused_project["heads"]))
     test = np.flatnonzero(features.split == "test")
     record = json.loads((exported / "model.json").read_text())
-    inputs = {i["name"]: preprocessing_of(read_sidecar(
-        layout.checkpoint_dir(i["name"], fused_project["models"]))) for i in record["inputs"]}  # fmt: skip
+    models = fused_project["models"]
+    inputs = {
+        i["name"]: read_record(layout.checkpoint_dir(i["name"], models)).preprocessing
+        for i in record["inputs"]
+    }
     squares = [
         prepared(manifest.image_path(int(r)), inputs, max_pixels=manifest.max_pixels) for r in test
     ]
@@ -109,11 +113,12 @@ def test_the_graph_gives_the_heads_probabilities_on_the_cached_test_rows(fused_p
 def test_a_checkpoint_other_than_the_pinned_one_is_refused(fused_project, tmp_path):
     models = shutil.copytree(fused_project["models"], tmp_path / "models")
     ckpt = layout.checkpoint_dir("tf_efficientnet_lite1", models)
-    model, sidecar = load_checkpoint(ckpt)
+    model, record = load_checkpoint(ckpt)
     with torch.no_grad():
         model.get_classifier().bias += 1.0  # fine-tuned again since the caches were extracted
-    sidecar.pop("weights_sha256")
-    now = save_checkpoint(model, ckpt, sidecar)["weights_sha256"]
+    now = save_checkpoint(
+        model, ckpt, dataclasses.replace(record, weights_sha256="")
+    ).weights_sha256
     params = write_params(tmp_path / "params.yaml")
     result = CliRunner().invoke(main, [
         "export", "--params", str(params), "--heads", str(fused_project["heads"]),

@@ -15,7 +15,7 @@ from pipeline.data.images import load_image
 from pipeline.data.transforms import eval_transform, model_input
 from pipeline.errors import DataError
 from pipeline.extract import extract
-from pipeline.models.checkpoint import backbone_info_of, load_checkpoint
+from pipeline.models.checkpoint import load_checkpoint
 from pipeline.models.registry import embed
 from pipeline.storage.feature_cache import read_cache
 
@@ -34,14 +34,14 @@ def test_cache_holds_every_manifest_row_with_the_models_outputs(tiny_run, tmp_pa
     )
     assert list(cache.split) == list(manifest.split)
     np.testing.assert_array_equal(cache.label, manifest.label)
-    assert cache.attrs["checkpoint_sha256"] == tiny_run["result"].sidecar["weights_sha256"]
+    assert cache.attrs["checkpoint_sha256"] == tiny_run["result"].record.weights_sha256
     assert cache.attrs["manifest_sha256"] == manifest.sha256
 
     model, side = load_checkpoint(tiny_run["checkpoint"])
-    info = backbone_info_of(side)
-    image = eval_transform(info)(load_image(manifest.image_path(5), max_pixels=manifest.max_pixels))
+    prep = side.preprocessing
+    image = eval_transform(prep)(load_image(manifest.image_path(5), max_pixels=manifest.max_pixels))
     with torch.inference_mode():
-        emb, logits = embed(model, model_input(image[None], info, torch.device("cpu")))
+        emb, logits = embed(model, model_input(image[None], prep, torch.device("cpu")))
     np.testing.assert_allclose(cache.embeddings[5], emb[0].numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(cache.logits[5], logits[0].numpy(), rtol=1e-4, atol=1e-5)
 
@@ -162,15 +162,13 @@ def test_cross_fitted_train_rows_come_from_the_fold_that_never_saw_them(tiny_run
     )
 
     row = folds[1][0]  # embedded by fold model 1, not by the model trained on all of train
-    image = eval_transform(backbone_info_of(load_checkpoint(ckpt)[1]))(
+    image = eval_transform(load_checkpoint(ckpt)[1].preprocessing)(
         load_image(manifest.image_path(row), max_pixels=manifest.max_pixels)
     )
     for directory, same in ((layout.fold_dir(ckpt, 1), True), (ckpt, False)):
         model, side = load_checkpoint(directory)
         with torch.inference_mode():
-            emb, _ = embed(
-                model, model_input(image[None], backbone_info_of(side), torch.device("cpu"))
-            )
+            emb, _ = embed(model, model_input(image[None], side.preprocessing, torch.device("cpu")))
         assert np.allclose(cache.embeddings[row], emb[0].numpy(), atol=1e-5) is same
 
     shutil.rmtree(layout.fold_dir(ckpt, 1))
@@ -196,17 +194,18 @@ def test_extract_brings_images_to_the_square_as_the_checkpoint_says(tiny_run, tm
     manifest = make_manifest(tmp_path / "wide", tmp_path / "manifest.csv")
     ckpt = checkpoint_for(tiny_run["checkpoint"], manifest, tmp_path / "lite0")
     sidecar = json.loads((ckpt / SIDECAR).read_text())
-    assert sidecar["resize"] == "stretch"  # finetune's default, recorded
-    (ckpt / SIDECAR).write_text(json.dumps({**sidecar, "resize": "letterbox"}))
+    assert sidecar["preprocessing"]["resize"] == "stretch"  # finetune's default, recorded
+    sidecar["preprocessing"]["resize"] = "letterbox"
+    (ckpt / SIDECAR).write_text(json.dumps(sidecar))
     cache = read_cache(extract(manifest, ckpt, tmp_path / "f.h5", PARAMS, progress=False).path)
 
     model, side = load_checkpoint(ckpt)
-    info = backbone_info_of(side)
+    prep = side.preprocessing
     image = load_image(manifest.image_path(0), max_pixels=manifest.max_pixels)
     for mode, same in (("letterbox", True), ("stretch", False)):
-        x = eval_transform(replace(info, resize=mode))(image)
+        x = eval_transform(replace(prep, resize=mode))(image)
         with torch.inference_mode():
-            emb, _ = embed(model, model_input(x[None], info, torch.device("cpu")))
+            emb, _ = embed(model, model_input(x[None], prep, torch.device("cpu")))
         assert np.allclose(cache.embeddings[0], emb[0].numpy(), atol=1e-5) is same
 
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_FINETUNE, params_of, preprocessing_of
+from conftest import TINY_FINETUNE, params_of
 from torch.utils.data import DataLoader
 
 from pipeline.config import ExtractParams, FinetuneParams
@@ -19,8 +19,8 @@ from pipeline.finetune import DivergedError, class_weights, finetune, predict_lo
 from pipeline.models.checkpoint import (
     SIDECAR,
     WEIGHTS,
-    backbone_info_of,
     load_checkpoint,
+    read_record,
     save_checkpoint,
 )
 from pipeline.storage.image_cache import decode_images
@@ -30,10 +30,11 @@ def test_checkpoint_describes_itself(tiny_run):
     side = json.loads((tiny_run["checkpoint"] / SIDECAR).read_text())
     assert side["backbone"] == "tf_efficientnet_lite0"
     assert side["class_names"] == list(tiny_run["manifest"].class_names)
-    assert side["input_size"] == 32 and side["dim"] == 1280 and len(side["mean"]) == 3
+    assert side["preprocessing"]["input_size"] == 32 and side["dim"] == 1280
     assert side["manifest_sha256"] == tiny_run["manifest"].sha256
     assert side["params"]["epochs"] == 2 and 1 <= side["best_epoch"] <= 2
     assert set(side["val_metrics"]) == {"accuracy", "f1_macro", "n"}
+    assert read_record(tiny_run["checkpoint"]) == tiny_run["result"].record
 
 
 def test_history_and_metrics(tiny_run):
@@ -41,7 +42,7 @@ def test_history_and_metrics(tiny_run):
     assert [h["epoch"] for h in result.history] == [1, 2]
     assert all(np.isfinite(h["train_loss"]) and 0 <= h["val_acc"] <= 1 for h in result.history)
     best = max(result.history, key=lambda h: (h["val_acc"], -h["val_loss"]))
-    assert result.sidecar["best_epoch"] == best["epoch"]  # chosen on val, never on test
+    assert result.record.best_epoch == best["epoch"]  # chosen on val, never on test
     assert result.val_metrics["n"] == len(tiny_run["manifest"].indices("val"))
     assert result.test_metrics["n"] == len(tiny_run["manifest"].indices("test"))
 
@@ -51,10 +52,10 @@ def test_loaded_checkpoint_reproduces_the_best_model(tiny_run):
     assert not model.training
     manifest = tiny_run["manifest"]
     val = manifest.indices("val")
-    info = backbone_info_of(side)
-    dataset = ImageDataset.from_manifest(manifest, val, eval_transform(info), 32)
+    prep = side.preprocessing
+    dataset = ImageDataset.from_manifest(manifest, val, eval_transform(prep), 32)
     loader = DataLoader(dataset, batch_size=16)
-    logits, labels = predict_logits(model, loader, info, torch.device("cpu"))
+    logits, labels = predict_logits(model, loader, prep, torch.device("cpu"))
     assert logits.shape == (len(val), 3)
     accuracy = (logits.argmax(1) == labels).float().mean().item()
     assert accuracy == pytest.approx(tiny_run["result"].val_metrics["accuracy"], abs=1e-6)
@@ -69,7 +70,7 @@ def test_same_seed_gives_the_same_checkpoint_and_cache_bytes(tiny_run, tmp_path,
         tmp_path / "m",
         progress=False,
     )
-    assert again.sidecar["weights_sha256"] == tiny_run["result"].sidecar["weights_sha256"]
+    assert again.record.weights_sha256 == tiny_run["result"].record.weights_sha256
     for name in (WEIGHTS, SIDECAR):
         assert (tmp_path / "m" / name).read_bytes() == (tiny_run["checkpoint"] / name).read_bytes()
     params = params_of(ExtractParams, "extract", batch_size=16, num_workers=0)
@@ -87,14 +88,14 @@ def test_the_image_cache_gives_the_same_checkpoint_and_features_as_decoding(tiny
     """Training and extraction read the squares `defuse decode` wrote instead of the files:
     the same pixels, so the same weights and the same cache bytes."""
     manifest, params = tiny_run["manifest"], params_of(FinetuneParams, "finetune", **TINY_FINETUNE)
-    prep = preprocessing_of(target_info("tf_efficientnet_lite0", params))
+    prep = target_info("tf_efficientnet_lite0", params).preprocessing
     images = decode_images(
         manifest, "tf_efficientnet_lite0", prep, tmp_path / "i.h5", 1, False
     ).path
     again = finetune(
         manifest, "tf_efficientnet_lite0", params, tmp_path / "m", progress=False, images=images
     )
-    assert again.sidecar["weights_sha256"] == tiny_run["result"].sidecar["weights_sha256"]
+    assert again.record.weights_sha256 == tiny_run["result"].record.weights_sha256
     extract_params = params_of(ExtractParams, "extract", batch_size=16, num_workers=0)
     extract(manifest, tiny_run["checkpoint"], tmp_path / "a.h5", extract_params, progress=False)
     extract(manifest, tmp_path / "m", tmp_path / "b.h5", extract_params, False, images=images)
@@ -108,7 +109,7 @@ def test_the_image_cache_gives_the_same_checkpoint_and_features_as_decoding(tiny
     cached = finetune(
         manifest, "tf_efficientnet_lite0", workers, tmp_path / "w2", False, images=images
     )
-    assert decoded.sidecar["weights_sha256"] == cached.sidecar["weights_sha256"]
+    assert decoded.record.weights_sha256 == cached.record.weights_sha256
     assert _trajectory(decoded) == _trajectory(cached)
 
     other = replace(params, input_size=48)  # the checkpoint would record other squares
@@ -140,7 +141,7 @@ def test_interrupted_save_keeps_the_old_checkpoint(tiny_run, tmp_path):
         pass
 
     with pytest.raises(TypeError):
-        save_checkpoint(model, ckpt, {**side, "bad": Unserialisable()})
+        save_checkpoint(model, ckpt, replace(side, val_metrics={"bad": Unserialisable()}))
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp folder left behind
 
@@ -175,8 +176,8 @@ def test_resize_mode_trains_and_is_recorded(tiny_run, tmp_path):
     )
     finetune(tiny_run["manifest"], "tf_efficientnet_lite0", params, tmp_path / "m", progress=False)
     side = json.loads((tmp_path / "m" / SIDECAR).read_text())
-    assert side["resize"] == side["params"]["resize"] == "letterbox"
-    assert backbone_info_of(side).resize == "letterbox"
+    assert side["preprocessing"]["resize"] == side["params"]["resize"] == "letterbox"
+    assert read_record(tmp_path / "m").preprocessing.resize == "letterbox"
 
 
 def test_a_diverging_fine_tune_stops_naming_where_and_writes_nothing(tiny_run, tmp_path):

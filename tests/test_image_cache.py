@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import feature_attrs, make_manifest, params_of, preprocessing_of, rewrite_digests
+from conftest import feature_attrs, make_manifest, params_of, rewrite_digests
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -30,6 +30,13 @@ from pipeline.storage.image_cache import (
 
 BACKBONE = "tf_efficientnet_lite0"
 INFO = target_info(BACKBONE, params_of(FinetuneParams, "finetune", input_size=32))
+
+
+def _at(info, **change):
+    """``info`` with its preprocessing record changed."""
+    return replace(info, preprocessing=replace(info.preprocessing, **change))
+
+
 AUGMENT = params_of(
     FinetuneParams, "finetune", hflip=True, vflip=True, rotation=30, color_jitter=0.3
 )
@@ -63,19 +70,18 @@ def data(tmp_path):
 
 def _decoded(info, path):
     """(C, S, S) uint8: what the eval loader makes of a file, grey in one channel."""
-    return eval_transform(info)(
-        load_image(path, max_pixels=10**8, size=info.input_size, keep_gray=True)
-    )
+    p = info.preprocessing
+    return eval_transform(p)(load_image(path, max_pixels=10**8, size=p.input_size, keep_gray=True))
 
 
 @pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_rows_are_the_squares_the_loaders_make_of_the_files(data, tmp_path, mode):
-    info = replace(INFO, resize=mode)
+    info = _at(INFO, resize=mode)
     result = decode_images(
-        data, BACKBONE, preprocessing_of(info), tmp_path / "images.h5", workers=2, progress=False
+        data, BACKBONE, info.preprocessing, tmp_path / "images.h5", workers=2, progress=False
     )
     assert (result.n_rows, result.n_decoded, result.n_reused) == (len(data), len(data), 0)
-    cache = open_image_cache(result.path, preprocessing_of(info), BACKBONE)
+    cache = open_image_cache(result.path, info.preprocessing, BACKBONE)
     assert cache.sample_id.astype(str).tolist() == list(data.sample_id)
     assert cache.attrs["backbone"] == BACKBONE and cache.preprocessing.resize == mode
     squares = cache.manifest_squares(data, np.arange(len(data)))
@@ -93,20 +99,25 @@ def _batches(dataset, workers, seed=0):
 
 @pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_the_loaders_yield_the_same_tensors_with_and_without_the_cache(data, tmp_path, mode):
-    info = replace(INFO, resize=mode)
-    path = decode_images(data, BACKBONE, preprocessing_of(info), tmp_path / "i.h5", 1, False).path
-    cache = open_image_cache(path, preprocessing_of(info), BACKBONE)
+    info = _at(INFO, resize=mode)
+    path = decode_images(data, BACKBONE, info.preprocessing, tmp_path / "i.h5", 1, False).path
+    cache = open_image_cache(path, info.preprocessing, BACKBONE)
     rows = np.random.default_rng(1).permutation(len(data))  # any order, as a split gives
     squares = cache.manifest_squares(data, rows)
-    for transform in (eval_transform(info), train_transform(info, AUGMENT)):
-        files = ImageDataset.from_manifest(data, rows, transform, info.input_size)
-        cached = ImageDataset.from_manifest(data, rows, transform, info.input_size, squares)
+    for transform in (
+        eval_transform(info.preprocessing),
+        train_transform(info.preprocessing, AUGMENT),
+    ):
+        files = ImageDataset.from_manifest(data, rows, transform, 32)
+        cached = ImageDataset.from_manifest(data, rows, transform, 32, squares)
         for a, b in zip(_batches(files, 0), _batches(cached, 0), strict=True):
             assert torch.equal(a, b)
     # Loader workers open the file themselves, even when this process already has it open.
     assert squares.image(0) is not None
-    files = ImageDataset.from_manifest(data, rows, train_transform(info, AUGMENT), 32)
-    cached = ImageDataset.from_manifest(data, rows, train_transform(info, AUGMENT), 32, squares)
+    files = ImageDataset.from_manifest(data, rows, train_transform(info.preprocessing, AUGMENT), 32)
+    cached = ImageDataset.from_manifest(
+        data, rows, train_transform(info.preprocessing, AUGMENT), 32, squares
+    )
     for a, b in zip(_batches(files, 2), _batches(cached, 2), strict=True):
         assert torch.equal(a, b)
 
@@ -115,63 +126,57 @@ def test_unchanged_samples_are_copied_not_decoded(tmp_path):
     root = _mixed(tmp_path / "images")
     first = make_manifest(root, tmp_path / "m1" / "manifest.csv")
     out = tmp_path / "images.h5"
-    decode_images(first, BACKBONE, preprocessing_of(INFO), out, 2, False)
+    decode_images(first, BACKBONE, INFO.preprocessing, out, 2, False)
     _mixed(root, n_per_class=3, seed=1)  # new images
     gone = first.image_path(0)
     kept = first.image_path(1)
     gone.unlink()
     grown = make_manifest(root, tmp_path / "m2" / "manifest.csv")
     shutil.move(kept, tmp_path / "aside")  # a copied row needs no file
-    result = decode_images(grown, BACKBONE, preprocessing_of(INFO), out, 2, False)
+    result = decode_images(grown, BACKBONE, INFO.preprocessing, out, 2, False)
     assert (result.n_decoded, result.n_reused) == (6, len(first) - 1)
     assert read_image_cache(out).sample_id.astype(str).tolist() == list(grown.sample_id)
 
     shutil.move(tmp_path / "aside", kept)
-    fresh = decode_images(grown, BACKBONE, preprocessing_of(INFO), tmp_path / "fresh.h5", 1, False)
+    fresh = decode_images(grown, BACKBONE, INFO.preprocessing, tmp_path / "fresh.h5", 1, False)
     assert fresh.path.read_bytes() == out.read_bytes()
 
 
 def test_identical_inputs_give_identical_bytes_and_another_square_decodes_again(data, tmp_path):
-    a = decode_images(data, BACKBONE, preprocessing_of(INFO), tmp_path / "a.h5", 2, False).path
-    b = decode_images(data, BACKBONE, preprocessing_of(INFO), tmp_path / "b.h5", 1, False).path
+    a = decode_images(data, BACKBONE, INFO.preprocessing, tmp_path / "a.h5", 2, False).path
+    b = decode_images(data, BACKBONE, INFO.preprocessing, tmp_path / "b.h5", 1, False).path
     assert a.read_bytes() == b.read_bytes()
-    again = decode_images(data, BACKBONE, preprocessing_of(INFO), a, 2, False)
+    again = decode_images(data, BACKBONE, INFO.preprocessing, a, 2, False)
     assert again.n_reused == len(data) and a.read_bytes() == b.read_bytes()
-    other = decode_images(
-        data, BACKBONE, preprocessing_of(replace(INFO, input_size=40)), a, 2, False
-    )
+    other = decode_images(data, BACKBONE, _at(INFO, input_size=40).preprocessing, a, 2, False)
     assert other.n_reused == 0 and read_image_cache(a).preprocessing.input_size == 40
 
 
 def test_a_cache_of_another_square_is_refused_and_predict_passes_it_by(data, tmp_path):
-    path = decode_images(
-        data, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False
-    ).path
+    path = decode_images(data, BACKBONE, INFO.preprocessing, tmp_path / "images.h5", 1, False).path
     for change, says in (
         ({"input_size": 48}, "holds squares of input_size 32, but tf_efficientnet_lite0 is "
                              "fine-tuned on input_size 48"),
         ({"resize": "letterbox"}, "resize 'stretch', but .* resize 'letterbox'"),
     ):  # fmt: skip
-        other = replace(INFO, **change)
+        other = _at(INFO, **change)
         with pytest.raises(CacheError, match=rf"{says}; re-run `defuse decode {BACKBONE}`"):
-            open_image_cache(path, preprocessing_of(other), BACKBONE)
-        assert usable_image_cache(path, preprocessing_of(other)) is None
-    assert usable_image_cache(tmp_path / "absent.h5", preprocessing_of(INFO)) is None
-    assert usable_image_cache(path, preprocessing_of(INFO)) is not None
+            open_image_cache(path, other.preprocessing, BACKBONE)
+        assert usable_image_cache(path, other.preprocessing) is None
+    assert usable_image_cache(tmp_path / "absent.h5", INFO.preprocessing) is None
+    assert usable_image_cache(path, INFO.preprocessing) is not None
     with pytest.raises(CacheError, match=r"absent\.h5: no such image cache"):
-        open_image_cache(tmp_path / "absent.h5", preprocessing_of(INFO), BACKBONE)
+        open_image_cache(tmp_path / "absent.h5", INFO.preprocessing, BACKBONE)
 
 
 def test_images_the_cache_lacks_are_named(tmp_path):
     root = _mixed(tmp_path / "images")
     first = make_manifest(root, tmp_path / "m1" / "manifest.csv")
-    path = decode_images(
-        first, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False
-    ).path
+    path = decode_images(first, BACKBONE, INFO.preprocessing, tmp_path / "images.h5", 1, False).path
     _mixed(root, n_per_class=3, seed=1)
     grown = make_manifest(root, tmp_path / "m2" / "manifest.csv")
     new = [i for i, s in enumerate(grown.sample_id) if s not in first.sample_id]
-    cache = open_image_cache(path, preprocessing_of(INFO), BACKBONE)
+    cache = open_image_cache(path, INFO.preprocessing, BACKBONE)
     with pytest.raises(CacheError) as err:
         cache.manifest_squares(grown, np.arange(len(grown)))
     message = str(err.value)
@@ -189,14 +194,12 @@ def test_a_file_changed_since_prepare_is_refused(data, tmp_path):
     with pytest.raises(
         DataError, match=rf"{victim.name}: its bytes no longer hash to its sample_id"
     ):
-        decode_images(data, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False)
+        decode_images(data, BACKBONE, INFO.preprocessing, tmp_path / "images.h5", 1, False)
     assert not (tmp_path / "images.h5").exists()
 
 
 def test_damaged_or_foreign_files_are_errors_and_never_reused(data, tmp_path):
-    path = decode_images(
-        data, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False
-    ).path
+    path = decode_images(data, BACKBONE, INFO.preprocessing, tmp_path / "images.h5", 1, False).path
     info = image_cache_info(path)
     assert info["shape"] == (len(data), 32, 32, 3) and info["images"]["grey"] == len(data) // 2
     assert is_image_cache(path)
@@ -206,7 +209,7 @@ def test_damaged_or_foreign_files_are_errors_and_never_reused(data, tmp_path):
         read_image_cache(path)
     assert "not a readable HDF5 file" in verify_image_cache(path)[0]
     assert (
-        decode_images(data, BACKBONE, preprocessing_of(INFO), path, 1, False).n_reused == 0
+        decode_images(data, BACKBONE, INFO.preprocessing, path, 1, False).n_reused == 0
     )  # recomputed whole
 
     features = tmp_path / "features.h5"  # a sound feature cache is no image cache
@@ -221,13 +224,11 @@ def test_damaged_or_foreign_files_are_errors_and_never_reused(data, tmp_path):
 
 
 def test_readers_refuse_a_file_replaced_after_its_header_was_read(data, tmp_path):
-    path = decode_images(
-        data, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False
-    ).path
-    squares = open_image_cache(path, preprocessing_of(INFO), BACKBONE).manifest_squares(
+    path = decode_images(data, BACKBONE, INFO.preprocessing, tmp_path / "images.h5", 1, False).path
+    squares = open_image_cache(path, INFO.preprocessing, BACKBONE).manifest_squares(
         data, np.arange(len(data))
     )
-    decode_images(data, BACKBONE, preprocessing_of(replace(INFO, input_size=40)), path, 1, False)
+    decode_images(data, BACKBONE, _at(INFO, input_size=40).preprocessing, path, 1, False)
     with pytest.raises(CacheError, match="changed since it was read"):
         squares.image(0)
 
@@ -247,19 +248,17 @@ def _change_pixel_row(f):
 def test_tampered_rows_are_refused_by_every_reader_and_never_reused(
     data, tmp_path, damage, dataset
 ):
-    path = decode_images(
-        data, BACKBONE, preprocessing_of(INFO), tmp_path / "images.h5", 1, False
-    ).path
+    path = decode_images(data, BACKBONE, INFO.preprocessing, tmp_path / "images.h5", 1, False).path
     with h5py.File(path, "r+") as f:
         damage(f)
     says = f"{path}: dataset '{dataset}' does not match its stored sha256 digest"
     (problem,) = verify_image_cache(path, data)
     assert problem.startswith(says) and "\n" not in problem
     with pytest.raises(CacheError, match=re.escape(says)):  # what finetune / extract / predict do
-        open_image_cache(path, preprocessing_of(INFO), BACKBONE).manifest_squares(
+        open_image_cache(path, INFO.preprocessing, BACKBONE).manifest_squares(
             data, np.arange(len(data))
         )
-    result = decode_images(data, BACKBONE, preprocessing_of(INFO), path, 1, False)
+    result = decode_images(data, BACKBONE, INFO.preprocessing, path, 1, False)
     assert result.n_reused == 0 and verify_image_cache(path, data) == []
     # the digests cover what a reader compares: rewritten digests make the file sound again
     with h5py.File(path, "r+") as f:

@@ -2,8 +2,10 @@
 stage's dependencies are the code it runs."""
 
 import ast
+import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline import layout
@@ -17,10 +19,15 @@ from pipeline.config import (
     finetune_params,
     section,
 )
+from pipeline.errors import ConfigError
 from pipeline.fusion.heads import HEADS, make_head
 from pipeline.fusion.selection import candidate_params
+from pipeline.models.registry import family_of
 
 REPO = Path(__file__).resolve().parents[1]
+FAMILIES = "pipeline/models/families"
+OWN_FAMILY = f"{FAMILIES}/${{item.family}}.py"  # a backbone's stages depend on its family alone
+PARAMS_FILES = [REPO / "params.yaml", *sorted((REPO / "pipeline" / "presets").glob("*.yaml"))]
 
 
 def test_dvc_vars_match_layout():
@@ -54,14 +61,14 @@ def test_dvc_outputs_match_what_the_stages_write():
 
 
 def test_shipped_params_files_are_valid_and_complete():
-    for path in [REPO / "params.yaml", *sorted((REPO / "pipeline" / "presets").glob("*.yaml"))]:
+    for path in PARAMS_FILES:
         raw = yaml.safe_load(path.read_text())
         assert set(raw) == set(SECTIONS), path
         for cls, name in ((PrepareParams, "prepare"), (ExtractParams, "extract"),
                           (FuseParams, "fuse"), (CompareParams, "compare")):  # fmt: skip
             section(cls, name, path)
         for backbone, overrides in raw["backbones"].items():
-            assert overrides, f"{path}: backbones.{backbone} needs at least one key (DVC tracks it)"
+            assert overrides["family"] == family_of(backbone), (path, backbone)  # dvc.yaml's deps
             finetune_params(backbone, path)
         evaluate_params(path)
         for head, params in raw["heads"].items():
@@ -103,15 +110,24 @@ def _imports(path: Path, parents: bool = True) -> set[str]:
 
 def _code_deps(stage_file: Path) -> set[str]:
     """Every pipeline/ file ``stage_file`` runs, following imports transitively (through
-    stages/options.py too), plus the stage file itself."""
+    stages/options.py too), plus the stage file itself. The registry imports the family
+    modules by discovery: what they import counts, the family files themselves do not (a
+    backbone's stages name its own, `OWN_FAMILY`)."""
     seen, todo = set(), [stage_file.relative_to(REPO).with_suffix("").as_posix().replace("/", ".")]
     while todo:
         module = todo.pop()
         if module not in seen:
             seen.add(module)
             todo += _imports(_file(module))
+            if module == "pipeline.models.registry":
+                todo += [_module(f) for f in (REPO / FAMILIES).glob("[!_]*.py")]
     files = {_file(m).relative_to(REPO).as_posix() for m in seen if m.startswith("pipeline.")}
+    files = {f for f in files if not f.startswith(f"{FAMILIES}/")}
     return files | {stage_file.relative_to(REPO).as_posix()}
+
+
+def _module(path: Path) -> str:
+    return path.relative_to(REPO).with_suffix("").as_posix().replace("/", ".")
 
 
 def test_dvc_stages_list_exactly_the_code_they_run_and_the_manifest():
@@ -119,7 +135,9 @@ def test_dvc_stages_list_exactly_the_code_they_run_and_the_manifest():
     for name, stage in stages.items():
         deps = (stage.get("do") or stage)["deps"]
         declared = {d for d in deps if d.endswith(".py")}
-        assert declared == _code_deps(REPO / "stages" / f"{name}.py"), name
+        per_backbone = name in ("decode", "finetune", "extract")
+        assert (OWN_FAMILY in declared) == per_backbone, name
+        assert declared - {OWN_FAMILY} == _code_deps(REPO / "stages" / f"{name}.py"), name
         if name not in ("prepare", "export"):  # export reads the head's pins, no manifest
             assert "${manifest}" in deps, name
 
@@ -166,3 +184,43 @@ def test_checkpoints_hash_files_without_the_feature_cache():
 def test_feature_cache_edits_rerun_no_decode_or_finetune():
     for name in ("decode", "finetune"):
         assert "pipeline/storage/feature_cache.py" not in _stage_code(name), name
+
+
+def _resolved_deps(tmp_path: Path, params: Path) -> dict[str, set[str]]:
+    """Stage name -> its dependency paths, as DVC resolves dvc.yaml over ``params``."""
+    from dvc.repo import Repo
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(params, tmp_path / "params.yaml")
+    repo = Repo.init(tmp_path, no_scm=True)
+    try:
+        return {s.name: {str(d.def_path) for d in s.deps} for s in repo.index.stages}
+    finally:
+        repo.close()
+
+
+@pytest.mark.parametrize("params", PARAMS_FILES, ids=lambda p: p.name)
+def test_a_backbone_reruns_for_its_own_family_file_and_no_other(tmp_path, params):
+    """A new family file is in no existing stage's deps; each backbone's decode, finetune and
+    extract depend on its own family's file, and on no other family's."""
+    deps = _resolved_deps(tmp_path, params)
+    new = f"{FAMILIES}/a_new_family.py"
+    assert not any(new in d for d in deps.values())
+    for backbone in yaml.safe_load(params.read_text())["backbones"]:
+        for stage in ("decode", "finetune", "extract"):
+            families = {d for d in deps[f"{stage}@{backbone}"] if d.startswith(f"{FAMILIES}/")}
+            assert families == {f"{FAMILIES}/{family_of(backbone)}.py"}, (stage, backbone)
+
+
+def test_a_family_that_does_not_register_the_backbone_is_refused_naming_the_right_one(tmp_path):
+    path = tmp_path / "params.yaml"
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["backbones"] = {"inception_v4_scse": {"family": "xception"}}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        finetune_params("inception_v4_scse", path)
+    assert "backbones.inception_v4_scse.family is 'xception'" in str(err.value)
+    assert "pipeline/models/families/inception.py; write family: inception" in str(err.value)
+    raw["backbones"] = {"inception_v4_scse": {"family": "inception"}}
+    path.write_text(yaml.safe_dump(raw))
+    finetune_params("inception_v4_scse", path)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import params_of, preprocessing_of, write_params
+from conftest import params_of, write_params
 
 from pipeline import layout
 from pipeline.config import ExtractParams, FuseParams
@@ -19,8 +19,9 @@ from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.extract import extract
 from pipeline.fusion.fit import fit_head
 from pipeline.fusion.heads import SeedRefits, load_head, save_head
-from pipeline.models.checkpoint import load_checkpoint, read_sidecar, save_checkpoint
-from pipeline.predict import find_images, predict
+from pipeline.models.checkpoint import SIDECAR, load_checkpoint, read_record, save_checkpoint
+from pipeline.predict import predict
+from pipeline.predictions import find_images
 from pipeline.storage.feature_cache import load_features
 from stages.cli import main
 
@@ -62,7 +63,7 @@ def test_predict_on_the_test_images_gives_the_heads_probabilities_on_their_cache
     head, sidecar = load_head(fused["head_dir"])
     assert (
         sidecar["extraction"][BACKBONE]["checkpoint_sha256"]
-        == read_sidecar(layout.checkpoint_dir(BACKBONE, fused["models"]))["weights_sha256"]
+        == read_record(layout.checkpoint_dir(BACKBONE, fused["models"])).weights_sha256
     )
     assert result.paths == paths and not result.failures
     np.testing.assert_allclose(result.proba, head.predict_proba(features.X[test]), atol=1e-5)
@@ -86,7 +87,7 @@ def test_another_checkpoint_is_refused_before_any_image_is_read(fused, tmp_path)
     model, sidecar = load_checkpoint(ckpt)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # fine-tuned again: other weights, same sidecar
-    pinned, now = sidecar["weights_sha256"], save_checkpoint(model, ckpt, sidecar)["weights_sha256"]
+    pinned, now = sidecar.weights_sha256, save_checkpoint(model, ckpt, sidecar).weights_sha256
     assert now != pinned
     (tmp_path / "empty").mkdir()  # nothing to read: the refusal must come first
     with pytest.raises(CheckpointError) as err:
@@ -107,6 +108,33 @@ def test_a_head_whose_classes_differ_from_the_checkpoints_is_refused(fused, tmp_
     image = fused["manifest"].image_path(0)
     with pytest.raises(CheckpointError, match=r"\(in that order\), but it is used with 3: "):
         predict([image], head_dir, fused["params"], fused["models"], progress=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("mean", [0.4, 0.5, 0.5], r"preprocessing differs from the one head .* pinned: mean"),
+        ("input_size", 48, r"preprocessing differs from the one head .* pinned: input_size 48"),
+        ("resize", "fit", r"preprocessing: resize must be one of"),  # fails validation
+    ],
+)
+def test_an_edited_preprocessing_record_in_model_json_is_refused(
+    fused, tmp_path, field, value, says
+):
+    """model.json is not under the weights' sha256: the head's pinned record catches an edit
+    that would otherwise change every answer with exit 0."""
+    models = tmp_path / "models"
+    ckpt = shutil.copytree(layout.checkpoint_dir(BACKBONE, fused["models"]), models / BACKBONE)
+    record = json.loads((ckpt / SIDECAR).read_text())
+    record["preprocessing"][field] = value
+    (ckpt / SIDECAR).write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=says) as err:
+        predict([fused["manifest"].image_path(0)], fused["head_dir"], fused["params"], models)
+    assert str(ckpt / SIDECAR) in str(err.value) and "\n" not in str(err.value)
+    result = _cli(fused, tmp_path, fused["manifest"].image_path(0), "--out", tmp_path / "p.csv",
+                  models=models)  # fmt: skip
+    assert result.exit_code == 1 and str(ckpt / SIDECAR) in result.output
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_nothing_to_classify_is_an_error(fused, tmp_path):
@@ -164,7 +192,6 @@ def test_predict_reads_the_image_cache_for_files_it_holds_and_decodes_the_rest(
 ):
     import pipeline.data.transforms
     import pipeline.predict
-    from pipeline.models.checkpoint import backbone_info_of
     from pipeline.storage.image_cache import decode_images
 
     manifest = fused["manifest"]
@@ -172,10 +199,10 @@ def test_predict_reads_the_image_cache_for_files_it_holds_and_decodes_the_rest(
     paths = [manifest.image_path(i) for i in test]
     new = tmp_path / "new.png"  # not in the cache: other bytes
     new.write_bytes(paths[0].read_bytes() + b"\0")
-    info = backbone_info_of(read_sidecar(layout.checkpoint_dir(BACKBONE, fused["models"])))
+    info = read_record(layout.checkpoint_dir(BACKBONE, fused["models"])).info
     images = tmp_path / "images"
     decode_images(
-        manifest, BACKBONE, preprocessing_of(info), layout.image_cache(BACKBONE, images), 1, False
+        manifest, BACKBONE, info.preprocessing, layout.image_cache(BACKBONE, images), 1, False
     )
     decoded = []  # names of the files decoded, by predict's check and by the loader
     for module in (pipeline.predict, pipeline.data.transforms):
@@ -193,7 +220,7 @@ def test_predict_reads_the_image_cache_for_files_it_holds_and_decodes_the_rest(
     np.testing.assert_allclose(result.proba, plain.proba, atol=1e-6)
 
     decoded.clear()  # a cache of other squares is passed by: every file is decoded
-    other = preprocessing_of(replace(info, input_size=40))
+    other = replace(info.preprocessing, input_size=40)
     decode_images(manifest, BACKBONE, other, layout.image_cache(BACKBONE, images), 1, False)
     predict(paths, *args, images_dir=images, max_pixels=MAX_PIXELS)
     assert sorted(decoded) == sorted([p.name for p in paths] * 2)

@@ -9,18 +9,13 @@ from conftest import params_of
 from PIL import Image
 from torchvision import transforms as T
 
-from pipeline.config import RESIZE_MODES, FinetuneParams
-from pipeline.data.transforms import (
-    ImageDataset,
-    _to_square,
-    eval_transform,
-    model_input,
-    train_transform,
-)
+from pipeline.config import FinetuneParams
+from pipeline.data.transforms import ImageDataset, eval_transform, model_input, train_transform
 from pipeline.errors import ConfigError
+from pipeline.models.preprocessing import RESIZE_MODES
 from pipeline.models.registry import backbone_info
 
-INFO = backbone_info("tf_efficientnet_lite0", 32)
+INFO = backbone_info("tf_efficientnet_lite0", 32).preprocessing
 CPU = torch.device("cpu")
 
 
@@ -133,7 +128,7 @@ def test_train_transform_brings_the_image_to_the_square_the_same_way():
 
 def test_unknown_resize_mode_is_refused():
     with pytest.raises(ConfigError, match=r"resize must be one of .*'stretch'.*Got 'fit'"):
-        eval_transform(replace(INFO, resize="fit"))
+        replace(INFO, resize="fit")
 
 
 def test_an_image_already_square_at_the_size_is_left_as_it_is_by_every_mode():
@@ -141,6 +136,16 @@ def test_an_image_already_square_at_the_size_is_left_as_it_is_by_every_mode():
     square = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8))
     for mode in RESIZE_MODES:
         info = replace(INFO, resize=mode)
-        steps = T.Compose([*_to_square(info), T.PILToTensor()])  # without ToSquare's shortcut
+        steps = T.Compose([*_torchvision_square(info), T.PILToTensor()])  # without the shortcut
         assert torch.equal(steps(square), T.PILToTensor()(square)), mode
         assert torch.equal(eval_transform(info)(square), T.PILToTensor()(square)), mode
+
+
+def _torchvision_square(p):
+    """torchvision's steps to the square, which `Preprocessing.square` reproduces."""
+    size, mode = p.input_size, T.InterpolationMode(p.interpolation)
+    if p.resize == "stretch":
+        return [T.Resize((size, size), mode)]
+    if p.resize == "center_crop":
+        return [T.Resize(size, mode), T.CenterCrop(size)]
+    return [T.Resize(size, mode), T.Pad(0)]  # letterbox: a square needs no padding

