@@ -38,7 +38,12 @@ runpy.run_module("pipeline.deploy", run_name="__main__")
 @pytest.fixture(scope="module")
 def exported(fused_project, tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy") / "export"
-    export(layout.head_dir("logreg", fused_project["heads"]), fused_project["models"], out)
+    export(
+        layout.head_dir("logreg", fused_project["heads"]),
+        fused_project["models"],
+        out,
+        max_pixels=fused_project["manifest"].max_pixels,
+    )
     return out
 
 

@@ -137,6 +137,11 @@ def test_a_graph_that_disagrees_with_torch_is_refused_and_nothing_written(
     (out / "model.json").write_text("{}")  # a previous export stays as it was
     monkeypatch.setattr(export_module, "TOLERANCE", -1.0)  # no difference is small enough
     with pytest.raises(CheckpointError, match=r"model\.onnx: onnxruntime's probabilities differ"):
-        export(layout.head_dir("logreg", fused_project["heads"]), fused_project["models"], out)
+        export(
+            layout.head_dir("logreg", fused_project["heads"]),
+            fused_project["models"],
+            out,
+            max_pixels=fused_project["manifest"].max_pixels,
+        )
     assert [p.name for p in out.parent.iterdir()] == ["export"]
     assert [p.name for p in out.iterdir()] == ["model.json"]
