@@ -29,8 +29,8 @@ class Deployed:
     session: object  # onnxruntime.InferenceSession of the graph
     classes: list[str]
     inputs: dict[str, Preprocessing]  # graph input name -> its preprocessing, in graph order
-    max_pixels: int  # decompression-bomb bound the training images were held to
     output: str
+    max_pixels: int  # decompression-bomb bound the training images were held to
 
 
 def _sha256(path: Path) -> str:

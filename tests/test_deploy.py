@@ -81,6 +81,7 @@ def test_the_runtime_without_torch_gives_predicts_probabilities(
         fused_project["extract"],
         fused_project["models"],
         progress=False,
+        max_pixels=fused_project["manifest"].max_pixels,
     )
     assert [r["path"] for r in rows] == [r["path"] for r in expected.rows()]
     assert list(rows[0]) == list(expected.rows()[0])  # path, predicted, p_<class>...

@@ -107,7 +107,7 @@ def test_a_head_whose_classes_differ_from_the_checkpoints_is_refused(fused, tmp_
     (head_dir / "head.json").write_text(json.dumps(meta))
     image = fused["manifest"].image_path(0)
     with pytest.raises(CheckpointError, match=r"\(in that order\), but it is used with 3: "):
-        predict([image], head_dir, fused["params"], fused["models"], progress=False)
+        predict([image], head_dir, fused["params"], fused["models"], False, max_pixels=MAX_PIXELS)
 
 
 @pytest.mark.parametrize(
@@ -129,7 +129,13 @@ def test_an_edited_preprocessing_record_in_model_json_is_refused(
     record["preprocessing"][field] = value
     (ckpt / SIDECAR).write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match=says) as err:
-        predict([fused["manifest"].image_path(0)], fused["head_dir"], fused["params"], models)
+        predict(
+            [fused["manifest"].image_path(0)],
+            fused["head_dir"],
+            fused["params"],
+            models,
+            max_pixels=MAX_PIXELS,
+        )
     assert str(ckpt / SIDECAR) in str(err.value) and "\n" not in str(err.value)
     result = _cli(fused, tmp_path, fused["manifest"].image_path(0), "--out", tmp_path / "p.csv",
                   models=models)  # fmt: skip
