@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.models.preprocessing import Preprocessing
-from pipeline.storage.feature_cache import SPLITS, CacheWriter, cache_attrs, load_features
+from pipeline.storage.feature_cache import SPLITS, CacheWriter, cache_attrs
+from pipeline.storage.fused import load_features
 
 SYNTHETIC = Preprocessing(299, "stretch", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
 

@@ -35,7 +35,8 @@ from pipeline.fusion.heads import make_head
 from pipeline.fusion.selection import candidate_params
 from pipeline.models.preprocessing import Preprocessing
 from pipeline.runtime import keep_freed_memory
-from pipeline.storage.feature_cache import SPLITS, CacheWriter, cache_attrs, load_features
+from pipeline.storage.feature_cache import SPLITS, CacheWriter, cache_attrs
+from pipeline.storage.fused import load_features
 
 SYNTHETIC = Preprocessing(299, "stretch", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
 

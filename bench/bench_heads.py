@@ -30,7 +30,8 @@ from pipeline.fusion.compare import compare
 from pipeline.fusion.fit import fit_head, fit_seed_refits, fused_features
 from pipeline.models.preprocessing import Preprocessing
 from pipeline.runtime import keep_freed_memory
-from pipeline.storage.feature_cache import CacheWriter, FusedFeatures, cache_attrs, load_features
+from pipeline.storage.feature_cache import CacheWriter, cache_attrs
+from pipeline.storage.fused import FusedFeatures, load_features
 
 N_CLASSES = 4
 

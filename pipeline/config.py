@@ -12,11 +12,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
-import difflib
-import math
-import re
-import types
-import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -26,11 +21,20 @@ import yaml
 
 from pipeline.errors import ConfigError
 from pipeline.models.preprocessing import RESIZE_MODES
+from pipeline.validation import (
+    check_at_least,
+    check_choice,
+    check_device,
+    check_jobs,
+    check_open_unit,
+    shown,
+    typed,
+    unknown_names,
+)
 
 PARAMS_FILE = Path("params.yaml")
 # The sections of a params file; `backbones` and `heads` map names to mappings of keys.
 SECTIONS = ("prepare", "finetune", "backbones", "extract", "fuse", "heads", "evaluate", "compare")
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 SOURCES = ("elpv", "folder", "csv")
 BLOCK_NORMS = ("none", "standardize", "l2")  # per-backbone treatment of fused embeddings
 SELECT_BY = ("log_loss", "accuracy", "f1_macro")  # val scores that pick a head's candidate
@@ -44,7 +48,7 @@ class _Section:
 
     def __post_init__(self):
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key, value in _typed(type(self), values, self.SECTION).items():
+        for key, value in typed(type(self), values, self.SECTION).items():
             object.__setattr__(self, key, value)
         self._check()
 
@@ -72,17 +76,17 @@ class PrepareParams(_Section):
     near_duplicate_bits: int | None  # pHash distance (of 64 bits) that groups; None: off
 
     def _check(self):
-        _choice("prepare.source", self.source, SOURCES)
-        _choice("prepare.on_bad_image", self.on_bad_image, ("error", "skip"))
-        _choice("prepare.elpv_classes", self.elpv_classes, (2, 4))
-        _open_unit("prepare.test_fraction", self.test_fraction)
-        _open_unit("prepare.val_fraction", self.val_fraction)
+        check_choice("prepare.source", self.source, SOURCES)
+        check_choice("prepare.on_bad_image", self.on_bad_image, ("error", "skip"))
+        check_choice("prepare.elpv_classes", self.elpv_classes, (2, 4))
+        check_open_unit("prepare.test_fraction", self.test_fraction)
+        check_open_unit("prepare.val_fraction", self.val_fraction)
         if self.source == "folder" and not self.root:
             raise ConfigError(
                 "prepare.root must name the image folder when prepare.source is 'folder'."
             )
-        _at_least("prepare.seed", self.seed, 0)
-        _at_least("prepare.max_pixels", self.max_pixels, 1)
+        check_at_least("prepare.seed", self.seed, 0)
+        check_at_least("prepare.max_pixels", self.max_pixels, 1)
         self._check_user_data()
 
     def _check_user_data(self):
@@ -154,26 +158,26 @@ class FinetuneParams(_Section):
     resize: str  # non-square images: stretch, letterbox (pad) or center_crop
 
     def _check(self):
-        _choice("finetune.optimizer", self.optimizer, ("rmsprop", "sgd", "adamw"))
-        _choice("finetune.resize", self.resize, RESIZE_MODES)
+        check_choice("finetune.optimizer", self.optimizer, ("rmsprop", "sgd", "adamw"))
+        check_choice("finetune.resize", self.resize, RESIZE_MODES)
         if self.cross_fit == 1 or self.cross_fit < 0:
             raise ConfigError(
                 f"finetune.cross_fit must be 0 (off) or an int >= 2. Got {self.cross_fit!r}."
             )
         for name in ("epochs", "batch_size", "eval_batch_size"):
-            _at_least(f"finetune.{name}", getattr(self, name), 1)
+            check_at_least(f"finetune.{name}", getattr(self, name), 1)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"finetune.dropout must be in [0, 1). Got {self.dropout!r}.")
         for name in ("lr", "lr_final"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"finetune.{name} must be > 0. Got {getattr(self, name)!r}.")
         for name in ("momentum", "weight_decay", "rotation", "color_jitter", "frozen_stages"):
-            _at_least(f"finetune.{name}", getattr(self, name), 0)
+            check_at_least(f"finetune.{name}", getattr(self, name), 0)
         if self.input_size is not None:
-            _at_least("finetune.input_size", self.input_size, 1)
-        _at_least("finetune.num_workers", self.num_workers, 0)
-        _device("finetune.device", self.device)
-        _at_least("finetune.seed", self.seed, 0)
+            check_at_least("finetune.input_size", self.input_size, 1)
+        check_at_least("finetune.num_workers", self.num_workers, 0)
+        check_device("finetune.device", self.device)
+        check_at_least("finetune.seed", self.seed, 0)
 
 
 @dataclass(frozen=True)
@@ -187,10 +191,10 @@ class ExtractParams(_Section):
     device: str
 
     def _check(self):
-        _choice("extract.dtype", self.dtype, ("float32", "float16"))
-        _at_least("extract.batch_size", self.batch_size, 1)
-        _at_least("extract.num_workers", self.num_workers, 0)
-        _device("extract.device", self.device)
+        check_choice("extract.dtype", self.dtype, ("float32", "float16"))
+        check_at_least("extract.batch_size", self.batch_size, 1)
+        check_at_least("extract.num_workers", self.num_workers, 0)
+        check_device("extract.device", self.device)
 
 
 @dataclass(frozen=True)
@@ -211,16 +215,16 @@ class FuseParams(_Section):
     n_jobs: int  # processes fitting a head's candidates
 
     def _check(self):
-        _at_least("fuse.seed", self.seed, 0)
+        check_at_least("fuse.seed", self.seed, 0)
         if not self.seeds or min(self.seeds) < 0 or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(
                 f"fuse.seeds must be a non-empty list of distinct ints >= 0. Got {list(self.seeds)!r}."
             )
         if self.memory_gb <= 0:
             raise ConfigError(f"fuse.memory_gb must be a number > 0. Got {self.memory_gb!r}.")
-        _choice("fuse.block_norm", self.block_norm, BLOCK_NORMS)
-        _choice("fuse.select_by", self.select_by, SELECT_BY)
-        _jobs("fuse.n_jobs", self.n_jobs)
+        check_choice("fuse.block_norm", self.block_norm, BLOCK_NORMS)
+        check_choice("fuse.select_by", self.select_by, SELECT_BY)
+        check_jobs("fuse.n_jobs", self.n_jobs)
 
     @property
     def max_bytes(self) -> int:
@@ -238,10 +242,10 @@ class EvaluateParams(_Section):
     device: str  # where the gallery's Grad-CAM runs; "auto" picks cuda when present
 
     def _check(self):
-        _device("evaluate.device", self.device)
-        _at_least("evaluate.bootstrap_draws", self.bootstrap_draws, 1)
-        _at_least("evaluate.bootstrap_seed", self.bootstrap_seed, 0)
-        _at_least("evaluate.gallery", self.gallery, 0)
+        check_device("evaluate.device", self.device)
+        check_at_least("evaluate.bootstrap_draws", self.bootstrap_draws, 1)
+        check_at_least("evaluate.bootstrap_seed", self.bootstrap_seed, 0)
+        check_at_least("evaluate.gallery", self.gallery, 0)
 
 
 @dataclass(frozen=True)
@@ -254,10 +258,10 @@ class CompareParams(_Section):
     n_jobs: int  # processes sharing the fits
 
     def _check(self):
-        _at_least("compare.folds", self.folds, 2)
-        _at_least("compare.min_subset", self.min_subset, 1)
-        _at_least("compare.seed", self.seed, 0)
-        _jobs("compare.n_jobs", self.n_jobs)
+        check_at_least("compare.folds", self.folds, 2)
+        check_at_least("compare.min_subset", self.min_subset, 1)
+        check_at_least("compare.seed", self.seed, 0)
+        check_jobs("compare.n_jobs", self.n_jobs)
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> dict[str, dict]:
@@ -283,22 +287,22 @@ def load_params(path: Path | str = PARAMS_FILE) -> dict[str, dict]:
         raise ConfigError(f"{path}: not valid YAML{where}: {' '.join(problem.split())}.") from None
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{path} must be a mapping of sections {list(SECTIONS)}; got {_shown(data)}."
+            f"{path} must be a mapping of sections {list(SECTIONS)}; got {shown(data)}."
         )
     unknown = [name for name in data if name not in SECTIONS]
     if unknown:
-        raise ConfigError(f"{path}: {_unknown('section', unknown, SECTIONS)}")
+        raise ConfigError(f"{path}: {unknown_names('section', unknown, SECTIONS)}")
     for name, body in data.items():
         if not isinstance(body, dict):
             raise ConfigError(
-                f"{path}: section {name!r} must be a mapping of keys; got {_shown(body)}."
+                f"{path}: section {name!r} must be a mapping of keys; got {shown(body)}."
             )
     for name in ("backbones", "heads"):
         for entry, body in (data.get(name) or {}).items():
             if not isinstance(body, dict):
                 raise ConfigError(
                     f"{path}: {name}.{entry} must be a mapping of keys ({{}} for none); "
-                    f"got {_shown(body)}."
+                    f"got {shown(body)}."
                 )
     return data
 
@@ -320,7 +324,7 @@ def finetune_params(backbone: str, path: Path | str = PARAMS_FILE, **overrides) 
         _check_family(backbone, own.pop("family"), path)
     _check_keys(FinetuneParams, own, label, path)
     with _in_file(path):
-        _typed(FinetuneParams, own, label)  # a bad value is named where it was written
+        typed(FinetuneParams, own, label)  # a bad value is named where it was written
     data = _section(params, "finetune", path) | own | _given(overrides)
     return from_dict(FinetuneParams, data, "finetune", path)
 
@@ -427,120 +431,4 @@ def _check_keys(cls: type, data: dict[str, Any], label: str, where: Path | str) 
     allowed = [f.name for f in fields(cls)]
     unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise ConfigError(f"{where}: in {label!r}, {_unknown('key', unknown, allowed)}")
-
-
-def _unknown(what: str, unknown: list[str], allowed) -> str:
-    """'unknown key(s) [...] (did you mean ...?); allowed: [...].'"""
-    guesses = [m for name in unknown for m in difflib.get_close_matches(name, allowed, 1)]
-    guess = f" (did you mean {' / '.join(map(repr, guesses))}?)" if guesses else ""
-    return f"unknown {what}(s) {unknown}{guess}; allowed: {sorted(allowed)}."
-
-
-# ---------------------------------------------------------------------------- value checks
-
-_KINDS = {bool: "true or false", int: "an int", float: "a number", str: "a string"}
-_PLURAL = {bool: "bools", int: "ints", float: "numbers", str: "strings"}
-
-
-def _typed(cls: type, values: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """``values`` converted to the types of ``cls``'s fields (list -> tuple, int -> float);
-    ConfigError naming `prefix.key`, the value and the type wanted otherwise."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for key, value in values.items():
-        try:
-            out[key] = _convert(value, hints[key])
-        except TypeError:
-            raise ConfigError(
-                f"{prefix}.{key} must be {_describe(hints[key])}; got {_shown(value)}"
-                f"{_hint(value, hints[key])}."
-            ) from None
-    return out
-
-
-def _convert(value: Any, hint: Any) -> Any:
-    """``value`` as type ``hint``; TypeError when it is not one (True is not an int, the
-    text "false" not a bool, 1.5 not an int)."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is types.UnionType:  # X | None
-        if value is None:
-            return None
-        return _convert(value, next(a for a in args if a is not type(None)))
-    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a YAML list
-        if not isinstance(value, list | tuple):
-            raise TypeError
-        return tuple(_convert(v, args[0]) for v in value)
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is bool and isinstance(value, bool):
-        return value
-    if hint is int and number and isinstance(value, int):
-        return value
-    if hint is float and number and math.isfinite(value):
-        return float(value)
-    if hint is str and isinstance(value, str):
-        return value
-    raise TypeError
-
-
-def _describe(hint: Any) -> str:
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is types.UnionType:
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
-    if typing.get_origin(hint) is tuple:
-        return f"a list of {_PLURAL[args[0]]}"
-    return _KINDS[hint]
-
-
-def _hint(value: Any, hint: Any) -> str:
-    """Why a text value that looks right is refused."""
-    if not isinstance(value, str):
-        return ""
-    wanted = typing.get_args(hint) or (hint,)
-    if bool in wanted and value.lower() in ("true", "false", "yes", "no", "on", "off"):
-        return " (quoted, it is text: write true or false without quotes)"
-    try:
-        float(value)
-    except ValueError:
-        return ""
-    if int in wanted or float in wanted:
-        if "e" in value.lower() and "." not in value:  # YAML 1.1 needs the dot: 1e-3 is text
-            return f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-3)"
-        return " (quoted, it is text: write the number without quotes)"
-    return ""
-
-
-def _shown(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(
-            f"The {name!r} parameter must be one of {list(allowed)}. Got {value!r} instead."
-        )
-
-
-def _open_unit(name: str, value: float) -> None:
-    if not 0.0 < value < 1.0:
-        raise ConfigError(
-            f"The {name!r} parameter must be a fraction in (0, 1). Got {value!r} instead."
-        )
-
-
-def _at_least(name: str, value: float, low: int) -> None:
-    if value < low:
-        raise ConfigError(f"{name} must be >= {low}. Got {value!r}.")
-
-
-def _jobs(name: str, value: int) -> None:
-    if value == 0:
-        raise ConfigError(f"{name} must be an int >= 1, or -1 for every core. Got {value!r}.")
-
-
-def _device(name: str, value: str) -> None:
-    if not _DEVICE.fullmatch(value):
-        raise ConfigError(
-            f"{name} must be 'auto', 'cpu', 'cuda' or 'cuda:<index>' (e.g. 'cuda:1'). "
-            f"Got {value!r}."
-        )
+        raise ConfigError(f"{where}: in {label!r}, {unknown_names('key', unknown, allowed)}")

@@ -33,11 +33,9 @@ def finetune(backbone, manifest, out, images, reports, params_path, epochs, batc
     from pipeline import distributed
     from pipeline.config import finetune_params
     from pipeline.data.manifest import read_manifest
-    from pipeline.finetune import cross_fit_folds, write_history
+    from pipeline.finetune import cross_fit_folds, write_reports
     from pipeline.finetune import finetune as run
-    from pipeline.metrics import write_json
     from pipeline.models.checkpoint import SIDECAR, WEIGHTS
-    from pipeline.plotting import plot_history
     from pipeline.runtime import resolve_device
     from pipeline.storage.outputs import ArtifactFolder, check_folder_output, check_outputs
 
@@ -56,17 +54,7 @@ def finetune(backbone, manifest, out, images, reports, params_path, epochs, batc
     with distributed.process_group(resolve_device(params.device)) as here:
         result = run(man, backbone, params, out, images=images)
         if here.is_main:  # rank 0 writes; the others wait at the barrier
-            paths = layout.finetune_reports(backbone, reports)
-            write_history(result.history, paths["history"])
-            plot_history(result.history, paths["curves"], f"{backbone} fine-tuning")
-            write_json(
-                paths["metrics"],
-                {
-                    "best_epoch": result.record.best_epoch,
-                    "val": result.val_metrics,
-                    "test": result.test_metrics,
-                },
-            )
+            write_reports(result, backbone, layout.finetune_reports(backbone, reports))
             val = result.val_metrics
             click.echo(
                 f"{backbone}: best epoch {result.record.best_epoch}, val accuracy {val['accuracy']:.4f}, macro F1 {val['f1_macro']:.4f}"

@@ -7,7 +7,6 @@ import warnings
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from pipeline import layout
 from pipeline.config import PARAMS_FILE, PrepareParams, section
@@ -18,6 +17,7 @@ from pipeline.data.manifest import (
     write_manifest,
 )
 from pipeline.data.splits import SPLITS
+from pipeline.progress import tracked
 from pipeline.storage.outputs import check_file_output
 
 _LISTED = 20  # near-duplicate groups printed; manifest.json has them all
@@ -49,7 +49,8 @@ def prepare(params_path, out, **overrides):
     params = section(PrepareParams, "prepare", params_path, **overrides)
     for path in manifest_files(out):
         check_file_output(path, "--out")
-    bar = functools.partial(tqdm, desc="checking images", unit="img", leave=False)
+    # a bar on a terminal, else one plain line per ~10 % (logs of `dvc repro`)
+    bar = functools.partial(tracked, desc="checking images", unit="img")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         prepared = build_manifest(params, progress=bar)

@@ -235,7 +235,7 @@ def fused_project(tiny_run, tmp_path_factory):
     from pipeline.fusion.heads import save_head
     from pipeline.models.checkpoint import read_record, save_checkpoint
     from pipeline.models.registry import create_backbone
-    from pipeline.storage.feature_cache import load_features
+    from pipeline.storage.fused import load_features
 
     base = tmp_path_factory.mktemp("fused")
     models, manifest = base / "models", tiny_run["manifest"]

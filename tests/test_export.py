@@ -21,7 +21,7 @@ from pipeline.errors import CheckpointError
 from pipeline.export import export
 from pipeline.fusion.heads import HEADS, load_head, make_head
 from pipeline.models.checkpoint import load_checkpoint, read_record, save_checkpoint
-from pipeline.storage.feature_cache import file_sha256
+from pipeline.storage.hashing import file_sha256
 from stages.cli import main
 
 # Small, fast settings per head; every registered head must convert (a new one too).

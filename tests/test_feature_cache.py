@@ -18,14 +18,13 @@ from pipeline.storage.feature_cache import (
     ATTRS,
     SPLITS,
     CacheWriter,
-    LazyRows,
     cache_attrs,
     cache_info,
-    load_features,
     read_cache,
     reusable_cache,
     verify_cache,
 )
+from pipeline.storage.fused import LazyRows, load_features
 from pipeline.storage.hashing import file_sha256
 
 N, D, C = 50, 16, 3

@@ -137,7 +137,7 @@ def test_cross_fitted_train_rows_come_from_the_fold_that_never_saw_them(tiny_run
     from pipeline.config import FinetuneParams
     from pipeline.errors import CheckpointError
     from pipeline.finetune import cross_fit_folds, finetune
-    from pipeline.storage.feature_cache import load_features
+    from pipeline.storage.fused import load_features
 
     manifest, ckpt = tiny_run["manifest"], tmp_path / "lite0"
     params = params_of(FinetuneParams, "finetune", **TINY_FINETUNE, cross_fit=2)

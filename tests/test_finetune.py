@@ -15,7 +15,7 @@ from pipeline.config import ExtractParams, FinetuneParams
 from pipeline.data.transforms import ImageDataset, eval_transform, target_info
 from pipeline.errors import CacheError, CheckpointError, DataError
 from pipeline.extract import extract
-from pipeline.finetune import DivergedError, class_weights, finetune, predict_logits
+from pipeline.finetune import class_weights, finetune
 from pipeline.models.checkpoint import (
     SIDECAR,
     WEIGHTS,
@@ -24,6 +24,7 @@ from pipeline.models.checkpoint import (
     save_checkpoint,
 )
 from pipeline.storage.image_cache import decode_images
+from pipeline.training import DivergedError, predict_logits
 
 
 def test_checkpoint_describes_itself(tiny_run):

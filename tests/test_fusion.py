@@ -22,7 +22,8 @@ from pipeline.fusion.fit import (
 )
 from pipeline.fusion.heads import HEADS, Head, SeedRefits, make_head, save_head
 from pipeline.report.summary import write_reports
-from pipeline.storage.feature_cache import CacheWriter, LazyRows, load_features
+from pipeline.storage.feature_cache import CacheWriter
+from pipeline.storage.fused import LazyRows, load_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = ["crack", "scratch", "clean"]

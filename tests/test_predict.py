@@ -22,7 +22,7 @@ from pipeline.fusion.heads import SeedRefits, load_head, save_head
 from pipeline.models.checkpoint import SIDECAR, load_checkpoint, read_record, save_checkpoint
 from pipeline.predict import predict
 from pipeline.predictions import find_images
-from pipeline.storage.feature_cache import load_features
+from pipeline.storage.fused import load_features
 from stages.cli import main
 
 BACKBONE = "tf_efficientnet_lite0"

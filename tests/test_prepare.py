@@ -159,3 +159,13 @@ def test_a_missing_params_file_is_an_error_that_keeps_the_manifest(
     result = CliRunner().invoke(main, ["prepare", "--out", str(out)])
     assert result.exit_code == 1 and "params.yaml: no such params file" in result.output
     assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before
+
+
+def test_image_check_progress_is_a_few_plain_lines_off_a_terminal(run, image_folder, tmp_path):
+    root = image_folder({"a": 10, "b": 10})
+    result = run("--source", "folder", "--root", root, *FRACTIONS, "--out", tmp_path / "m.csv")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("checking images")]
+    assert lines[-1].startswith("checking images: 20/20 img (100 %)")
+    assert 2 <= len(lines) <= 10  # about one per 10 %, no bar redrawn per image
+    assert "\r" not in result.stderr

@@ -13,11 +13,11 @@ from pipeline.errors import CacheError
 from pipeline.storage.feature_cache import (
     CacheWriter,
     cache_info,
-    load_features,
     read_cache,
     reusable_cache,
     verify_cache,
 )
+from pipeline.storage.fused import load_features
 from pipeline.storage.image_cache import read_image_cache, verify_image_cache
 from pipeline.storage.rowstore import rows_for
 

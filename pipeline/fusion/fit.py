@@ -35,7 +35,7 @@ from pipeline.fusion.selection import (
     grid_axes,
 )
 from pipeline.metrics import classification_metrics
-from pipeline.storage.feature_cache import FusedFeatures, LazyRows, load_features
+from pipeline.storage.fused import FusedFeatures, LazyRows, load_features
 
 
 def fused_features(

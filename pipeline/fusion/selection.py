@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError
 from pipeline.fusion.heads import Head, make_head
 from pipeline.fusion.heads.base import check_param_names, head_class
 from pipeline.runtime import keep_freed_memory
-from pipeline.storage.feature_cache import LazyRows
+from pipeline.storage.fused import LazyRows
 
 FIXED = ("block_dims",)  # list-valued by nature: never a grid axis
 

@@ -21,7 +21,7 @@ from pipeline.data.transforms import ImageDataset, eval_transform, model_input
 from pipeline.errors import CheckpointError
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.runtime import prepare_model, resolve_device
-from pipeline.storage.feature_cache import FusedFeatures
+from pipeline.storage.fused import FusedFeatures
 
 THUMBNAIL = 160  # pixels, the longer side of a gallery thumbnail
 _BATCH = 16  # images per Grad-CAM pass: bounds the memory a large evaluate.gallery takes

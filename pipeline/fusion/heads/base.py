@@ -16,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from pipeline.config import BLOCK_NORMS
 from pipeline.errors import CheckpointError, ConfigError, DataError
-from pipeline.storage.feature_cache import LazyRows
+from pipeline.storage.fused import LazyRows
 
 HEADS: dict[str, type[Head]] = {}
 INPUTS = ("embeddings", "logits")  # what a head reads: penultimate vectors or classifier outputs

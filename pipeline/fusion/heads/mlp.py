@@ -28,7 +28,7 @@ from pipeline.fusion.heads.base import (
 )
 from pipeline.fusion.heads.scaling import BlockScaler
 from pipeline.optim import class_weights, cosine_lr
-from pipeline.storage.feature_cache import LazyRows
+from pipeline.storage.fused import LazyRows
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 
