@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.data.splits import SPLITS  # split code i means SPLITS[i]
 from pipeline.errors import CacheError
 from pipeline.storage import rowstore
-from pipeline.storage.rowstore import SPLITS, check_unique, ids_to_bytes
+from pipeline.storage.rowstore import check_unique, ids_to_bytes
 
 
 def split_codes(split: np.ndarray, where) -> np.ndarray:

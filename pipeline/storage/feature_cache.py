@@ -16,12 +16,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.data.splits import SPLITS  # split code i means SPLITS[i]
 from pipeline.errors import CacheError
 from pipeline.models.preprocessing import Preprocessing
 from pipeline.storage import rowstore
 from pipeline.storage.alignment import Reference, split_codes
 from pipeline.storage.rowstore import (
-    SPLITS,
     Column,
     Schema,
     Store,

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.splits import SPLITS  # split code i means SPLITS[i]
 from pipeline.errors import CacheError
 from pipeline.storage import rowstore
 from pipeline.storage.alignment import Reference
 from pipeline.storage.feature_cache import CacheHeader, guarded, open_header, read_rows
 from pipeline.storage.hashing import file_sha256
-from pipeline.storage.rowstore import SPLITS, file_identity
+from pipeline.storage.rowstore import file_identity
 
 # A streamed block is held a few times over while a head trains on it (read, its float64
 # statistics, standardized, cast): a 32nd of the memory budget keeps all that well inside it.

@@ -28,7 +28,6 @@ from pipeline.storage import atomic
 log = logging.getLogger(__name__)
 
 ID_DTYPE = np.dtype("S64")  # sample ids are sha256 hex digests: 64 ASCII bytes
-SPLITS = ("train", "val", "test")  # split code i means SPLITS[i]
 DIGESTS = "digests"  # the attribute holding {dataset: sha256 hex of its raw bytes}, written last
 _JSON = ("class_names", "versions", DIGESTS)  # attributes stored as JSON text
 _PIECE_BYTES = 8 << 20  # read (and hashed) at a time
