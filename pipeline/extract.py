@@ -69,70 +69,91 @@ def extract(
     """
     model, record = load_checkpoint(checkpoint_dir)
     _check_lineage(checkpoint_dir, record, manifest)
-    info, prep = record.info, record.preprocessing
-    cache = open_image_cache(images, prep, info.name) if images is not None else None
+    info = record.info
+    cache = open_image_cache(images, info.preprocessing, info.name) if images is not None else None
     fold_of, fold_models = _cross_fit(checkpoint_dir, record, manifest)
-    fold_shas = " ".join(fold.weights_sha256 for _, fold in fold_models)
-    attrs = cache_attrs(
-        info.name,
+    attrs = _attrs(record, manifest, params, fold_models)
+    old, old_row = _previous(out, attrs, manifest)
+    new_rows = np.flatnonzero(old_row < 0)
+    log.info("%s: %d rows reused, %d to compute", out, len(manifest) - len(new_rows), len(new_rows))
+    device = resolve_device(params.device)
+    with distributed.process_group(device) as here:
+        _clear_shards(here, checkpoint_dir, out, len(fold_models))
+        progress = progress and here.is_main
+        models = [(-1, model), *((k, m) for k, (m, _) in enumerate(fold_models))]
+        groups = []  # each model runs the new rows it embeds (the full model: this rank's share)
+        for k, net in models:
+            rows = _rows_of(k, new_rows, fold_of, params.batch_size, here)
+            if len(rows):
+                batches = _embed_rows(net, info, manifest, rows, params, device, cache, progress)
+                groups.append(_at_rows(rows, batches))
+        with _merged(itertools.chain(*groups), out, new_rows, params.batch_size) as computed:
+            if here.is_main:
+                batches = itertools.chain(_reused(old, old_row), computed)
+                _write_cache(out, manifest, info.dim, attrs, batches, fold_of)
+    return ExtractResult(out, len(manifest), len(manifest) - len(new_rows), len(new_rows))
+
+
+def _attrs(
+    record: CheckpointRecord, manifest: Manifest, params: ExtractParams, fold_models: list
+) -> dict:
+    """The new cache's attributes (`cache_attrs`): what made its rows."""
+    return cache_attrs(
+        record.backbone,
         manifest.class_names,
-        prep,
+        record.preprocessing,
         record.weights_sha256,
         manifest.sha256,
         dtype=params.dtype,
         tta=params.tta,
         versions=library_versions(),
         cross_fit=len(fold_models),  # 0, or K: train rows come from the fold models
-        fold_checkpoint_sha256=fold_shas,
+        fold_checkpoint_sha256=" ".join(fold.weights_sha256 for _, fold in fold_models),
     )
+
+
+def _previous(out: Path, attrs: dict, manifest: Manifest) -> tuple[FeatureCache | None, np.ndarray]:
+    """The cache at ``out`` if its rows can be reused for ``attrs``, and the row in it of each
+    manifest sample ((N,) int64, -1 where the row must be computed)."""
     old = reusable_cache(out, attrs)
+    fold_shas = attrs["fold_checkpoint_sha256"]
     if old is not None and old.attrs.get("fold_checkpoint_sha256", "") != fold_shas:
         old = None  # other fold models: every out-of-fold row changes
-    # Row of each manifest sample in the previous cache, -1 where it must be computed.
-    old_row = old.rows_for(manifest.sample_id) if old is not None else np.full(len(manifest), -1)
-    new_rows = np.flatnonzero(old_row < 0)
-    log.info("%s: %d rows reused, %d to compute", out, len(manifest) - len(new_rows), len(new_rows))
-    device = resolve_device(params.device)
-    with distributed.process_group(device) as here:
-        if fold_models and here.size > 1:
-            raise ConfigError(
-                f"{checkpoint_dir} is cross-fitted (finetune.cross_fit={len(fold_models)}): "
-                "extract it in one process, without torchrun."
-            )
-        progress = progress and here.is_main
-        if here.is_main:  # shards (and their temporary files) a killed torchrun left; the
-            # others wait before writing theirs
-            for stale in out.parent.glob(f"*.{out.name}.shard-*"):
-                stale.unlink()
-        distributed.barrier()
-        models = [(-1, model), *((k, m) for k, (m, _) in enumerate(fold_models))]
-        groups = []  # each model runs the new rows it embeds
-        for k, net in models:
-            rows = new_rows[fold_of[new_rows] == k]
-            if k < 0:
-                rows = rows[
-                    distributed.batch_shard(len(rows), params.batch_size, here.rank, here.size)
-                ]
-            if len(rows):
-                paths = [manifest.image_path(int(r)) for r in rows]
-                squares = cache.manifest_squares(manifest, rows) if cache else None
-                batches = embed_images(
-                    net,
-                    info,
-                    paths,
-                    params,
-                    device,
-                    progress,
-                    squares,
-                    max_pixels=manifest.max_pixels,
-                )
-                groups.append(_at_rows(rows, batches))
-        with _merged(itertools.chain(*groups), out, new_rows, params.batch_size) as computed:
-            if here.is_main:
-                reused = _reused(old, old_row)
-                batches = itertools.chain(reused, computed)
-                _write_cache(out, manifest, info.dim, attrs, batches, fold_of)
-    return ExtractResult(out, len(manifest), len(manifest) - len(new_rows), len(new_rows))
+    if old is None:
+        return None, np.full(len(manifest), -1)
+    return old, old.rows_for(manifest.sample_id)
+
+
+def _clear_shards(here, checkpoint_dir: Path, out: Path, folds: int) -> None:
+    """Refuse torchrun for a cross-fitted checkpoint; rank 0 removes the shards (and their
+    temporary files) a killed torchrun left, and the others wait before writing theirs."""
+    if folds and here.size > 1:
+        raise ConfigError(
+            f"{checkpoint_dir} is cross-fitted (finetune.cross_fit={folds}): "
+            "extract it in one process, without torchrun."
+        )
+    if here.is_main:
+        for stale in out.parent.glob(f"*.{out.name}.shard-*"):
+            stale.unlink()
+    distributed.barrier()
+
+
+def _rows_of(k: int, new_rows: np.ndarray, fold_of: np.ndarray, batch_size: int, here):
+    """The new manifest rows model ``k`` embeds here: fold model k's own; the full model's
+    (k = -1) shared out between the processes by whole batches."""
+    rows = new_rows[fold_of[new_rows] == k]
+    if k < 0:
+        rows = rows[distributed.batch_shard(len(rows), batch_size, here.rank, here.size)]
+    return rows
+
+
+def _embed_rows(net, info, manifest, rows, params, device, cache, progress) -> Iterator[tuple]:
+    """`embed_images` over the manifest ``rows``, from the image cache when there is one."""
+    paths = [manifest.image_path(int(r)) for r in rows]
+    squares = cache.manifest_squares(manifest, rows) if cache else None
+    return embed_images(
+        net, info, paths, params, device, progress, squares, max_pixels=manifest.max_pixels
+    )
 
 
 def _reused(old: FeatureCache | None, old_row: np.ndarray) -> Iterator[tuple]:
