@@ -34,6 +34,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 SOURCES = ("elpv", "folder", "csv")
 BLOCK_NORMS = ("none", "standardize", "l2")  # per-backbone treatment of fused embeddings
 SELECT_BY = ("log_loss", "accuracy", "f1_macro")  # val scores that pick a head's candidate
+ENGINES = ("torch", "onnxruntime")  # extract.engine: what runs the backbones at inference
 
 
 class _Section:
@@ -185,9 +186,17 @@ class ExtractParams(_Section):
     tta: bool  # mean embedding over horizontal and vertical flips
     num_workers: int
     device: str
+    engine: str  # "torch", or "onnxruntime" (CPU only): what runs the backbones
 
     def _check(self):
         _choice("extract.dtype", self.dtype, ("float32", "float16"))
+        _choice("extract.engine", self.engine, ENGINES)
+        if self.engine == "onnxruntime" and self.device.startswith("cuda"):
+            raise ConfigError(
+                f"extract.engine 'onnxruntime' runs on the CPU only; extract.device is "
+                f"{self.device!r}: set extract.engine: torch (the engine on CUDA), or "
+                "extract.device: cpu."
+            )
         _at_least("extract.batch_size", self.batch_size, 1)
         _at_least("extract.num_workers", self.num_workers, 0)
         _device("extract.device", self.device)

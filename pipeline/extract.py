@@ -21,9 +21,10 @@ from pipeline import distributed, layout
 from pipeline.config import ExtractParams
 from pipeline.data.manifest import Manifest
 from pipeline.data.transforms import ImageDataset, eval_transform, model_input
+from pipeline.engine import OnnxBackbone, check_engine, tta_embed
 from pipeline.errors import CacheError, CheckpointError, ConfigError
 from pipeline.models.checkpoint import CheckpointRecord, load_checkpoint
-from pipeline.models.registry import BackboneInfo, embed
+from pipeline.models.registry import BackboneInfo
 from pipeline.progress import tracked
 from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
 from pipeline.storage.atomic import atomic_file
@@ -39,15 +40,6 @@ class ExtractResult:
     n_rows: int
     n_reused: int  # rows copied from the previous cache
     n_computed: int  # rows run through the network
-
-
-def _tta_embed(model, images: torch.Tensor, tta: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embedding and logits; with ``tta`` the mean over identity, h-flip and v-flip."""
-    if not tta:
-        return embed(model, images)
-    views = [embed(model, v) for v in (images, images.flip(-1), images.flip(-2))]
-    emb = torch.stack([e for e, _ in views]).mean(0)
-    return emb, torch.stack([lo for _, lo in views]).mean(0)
 
 
 def extract(
@@ -106,7 +98,8 @@ def _attrs(
         manifest.sha256,
         dtype=params.dtype,
         tta=params.tta,
-        versions=library_versions(),
+        engine=params.engine,
+        versions=library_versions(*(("onnxruntime",) if params.engine == "onnxruntime" else ())),
         cross_fit=len(fold_models),  # 0, or K: train rows come from the fold models
         fold_checkpoint_sha256=" ".join(fold.weights_sha256 for _, fold in fold_models),
     )
@@ -219,7 +212,6 @@ def _write_cache(
                 )
 
 
-@torch.inference_mode()
 def embed_images(
     model: torch.nn.Module,
     info: BackboneInfo,
@@ -236,10 +228,12 @@ def embed_images(
     params.dtype, logits (b, n_classes) float32)``.
 
     The checkpoint's eval preprocessing (``info``: resize, no crop), ``params.tta`` (mean over
-    flips) and bf16 autocast on CUDA; ``params.num_workers`` loader processes. ``squares``:
+    flips), run by ``params.engine`` (bf16 autocast on CUDA; onnxruntime on the CPU only,
+    ConfigError at once otherwise); ``params.num_workers`` loader processes. ``squares``:
     the image cache's rows of ``paths``, read instead of decoding the files they hold;
     ``max_pixels``: prepare.max_pixels, the bound for those decoded.
     """
+    check_engine(params.engine, device)
     prep = info.preprocessing
     loader = DataLoader(
         ImageDataset(
@@ -249,13 +243,35 @@ def embed_images(
         num_workers=params.num_workers,
         pin_memory=device.type == "cuda",
     )
-    model = prepare_model(model, device).eval()
+    return _batches(model, info, loader, params, device, progress)
+
+
+@torch.inference_mode()
+def _batches(model, info: BackboneInfo, loader, params: ExtractParams, device, progress):
+    """`embed_images`' batches; the engine is made ready when the first one is asked for."""
+    forward = _forward(model, info, params, device)
     for images, _, index in tracked(loader, f"embed {info.name}", "batch", enabled=progress):
-        with autocast(device):
-            emb, logits = _tta_embed(model, model_input(images, prep, device), params.tta)
+        emb, logits = forward(images)
         with np.errstate(over="ignore"):  # float16 overflow: the cache writer refuses the inf
-            emb = emb.float().cpu().numpy().astype(params.dtype, copy=False)
-        yield index.numpy(), emb, logits.float().cpu().numpy()
+            emb = emb.astype(params.dtype, copy=False)
+        yield index.numpy(), emb, logits
+
+
+def _forward(model, info: BackboneInfo, params: ExtractParams, device: torch.device):
+    """A loader batch (B, 3, S, S) uint8 -> embeddings (B, D) and logits (B, C), float32
+    numpy, by ``params.engine``."""
+    prep = info.preprocessing
+    if params.engine == "onnxruntime":
+        engine = OnnxBackbone(model, prep, params.tta, info.name)
+        return lambda images: engine(np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy()))
+    model = prepare_model(model, device).eval()
+
+    def forward(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        with autocast(device):
+            emb, logits = tta_embed(model, model_input(images, prep, device), params.tta)
+        return emb.float().cpu().numpy(), logits.float().cpu().numpy()
+
+    return forward
 
 
 def _at_rows(rows: np.ndarray, batches: Iterator[tuple]) -> Iterator[tuple]:

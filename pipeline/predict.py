@@ -20,6 +20,7 @@ from pipeline.models.checkpoint import SIDECAR, CheckpointRecord, load_checkpoin
 from pipeline.models.preprocessing import Preprocessing
 from pipeline.predictions import Predictions, find_images
 from pipeline.runtime import resolve_device
+from pipeline.storage.feature_cache import FEATURES
 from pipeline.storage.hashing import file_sha256
 from pipeline.storage.image_cache import usable_image_cache
 
@@ -117,8 +118,8 @@ def _pinned(
     """`pinned_checkpoint`, and ConfigError unless ``params`` extract as that cache was
     extracted."""
     directory, record = pinned_checkpoint(backbone, sidecar, head_dir, models_dir)
-    pinned = sidecar["extraction"][backbone]
-    for key in ("dtype", "tta"):
+    pinned = FEATURES.defaults | sidecar["extraction"][backbone]  # pinned before a key: its default
+    for key in ("dtype", "tta", "engine"):
         if pinned[key] != getattr(params, key):
             raise ConfigError(
                 f"Head {head_dir} was trained on {backbone} features extracted with "
