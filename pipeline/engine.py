@@ -91,7 +91,13 @@ class OnnxBackbone:
         graph = io.BytesIO()
         example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
         write_onnx(self.net, (example,), ["pixels"], ["embeddings", "logits"], graph)
-        self.session = ort.InferenceSession(graph.getvalue(), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        # Threads that spin between operators take the cores from the loader workers and any
+        # other process: without spinning, lite0 at 224 px ran 1.12-1.16x faster (2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(
+            graph.getvalue(), options, providers=["CPUExecutionProvider"]
+        )
         self.checked = False
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
