@@ -38,6 +38,7 @@ SECTIONS = ("prepare", "finetune", "backbones", "extract", "fuse", "heads", "eva
 SOURCES = ("elpv", "folder", "csv")
 BLOCK_NORMS = ("none", "standardize", "l2")  # per-backbone treatment of fused embeddings
 SELECT_BY = ("log_loss", "accuracy", "f1_macro")  # val scores that pick a head's candidate
+ENGINES = ("torch", "onnxruntime")  # extract.engine: what runs the backbones at inference
 
 
 class _Section:
@@ -189,9 +190,17 @@ class ExtractParams(_Section):
     tta: bool  # mean embedding over horizontal and vertical flips
     num_workers: int
     device: str
+    engine: str  # "torch", or "onnxruntime" (CPU only): what runs the backbones
 
     def _check(self):
         check_choice("extract.dtype", self.dtype, ("float32", "float16"))
+        check_choice("extract.engine", self.engine, ENGINES)
+        if self.engine == "onnxruntime" and self.device.startswith("cuda"):
+            raise ConfigError(
+                f"extract.engine 'onnxruntime' runs on the CPU only; extract.device is "
+                f"{self.device!r}: set extract.engine: torch (the engine on CUDA), or "
+                "extract.device: cpu."
+            )
         check_at_least("extract.batch_size", self.batch_size, 1)
         check_at_least("extract.num_workers", self.num_workers, 0)
         check_device("extract.device", self.device)

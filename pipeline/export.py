@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +15,13 @@ import torch
 from torch import nn
 
 from pipeline.deploy import FORMAT, GRAPH, RECORD
+from pipeline.engine import PixelBackbone, write_onnx
 from pipeline.errors import CheckpointError
 from pipeline.fusion.heads import load_head
 from pipeline.fusion.heads.artifact import HEAD_FILE, SIDECAR_FILE
 from pipeline.metrics import write_json
 from pipeline.models.checkpoint import SIDECAR, load_checkpoint
 from pipeline.models.preprocessing import Preprocessing
-from pipeline.models.registry import embed
 from pipeline.predict import pinned_checkpoint
 from pipeline.storage.atomic import atomic_dir
 from pipeline.storage.hashing import file_sha256
@@ -32,28 +31,21 @@ OUTPUT = "probabilities"
 # what `--out` of `defuse export` may replace: an earlier export, nothing else
 EXPORT_FOLDER = ArtifactFolder.of("export", RECORD, GRAPH)
 TOLERANCE = 1e-4  # largest |onnxruntime - torch| probability accepted at export
-OPSET = 17
 _LIBRARIES = ("defuse", "torch", "timm", "onnx", "onnxruntime", "numpy")
 
 
 class _Branch(nn.Module):
-    """One backbone as its feature cache saw it: uint8 (B, S, S, 3) -> normalised float ->
-    the embedding (rounded to the cache's dtype) or the logits, as the head takes them; the
-    mean over identity, h-flip and v-flip when the cache was extracted with TTA."""
+    """One backbone as its feature cache saw it (`PixelBackbone`: uint8 (B, S, S, 3) in,
+    normalised, TTA as extracted) -> the embedding (rounded to the cache's dtype) or the
+    logits, as the head takes them."""
 
     def __init__(self, model: nn.Module, prep: Preprocessing, pin: dict, head_input: str):
         super().__init__()
-        self.model, self.tta, self.input = model.eval(), bool(pin["tta"]), head_input
+        self.net, self.input = PixelBackbone(model, prep, bool(pin["tta"])), head_input
         self.half = pin["dtype"] == "float16"
-        self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1) * 255)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = (pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std
-        views = [x, x.flip(-1), x.flip(-2)] if self.tta else [x]
-        outs = [embed(self.model, v) for v in views]
-        emb = torch.stack([e for e, _ in outs]).mean(0)
-        logits = torch.stack([lo for _, lo in outs]).mean(0)
+        emb, logits = self.net(pixels)
         if self.input == "logits":
             return logits
         return emb.half().float() if self.half else emb  # as the cache stored it
@@ -95,7 +87,7 @@ def export(head_dir: Path, models_dir: Path, out: Path, *, max_pixels: int, seed
     fused = FusedModel(branches, head.torch_module()).eval()
     sizes = [i["preprocessing"]["input_size"] for i in inputs]
     with atomic_dir(out) as tmp:
-        _write_graph(fused, backbones, sizes, tmp / GRAPH)
+        write_onnx(fused, tuple(_images(sizes, 2, 0)), backbones, [OUTPUT], str(tmp / GRAPH))
         _check(fused, head, tmp / GRAPH, backbones, sizes, seed)
         record = {
             "format": FORMAT,
@@ -127,23 +119,6 @@ def _version(name: str) -> str | None:
 def _images(sizes: list[int], n: int, seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (n, s, s, 3), dtype=torch.uint8, generator=gen) for s in sizes]
-
-
-@torch.no_grad()
-def _write_graph(fused: FusedModel, names: list[str], sizes: list[int], path: Path) -> None:
-    """The legacy (TorchScript) exporter: it traces timm's models whole; batch axis dynamic."""
-    with warnings.catch_warnings():  # the legacy exporter is chosen, its deprecation known
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            fused,
-            tuple(_images(sizes, 2, 0)),
-            str(path),
-            input_names=names,
-            output_names=[OUTPUT],
-            dynamic_axes={**{n: {0: "batch"} for n in names}, OUTPUT: {0: "batch"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
 
 
 @torch.no_grad()

@@ -21,9 +21,10 @@ from pipeline import distributed, layout
 from pipeline.config import ExtractParams
 from pipeline.data.manifest import Manifest
 from pipeline.data.transforms import ImageDataset, eval_transform, model_input
+from pipeline.engine import OnnxBackbone, check_engine, tta_embed
 from pipeline.errors import CacheError, CheckpointError, ConfigError
 from pipeline.models.checkpoint import CheckpointRecord, load_checkpoint
-from pipeline.models.registry import BackboneInfo, embed
+from pipeline.models.registry import BackboneInfo
 from pipeline.progress import tracked
 from pipeline.runtime import autocast, library_versions, prepare_model, resolve_device
 from pipeline.storage.atomic import atomic_file
@@ -39,15 +40,6 @@ class ExtractResult:
     n_rows: int
     n_reused: int  # rows copied from the previous cache
     n_computed: int  # rows run through the network
-
-
-def _tta_embed(model, images: torch.Tensor, tta: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embedding and logits; with ``tta`` the mean over identity, h-flip and v-flip."""
-    if not tta:
-        return embed(model, images)
-    views = [embed(model, v) for v in (images, images.flip(-1), images.flip(-2))]
-    emb = torch.stack([e for e, _ in views]).mean(0)
-    return emb, torch.stack([lo for _, lo in views]).mean(0)
 
 
 def extract(
@@ -69,70 +61,92 @@ def extract(
     """
     model, record = load_checkpoint(checkpoint_dir)
     _check_lineage(checkpoint_dir, record, manifest)
-    info, prep = record.info, record.preprocessing
-    cache = open_image_cache(images, prep, info.name) if images is not None else None
+    info = record.info
+    cache = open_image_cache(images, info.preprocessing, info.name) if images is not None else None
     fold_of, fold_models = _cross_fit(checkpoint_dir, record, manifest)
-    fold_shas = " ".join(fold.weights_sha256 for _, fold in fold_models)
-    attrs = cache_attrs(
-        info.name,
-        manifest.class_names,
-        prep,
-        record.weights_sha256,
-        manifest.sha256,
-        dtype=params.dtype,
-        tta=params.tta,
-        versions=library_versions(),
-        cross_fit=len(fold_models),  # 0, or K: train rows come from the fold models
-        fold_checkpoint_sha256=fold_shas,
-    )
-    old = reusable_cache(out, attrs)
-    if old is not None and old.attrs.get("fold_checkpoint_sha256", "") != fold_shas:
-        old = None  # other fold models: every out-of-fold row changes
-    # Row of each manifest sample in the previous cache, -1 where it must be computed.
-    old_row = old.rows_for(manifest.sample_id) if old is not None else np.full(len(manifest), -1)
+    attrs = _attrs(record, manifest, params, fold_models)
+    old, old_row = _previous(out, attrs, manifest)
     new_rows = np.flatnonzero(old_row < 0)
     log.info("%s: %d rows reused, %d to compute", out, len(manifest) - len(new_rows), len(new_rows))
     device = resolve_device(params.device)
     with distributed.process_group(device) as here:
-        if fold_models and here.size > 1:
-            raise ConfigError(
-                f"{checkpoint_dir} is cross-fitted (finetune.cross_fit={len(fold_models)}): "
-                "extract it in one process, without torchrun."
-            )
+        _clear_shards(here, checkpoint_dir, out, len(fold_models))
         progress = progress and here.is_main
-        if here.is_main:  # shards (and their temporary files) a killed torchrun left; the
-            # others wait before writing theirs
-            for stale in out.parent.glob(f"*.{out.name}.shard-*"):
-                stale.unlink()
-        distributed.barrier()
         models = [(-1, model), *((k, m) for k, (m, _) in enumerate(fold_models))]
-        groups = []  # each model runs the new rows it embeds
+        groups = []  # each model runs the new rows it embeds (the full model: this rank's share)
         for k, net in models:
-            rows = new_rows[fold_of[new_rows] == k]
-            if k < 0:
-                rows = rows[
-                    distributed.batch_shard(len(rows), params.batch_size, here.rank, here.size)
-                ]
+            rows = _rows_of(k, new_rows, fold_of, params.batch_size, here)
             if len(rows):
-                paths = [manifest.image_path(int(r)) for r in rows]
-                squares = cache.manifest_squares(manifest, rows) if cache else None
-                batches = embed_images(
-                    net,
-                    info,
-                    paths,
-                    params,
-                    device,
-                    progress,
-                    squares,
-                    max_pixels=manifest.max_pixels,
-                )
+                batches = _embed_rows(net, info, manifest, rows, params, device, cache, progress)
                 groups.append(_at_rows(rows, batches))
         with _merged(itertools.chain(*groups), out, new_rows, params.batch_size) as computed:
             if here.is_main:
-                reused = _reused(old, old_row)
-                batches = itertools.chain(reused, computed)
+                batches = itertools.chain(_reused(old, old_row), computed)
                 _write_cache(out, manifest, info.dim, attrs, batches, fold_of)
     return ExtractResult(out, len(manifest), len(manifest) - len(new_rows), len(new_rows))
+
+
+def _attrs(
+    record: CheckpointRecord, manifest: Manifest, params: ExtractParams, fold_models: list
+) -> dict:
+    """The new cache's attributes (`cache_attrs`): what made its rows."""
+    return cache_attrs(
+        record.backbone,
+        manifest.class_names,
+        record.preprocessing,
+        record.weights_sha256,
+        manifest.sha256,
+        dtype=params.dtype,
+        tta=params.tta,
+        engine=params.engine,
+        versions=library_versions(*(("onnxruntime",) if params.engine == "onnxruntime" else ())),
+        cross_fit=len(fold_models),  # 0, or K: train rows come from the fold models
+        fold_checkpoint_sha256=" ".join(fold.weights_sha256 for _, fold in fold_models),
+    )
+
+
+def _previous(out: Path, attrs: dict, manifest: Manifest) -> tuple[FeatureCache | None, np.ndarray]:
+    """The cache at ``out`` if its rows can be reused for ``attrs``, and the row in it of each
+    manifest sample ((N,) int64, -1 where the row must be computed)."""
+    old = reusable_cache(out, attrs)
+    fold_shas = attrs["fold_checkpoint_sha256"]
+    if old is not None and old.attrs.get("fold_checkpoint_sha256", "") != fold_shas:
+        old = None  # other fold models: every out-of-fold row changes
+    if old is None:
+        return None, np.full(len(manifest), -1)
+    return old, old.rows_for(manifest.sample_id)
+
+
+def _clear_shards(here, checkpoint_dir: Path, out: Path, folds: int) -> None:
+    """Refuse torchrun for a cross-fitted checkpoint; rank 0 removes the shards (and their
+    temporary files) a killed torchrun left, and the others wait before writing theirs."""
+    if folds and here.size > 1:
+        raise ConfigError(
+            f"{checkpoint_dir} is cross-fitted (finetune.cross_fit={folds}): "
+            "extract it in one process, without torchrun."
+        )
+    if here.is_main:
+        for stale in out.parent.glob(f"*.{out.name}.shard-*"):
+            stale.unlink()
+    distributed.barrier()
+
+
+def _rows_of(k: int, new_rows: np.ndarray, fold_of: np.ndarray, batch_size: int, here):
+    """The new manifest rows model ``k`` embeds here: fold model k's own; the full model's
+    (k = -1) shared out between the processes by whole batches."""
+    rows = new_rows[fold_of[new_rows] == k]
+    if k < 0:
+        rows = rows[distributed.batch_shard(len(rows), batch_size, here.rank, here.size)]
+    return rows
+
+
+def _embed_rows(net, info, manifest, rows, params, device, cache, progress) -> Iterator[tuple]:
+    """`embed_images` over the manifest ``rows``, from the image cache when there is one."""
+    paths = [manifest.image_path(int(r)) for r in rows]
+    squares = cache.manifest_squares(manifest, rows) if cache else None
+    return embed_images(
+        net, info, paths, params, device, progress, squares, max_pixels=manifest.max_pixels
+    )
 
 
 def _reused(old: FeatureCache | None, old_row: np.ndarray) -> Iterator[tuple]:
@@ -198,7 +212,6 @@ def _write_cache(
                 )
 
 
-@torch.inference_mode()
 def embed_images(
     model: torch.nn.Module,
     info: BackboneInfo,
@@ -215,10 +228,12 @@ def embed_images(
     params.dtype, logits (b, n_classes) float32)``.
 
     The checkpoint's eval preprocessing (``info``: resize, no crop), ``params.tta`` (mean over
-    flips) and bf16 autocast on CUDA; ``params.num_workers`` loader processes. ``squares``:
+    flips), run by ``params.engine`` (bf16 autocast on CUDA; onnxruntime on the CPU only,
+    ConfigError at once otherwise); ``params.num_workers`` loader processes. ``squares``:
     the image cache's rows of ``paths``, read instead of decoding the files they hold;
     ``max_pixels``: prepare.max_pixels, the bound for those decoded.
     """
+    check_engine(params.engine, device)
     prep = info.preprocessing
     loader = DataLoader(
         ImageDataset(
@@ -228,13 +243,35 @@ def embed_images(
         num_workers=params.num_workers,
         pin_memory=device.type == "cuda",
     )
-    model = prepare_model(model, device).eval()
+    return _batches(model, info, loader, params, device, progress)
+
+
+@torch.inference_mode()
+def _batches(model, info: BackboneInfo, loader, params: ExtractParams, device, progress):
+    """`embed_images`' batches; the engine is made ready when the first one is asked for."""
+    forward = _forward(model, info, params, device)
     for images, _, index in tracked(loader, f"embed {info.name}", "batch", enabled=progress):
-        with autocast(device):
-            emb, logits = _tta_embed(model, model_input(images, prep, device), params.tta)
+        emb, logits = forward(images)
         with np.errstate(over="ignore"):  # float16 overflow: the cache writer refuses the inf
-            emb = emb.float().cpu().numpy().astype(params.dtype, copy=False)
-        yield index.numpy(), emb, logits.float().cpu().numpy()
+            emb = emb.astype(params.dtype, copy=False)
+        yield index.numpy(), emb, logits
+
+
+def _forward(model, info: BackboneInfo, params: ExtractParams, device: torch.device):
+    """A loader batch (B, 3, S, S) uint8 -> embeddings (B, D) and logits (B, C), float32
+    numpy, by ``params.engine``."""
+    prep = info.preprocessing
+    if params.engine == "onnxruntime":
+        engine = OnnxBackbone(model, prep, params.tta, info.name)
+        return lambda images: engine(np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy()))
+    model = prepare_model(model, device).eval()
+
+    def forward(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        with autocast(device):
+            emb, logits = tta_embed(model, model_input(images, prep, device), params.tta)
+        return emb.float().cpu().numpy(), logits.float().cpu().numpy()
+
+    return forward
 
 
 def _at_rows(rows: np.ndarray, batches: Iterator[tuple]) -> Iterator[tuple]:

@@ -20,6 +20,7 @@ from pipeline.models.checkpoint import SIDECAR, CheckpointRecord, load_checkpoin
 from pipeline.models.preprocessing import Preprocessing
 from pipeline.predictions import Predictions, find_images
 from pipeline.runtime import resolve_device
+from pipeline.storage.feature_cache import FEATURES
 from pipeline.storage.hashing import file_sha256
 from pipeline.storage.image_cache import usable_image_cache
 
@@ -55,23 +56,41 @@ def predict(
         backbones=[r.backbone for r in records],
         where=head_dir,
     )
-    infos = [r.info for r in records]
-    preps = [i.preprocessing for i in infos]
     caches = [
-        usable_image_cache(layout.image_cache(b, images_dir), prep)
-        for b, prep in zip(sidecar["backbones"], preps, strict=True)
+        usable_image_cache(layout.image_cache(r.backbone, images_dir), r.preprocessing)
+        for r in records
     ]
+    ids, paths, failures = _readable(inputs, found, caches, max_pixels)
+    device = resolve_device(params.device)
+    blocks = []
+    for (directory, pinned), cache in zip(checkpoints, caches, strict=True):
+        model, record = load_checkpoint(directory)
+        if record != pinned:  # replaced since it was checked
+            raise CheckpointError(f"{directory / SIDECAR} changed while predict was running.")
+        squares = cache.squares([ids[p] for p in paths]) if cache else None
+        emb, logits = _embedded(model, record, paths, params, device, progress, squares, max_pixels)
+        blocks.append(by_input(head, embeddings=emb.astype(np.float32), logits=logits))
+    return Predictions(
+        paths, head.predict_proba(np.concatenate(blocks, axis=1)), sidecar["class_names"], failures
+    )
+
+
+def _readable(
+    inputs: list[Path], found: list[Path], caches: list, max_pixels: int
+) -> tuple[dict, list, list]:
+    """The sha256 of each file (only when an image cache may hold it), the readable files and
+    ``(path, reason)`` of the others; DataError when none is readable. A file an image cache
+    holds was decoded once already; the others are decoded once, cheaply, to catch truncated
+    and non-image files."""
     ids = {path: file_sha256(path) for path in found} if any(caches) else {}
-    held = set()  # sha256 of files an image cache holds: decoded once already, fine then
+    held = set()  # sha256 of files an image cache holds
     for cache in filter(None, caches):
         held.update(cache.sample_id.astype(str).tolist())
     paths, failures = [], []
     for path in found:
         try:
             if ids.get(path) not in held:
-                load_image(
-                    path, max_pixels=max_pixels, size=64
-                )  # a cheap full decode: catches truncated, non-image files
+                load_image(path, max_pixels=max_pixels, size=64)
             paths.append(path)
         except DataError as exc:
             failures.append((path, str(exc)))
@@ -80,24 +99,17 @@ def predict(
             f"None of the {len(found)} file(s) under {', '.join(map(str, inputs))} is a readable "
             f"image, e.g. {failures[0][1]}"
         )
+    return ids, paths, failures
 
-    device = resolve_device(params.device)
-    blocks = []
-    for (directory, pinned), info, cache in zip(checkpoints, infos, caches, strict=True):
-        model, record = load_checkpoint(directory)
-        if record != pinned:  # replaced since it was checked
-            raise CheckpointError(f"{directory / SIDECAR} changed while predict was running.")
-        squares = cache.squares([ids[p] for p in paths]) if cache else None
-        batches = list(
-            embed_images(
-                model, info, paths, params, device, progress, squares, max_pixels=max_pixels
-            )
+
+def _embedded(model, record, paths, params, device, progress, squares, max_pixels):
+    """Embeddings (n, D) and logits (n, n_classes) of ``paths``, as `extract` makes them."""
+    batches = list(
+        embed_images(
+            model, record.info, paths, params, device, progress, squares, max_pixels=max_pixels
         )
-        emb, logits = (np.concatenate([b[i] for b in batches]) for i in (1, 2))
-        blocks.append(by_input(head, embeddings=emb.astype(np.float32), logits=logits))
-    return Predictions(
-        paths, head.predict_proba(np.concatenate(blocks, axis=1)), sidecar["class_names"], failures
     )
+    return (np.concatenate([b[i] for b in batches]) for i in (1, 2))
 
 
 def _pinned(
@@ -106,8 +118,8 @@ def _pinned(
     """`pinned_checkpoint`, and ConfigError unless ``params`` extract as that cache was
     extracted."""
     directory, record = pinned_checkpoint(backbone, sidecar, head_dir, models_dir)
-    pinned = sidecar["extraction"][backbone]
-    for key in ("dtype", "tta"):
+    pinned = FEATURES.defaults | sidecar["extraction"][backbone]  # pinned before a key: its default
+    for key in ("dtype", "tta", "engine"):
         if pinned[key] != getattr(params, key):
             raise ConfigError(
                 f"Head {head_dir} was trained on {backbone} features extracted with "

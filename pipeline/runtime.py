@@ -78,9 +78,10 @@ def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     return model.to(device, memory_format=torch.channels_last)
 
 
-def library_versions() -> str:
-    """JSON of the versions that shape numbers in an artifact."""
-    names = ("defuse", "torch", "torchvision", "timm", "numpy", "h5py", "scikit-learn")
+def library_versions(*extra: str) -> str:
+    """JSON of the versions that shape numbers in an artifact; ``extra``: libraries beyond
+    the usual ones that shaped them too (onnxruntime, when it ran the backbones)."""
+    names = ("defuse", "torch", "torchvision", "timm", "numpy", "h5py", "scikit-learn", *extra)
     versions = {}
     for name in names:
         try:

@@ -68,7 +68,9 @@ def test_the_projects_values_are_read_as_their_field_types(tmp_path):
     )
     # dataclasses built directly are checked the same way
     with pytest.raises(ConfigError, match=r"^extract\.tta must be true or false; got 'no'"):
-        ExtractParams(batch_size=8, dtype="float32", tta="no", num_workers=0, device="cpu")
+        ExtractParams(
+            batch_size=8, dtype="float32", tta="no", num_workers=0, device="cpu", engine="torch"
+        )
 
 
 def test_a_backbone_override_is_named_where_it_was_written(tmp_path):

@@ -35,10 +35,10 @@ SCHEMA = 2  # 2: the preprocessing record stored whole, digests of every dataset
 # must give identical bytes.
 ATTRS = (
     "backbone", "dim", "n_classes", "class_names", "checkpoint_sha256", "manifest_sha256",
-    "preprocessing", "layer", "dtype", "tta", "versions",
+    "preprocessing", "layer", "dtype", "tta", "engine", "versions",
 )  # fmt: skip
 # What makes old embeddings valid for a new extraction.
-IDENTITY = ("checkpoint_sha256", "preprocessing", "layer", "dtype", "tta")
+IDENTITY = ("checkpoint_sha256", "preprocessing", "layer", "dtype", "tta", "engine")
 # Cross-fitting: the fold model that embedded each row, -1 = the model trained on all of train.
 FOLD = "fold"
 FEATURES = Schema(
@@ -56,6 +56,7 @@ FEATURES = Schema(
     attrs=ATTRS,
     identity=IDENTITY,
     rerun="defuse extract BACKBONE",
+    defaults={"engine": "torch"},  # caches from before extract.engine: torch made them all
 )
 DATASETS = tuple(c.name for c in FEATURES.columns)
 _PIECE_ROWS = 512  # rows read at a time: checked for NaN while still in the CPU cache
@@ -72,6 +73,7 @@ def cache_attrs(
     layer: str = "pre_logits",
     dtype: str = "float32",
     tta: bool = False,
+    engine: str = "torch",  # what ran the backbone (extract.engine)
     versions: Mapping | str | None = None,  # a mapping, or its JSON text
     **extra,
 ) -> dict:
@@ -86,6 +88,7 @@ def cache_attrs(
         layer=layer,
         dtype=np.dtype(dtype).name,
         tta=tta,
+        engine=engine,
         versions=versions if versions is not None else {},
         **extra,
     )
@@ -379,7 +382,7 @@ def reusable_cache(path: str | os.PathLike, attrs: Mapping) -> FeatureCache | No
     `cache_attrs` are ``attrs``, else None.
 
     Reusable means: it reads cleanly, every digest included, and its IDENTITY attributes
-    (checkpoint, preprocessing record, layer, dtype, tta) equal those of ``attrs``. A missing
+    (checkpoint, preprocessing record, layer, dtype, tta, engine) equal those of ``attrs``. A missing
     file is simply not reusable; a damaged or tampered one is logged and not reused (its rows
     are computed again). Typical incremental extraction, in manifest order (samples gone from
     the manifest just disappear):

@@ -47,9 +47,9 @@ class FusedFeatures:
     @property
     def extraction(self) -> dict[str, dict]:
         """backbone -> how its cache was made: the checkpoint's sha256, its preprocessing
-        record (JSON text) and the `extract` params that shape the features (dtype, tta);
-        what `defuse predict` must repeat."""
-        keys = ("checkpoint_sha256", "preprocessing", "dtype", "tta")
+        record (JSON text) and the `extract` params that shape the features (dtype, tta,
+        engine); what `defuse predict` must repeat."""
+        keys = ("checkpoint_sha256", "preprocessing", "dtype", "tta", "engine")
         return {b: {k: a[k] for k in keys} for b, a in zip(self.backbones, self.attrs, strict=True)}
 
     @property

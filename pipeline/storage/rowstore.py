@@ -14,7 +14,7 @@ import logging
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 
@@ -57,6 +57,10 @@ class Schema:
     attrs: tuple[str, ...]  # required attributes, in the order written after the marker
     identity: tuple[str, ...]  # attributes that must match for an old file's rows to be reused
     rerun: str  # the command that writes a file of this schema, e.g. "defuse extract BACKBONE"
+    # Attributes added after files were written, with the value such a file means: a file
+    # without one reads as having it, and a writer given it leaves it out, so those files
+    # stay valid and new ones with that value keep the same bytes.
+    defaults: Mapping[str, object] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- attributes
@@ -168,6 +172,7 @@ class RowWriter:
         if missing:
             raise CacheError(f"{self.path}: missing attributes {missing}")
         order = [*schema.attrs, *sorted(set(attrs) - {*schema.attrs, schema.marker})]
+        order = [k for k in order if k not in schema.defaults or attrs[k] != schema.defaults[k]]
         self._attrs = {schema.marker: encode_attr(schema.marker, schema.version)}
         self._attrs |= {k: encode_attr(k, attrs[k]) for k in order}
         self._shapes = {c.name: (tuple(shapes[c.name][0]), np.dtype(shapes[c.name][1]))
@@ -383,11 +388,11 @@ def _header(path: Path, f: h5py.File, schema: Schema) -> dict:
             f"{path}: {schema.marker} {version!r} is not {schema.version}; not a defuse "
             f"{schema.kind} of this version: re-run `{_rerun(schema, backbone)}`"
         )
-    missing = [k for k in (*schema.attrs, DIGESTS) if k not in f.attrs]
+    missing = [k for k in (*schema.attrs, DIGESTS) if k not in f.attrs and k not in schema.defaults]
     missing += [c.name for c in schema.columns if c.name not in f]
     if missing:
         raise CacheError(f"{path}: missing attributes / datasets {missing}")
-    attrs = {k: decode_attr(k, f.attrs[k]) for k in f.attrs}
+    attrs = {**schema.defaults, **{k: decode_attr(k, f.attrs[k]) for k in f.attrs}}
     stored = attrs[DIGESTS]
     if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
         raise CacheError(f"{path}: attribute {DIGESTS!r} is not a JSON object of hex digests")

@@ -1,0 +1,122 @@
+"""The engines that run a backbone at inference: torch (eager), or onnxruntime on the CPU.
+
+`PixelBackbone` is the one definition of a backbone fed the image cache's uint8 squares
+(normalisation and TTA inside, as the torch path does them) and `write_onnx` the one way it
+becomes an ONNX graph: `defuse export` and the onnxruntime engine both use them.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.data.transforms import model_input
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.models.preprocessing import Preprocessing
+from pipeline.models.registry import embed
+
+OPSET = 17
+TOLERANCE = 1e-4  # largest |onnxruntime - torch| embedding or logit accepted on the first batch
+_CPU = torch.device("cpu")
+
+
+def tta_embed(model: nn.Module, images: torch.Tensor, tta: bool) -> tuple[torch.Tensor, ...]:
+    """Embedding (B, D) and logits (B, C) of normalised ``images`` (B, 3, S, S); with ``tta``
+    the mean over identity, h-flip and v-flip."""
+    if not tta:
+        return embed(model, images)
+    views = [embed(model, v) for v in (images, images.flip(-1), images.flip(-2))]
+    emb = torch.stack([e for e, _ in views]).mean(0)
+    return emb, torch.stack([lo for _, lo in views]).mean(0)
+
+
+class PixelBackbone(nn.Module):
+    """A backbone as the feature cache sees it: uint8 squares (B, S, S, 3), the image cache's
+    layout, -> embedding (B, D) and logits (B, C), float32."""
+
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing, tta: bool):
+        super().__init__()
+        self.model, self.preprocessing, self.tta = model, preprocessing, tta
+        self.eval()  # the exporter restores the mode it found, over every submodule
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = model_input(pixels.permute(0, 3, 1, 2), self.preprocessing, _CPU)
+        return tta_embed(self.model, x, self.tta)
+
+
+@torch.no_grad()
+def write_onnx(module: nn.Module, examples: tuple, inputs: list, outputs: list, f) -> None:
+    """``module`` traced on ``examples`` into ``f`` (a path or a binary file) by the legacy
+    (TorchScript) exporter, which traces timm's models whole; every batch axis dynamic."""
+    with warnings.catch_warnings():  # the legacy exporter is chosen, its deprecation known
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # mean and std become constants of the graph, as they should
+        warnings.filterwarnings("ignore", "torch.tensor results are registered as constants")
+        torch.onnx.export(
+            module,
+            examples,
+            f,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in (*inputs, *outputs)},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def check_engine(engine: str, device: torch.device) -> None:
+    """ConfigError unless ``engine`` can run on ``device``: onnxruntime runs on the CPU only
+    (torch is the engine on CUDA)."""
+    if engine == "onnxruntime" and device.type != "cpu":
+        raise ConfigError(
+            f"extract.engine 'onnxruntime' runs on the CPU only, but the device is {device}; "
+            "set extract.engine: torch (the engine on CUDA), or extract.device: cpu."
+        )
+
+
+class OnnxBackbone:
+    """`PixelBackbone` run by onnxruntime on the CPU, its graph built in memory once. The
+    first batch also runs in torch, and the two must agree within TOLERANCE, so that a bad
+    export never fills a cache."""
+
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing, tta: bool, name: str):
+        import onnxruntime as ort
+
+        self.name, self.net = name, PixelBackbone(model, preprocessing, tta)
+        size = preprocessing.input_size
+        graph = io.BytesIO()
+        example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
+        write_onnx(self.net, (example,), ["pixels"], ["embeddings", "logits"], graph)
+        options = ort.SessionOptions()
+        # Threads that spin between operators take the cores from the loader workers and any
+        # other process: without spinning, lite0 at 224 px ran 1.12-1.16x faster (2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(
+            graph.getvalue(), options, providers=["CPUExecutionProvider"]
+        )
+        self.checked = False
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings (B, D) and logits (B, C), float32, of uint8 squares (B, S, S, 3)."""
+        emb, logits = self.session.run(None, {"pixels": pixels})
+        if not self.checked:
+            self._check(pixels, emb, logits)
+            self.checked = True
+        return emb, logits
+
+    def _check(self, pixels: np.ndarray, emb: np.ndarray, logits: np.ndarray) -> None:
+        with torch.inference_mode():
+            want = self.net(torch.from_numpy(pixels))
+        diff = max(
+            float(np.abs(got - w.numpy()).max()) for got, w in zip((emb, logits), want, strict=True)
+        )
+        if not diff <= TOLERANCE:
+            raise CheckpointError(
+                f"{self.name}: onnxruntime's embeddings or logits differ from torch's by "
+                f"{diff:.3g} (> {TOLERANCE}) on the first batch, so its graph is wrong and "
+                "nothing is written; set extract.engine: torch."
+            )
