@@ -42,7 +42,7 @@ from pipeline.extract import extract
 from pipeline.fusion.fit import fit_head
 from pipeline.fusion.heads import SeedRefits, save_head
 from pipeline.predict import predict
-from pipeline.storage.feature_cache import load_features
+from pipeline.storage.fused import load_features
 
 CELL = 300  # an ELPV cell's side
 

@@ -17,7 +17,8 @@ from pipeline.extract import extract
 from pipeline.fusion.fit import fit_head
 from pipeline.fusion.heads import SeedRefits, load_head, save_head
 from pipeline.predict import predict
-from pipeline.storage.feature_cache import load_features, read_cache
+from pipeline.storage.feature_cache import read_cache
+from pipeline.storage.fused import load_features
 
 BACKBONE = "tf_efficientnet_lite0"
 TORCH = params_of(ExtractParams, "extract", batch_size=8, num_workers=0, engine="torch")
