@@ -9,7 +9,6 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -30,16 +29,9 @@ from pipeline.runtime import autocast, library_versions, prepare_model, resolve_
 from pipeline.storage.atomic import atomic_file
 from pipeline.storage.feature_cache import CacheWriter, FeatureCache, cache_attrs, reusable_cache
 from pipeline.storage.image_cache import Squares, open_image_cache
+from pipeline.storage.rowstore import RowsWritten
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ExtractResult:
-    path: Path
-    n_rows: int
-    n_reused: int  # rows copied from the previous cache
-    n_computed: int  # rows run through the network
 
 
 def extract(
@@ -49,7 +41,7 @@ def extract(
     params: ExtractParams,
     progress: bool = True,
     images: Path | None = None,
-) -> ExtractResult:
+) -> RowsWritten:
     """Write ``out`` for every manifest row, in manifest order, running only new samples.
 
     ``images``: the image cache (`defuse decode`) holding the checkpoint's squares of every
@@ -83,7 +75,7 @@ def extract(
             if here.is_main:
                 batches = itertools.chain(_reused(old, old_row), computed)
                 _write_cache(out, manifest, info.dim, attrs, batches, fold_of)
-    return ExtractResult(out, len(manifest), len(manifest) - len(new_rows), len(new_rows))
+    return RowsWritten(out, len(manifest), len(manifest) - len(new_rows), len(new_rows))
 
 
 def _attrs(

@@ -36,6 +36,6 @@ def decode(backbone, manifest, out, params_path, workers):
     prep = info.preprocessing
     result = decode_images(read_manifest(manifest), backbone, prep, out, workers)
     click.echo(
-        f"{result.path}: {result.n_rows} rows ({result.n_decoded} decoded, "
+        f"{result.path}: {result.n_rows} rows ({result.n_new} decoded, "
         f"{result.n_reused} reused) of {info.preprocessing.input_size} px, {info.preprocessing.resize}"
     )

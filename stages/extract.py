@@ -51,5 +51,5 @@ def extract(backbone, manifest, checkpoint, out, images, params_path, dtype, tta
     )
     if distributed.world().is_main:
         click.echo(
-            f"{result.path}: {result.n_rows} rows ({result.n_computed} computed, {result.n_reused} reused)"
+            f"{result.path}: {result.n_rows} rows ({result.n_new} computed, {result.n_reused} reused)"
         )

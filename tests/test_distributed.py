@@ -123,7 +123,7 @@ def test_sharded_extraction_is_byte_identical_and_reuses_rows(ddp_run, one_threa
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("36 rows (18 computed, 18 reused)") == 1
     one = extract(manifest, checkpoint, tmp_path / "one" / "f.h5", params, progress=False)
-    assert (one.n_computed, one.n_reused) == (18, 18)
+    assert (one.n_new, one.n_reused) == (18, 18)
     assert (tmp_path / "ddp" / "f.h5").read_bytes() == (tmp_path / "one" / "f.h5").read_bytes()
     assert [p.name for p in (tmp_path / "ddp").iterdir()] == ["f.h5"]  # no shard left
 

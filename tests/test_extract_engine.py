@@ -56,10 +56,10 @@ def test_the_cache_records_its_engine_and_a_torch_one_keeps_its_bytes(caches):
 def test_rows_of_another_engine_are_computed_again(tiny_run, caches, tmp_path):
     out = shutil.copy(caches["torch"], tmp_path / "f.h5")
     n = len(tiny_run["manifest"])
-    assert extract(tiny_run["manifest"], tiny_run["checkpoint"], out, ORT, False).n_computed == n
+    assert extract(tiny_run["manifest"], tiny_run["checkpoint"], out, ORT, False).n_new == n
     assert read_cache(out).attrs["engine"] == "onnxruntime"
     again = extract(tiny_run["manifest"], tiny_run["checkpoint"], out, ORT, False)
-    assert (again.n_computed, again.n_reused) == (0, n)
+    assert (again.n_new, again.n_reused) == (0, n)
 
 
 def test_a_graph_that_disagrees_with_torch_writes_nothing(tiny_run, tmp_path, monkeypatch):

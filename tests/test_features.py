@@ -25,7 +25,7 @@ PARAMS = params_of(ExtractParams, "extract", batch_size=8, num_workers=0)
 def test_cache_holds_every_manifest_row_with_the_models_outputs(tiny_run, tmp_path):
     manifest = tiny_run["manifest"]
     result = extract(manifest, tiny_run["checkpoint"], tmp_path / "f.h5", PARAMS, progress=False)
-    assert (result.n_rows, result.n_computed, result.n_reused) == (len(manifest), len(manifest), 0)
+    assert (result.n_rows, result.n_new, result.n_reused) == (len(manifest), len(manifest), 0)
     cache = read_cache(tmp_path / "f.h5")
     assert list(cache.sample_id) == list(manifest.sample_id)
     assert cache.embeddings.shape == (len(manifest), 1280) and cache.logits.shape == (
@@ -52,7 +52,7 @@ def test_identical_inputs_give_identical_bytes(tiny_run, tmp_path):
     extract(tiny_run["manifest"], tiny_run["checkpoint"], b, PARAMS, progress=False)
     assert a.read_bytes() == b.read_bytes()
     again = extract(tiny_run["manifest"], tiny_run["checkpoint"], a, PARAMS, progress=False)
-    assert again.n_computed == 0 and a.read_bytes() == b.read_bytes()
+    assert again.n_new == 0 and a.read_bytes() == b.read_bytes()
 
 
 def test_extraction_iterates_its_loader_once(tiny_run, tmp_path, monkeypatch):
@@ -83,7 +83,7 @@ def test_grown_manifest_runs_only_new_rows_and_drops_removed_ones(tiny_run, tmp_
     # fine-tuned on the grown one (reuse follows the weights' sha256)
     ckpt = checkpoint_for(tiny_run["checkpoint"], grown, tmp_path / "ckpt")
     result = extract(grown, ckpt, out, PARAMS, progress=False)
-    assert result.n_computed == 5
+    assert result.n_new == 5
     assert result.n_reused == len(manifest) - 1
     assert set(read_cache(out).sample_id) == set(grown.sample_id)
 
@@ -238,6 +238,6 @@ def test_a_corrupt_cache_is_recomputed_and_killed_runs_leftovers_removed(tiny_ru
     killed_cache_writer(out)  # and a killed run's temporary file beside it
     (tmp_path / ".f.h5.shard-1").write_bytes(b"a killed torchrun's shard")
     result = extract(tiny_run["manifest"], tiny_run["checkpoint"], out, PARAMS, progress=False)
-    assert result.n_computed == len(tiny_run["manifest"]) and result.n_reused == 0
+    assert result.n_new == len(tiny_run["manifest"]) and result.n_reused == 0
     assert read_cache(out).embeddings.shape == (len(tiny_run["manifest"]), 1280)
     assert [p.name for p in tmp_path.iterdir()] == ["f.h5"]

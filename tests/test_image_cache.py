@@ -80,7 +80,7 @@ def test_rows_are_the_squares_the_loaders_make_of_the_files(data, tmp_path, mode
     result = decode_images(
         data, BACKBONE, info.preprocessing, tmp_path / "images.h5", workers=2, progress=False
     )
-    assert (result.n_rows, result.n_decoded, result.n_reused) == (len(data), len(data), 0)
+    assert (result.n_rows, result.n_new, result.n_reused) == (len(data), len(data), 0)
     cache = open_image_cache(result.path, info.preprocessing, BACKBONE)
     assert cache.sample_id.astype(str).tolist() == list(data.sample_id)
     assert cache.attrs["backbone"] == BACKBONE and cache.preprocessing.resize == mode
@@ -134,7 +134,7 @@ def test_unchanged_samples_are_copied_not_decoded(tmp_path):
     grown = make_manifest(root, tmp_path / "m2" / "manifest.csv")
     shutil.move(kept, tmp_path / "aside")  # a copied row needs no file
     result = decode_images(grown, BACKBONE, INFO.preprocessing, out, 2, False)
-    assert (result.n_decoded, result.n_reused) == (6, len(first) - 1)
+    assert (result.n_new, result.n_reused) == (6, len(first) - 1)
     assert read_image_cache(out).sample_id.astype(str).tolist() == list(grown.sample_id)
 
     shutil.move(tmp_path / "aside", kept)

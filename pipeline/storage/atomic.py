@@ -81,34 +81,30 @@ def commit(tmp: Path | str, path: Path | str) -> None:
 def atomic_file(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on a clean exit it replaces ``path``,
     on an exception it is removed and ``path`` stays as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path)
-    tmp = temp_path(path)
-    try:
+    with _atomic(Path(path), folder=False) as tmp:
         yield tmp
-        commit(tmp, path)
-    except OSError as exc:
-        _blame(exc, path)
-        raise
-    finally:
-        _remove(tmp)
 
 
 @contextlib.contextmanager
 def atomic_dir(directory: Path | str) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``directory`` to fill; on a clean exit it
     replaces ``directory`` whole, on an exception it is removed and ``directory`` stays."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(directory)
-    tmp = temp_path(directory)
-    tmp.mkdir()
+    with _atomic(Path(directory), folder=True) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic(path: Path, folder: bool) -> Iterator[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
+    tmp = temp_path(path)
+    if folder:
+        tmp.mkdir()
     try:
         yield tmp
-        commit(tmp, directory)
+        commit(tmp, path)
     except OSError as exc:
-        _blame(exc, directory)
+        _blame(exc, path)
         raise
     finally:
         _remove(tmp)

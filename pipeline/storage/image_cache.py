@@ -25,7 +25,7 @@ from pipeline.errors import CacheError
 from pipeline.models.preprocessing import Preprocessing
 from pipeline.progress import Progress
 from pipeline.storage import rowstore
-from pipeline.storage.rowstore import Column, Schema
+from pipeline.storage.rowstore import Column, RowsWritten, Schema
 
 SCHEMA = 2  # the `image_schema` attribute; 2: the preprocessing record whole, digests
 # What fixes a row's pixels besides the file: the preprocessing record (the square it is
@@ -46,14 +46,6 @@ IMAGES = Schema(
     rerun="defuse decode BACKBONE",
 )
 _BLOCK_ROWS = 16  # per decoding process: rows assembled in memory and written at a time
-
-
-@dataclass(frozen=True)
-class DecodeResult:
-    path: Path
-    n_rows: int
-    n_reused: int  # rows copied from the previous file
-    n_decoded: int  # images decoded from their files
 
 
 def _versions() -> dict[str, str]:
@@ -78,7 +70,7 @@ def decode_images(
     out: Path,
     workers: int | None = None,
     progress: bool = True,
-) -> DecodeResult:
+) -> RowsWritten:
     """Write the image cache ``out``: one row per manifest image, in manifest order.
 
     Datasets `sample_id` (N,), `channels` (N,) uint8 (1 or 3: the image's own), `pixels`
@@ -129,7 +121,7 @@ def decode_images(
                 bar.update()
             ids = rowstore.ids_to_bytes([manifest.sample_id[r] for r in rows], manifest.path)
             writer.write(start, dict(sample_id=ids, channels=channels[rows], pixels=chunk))
-    return DecodeResult(out, n, n - len(new), len(new))
+    return RowsWritten(out, n, n - len(new), len(new))
 
 
 # ---------------------------------------------------------------------------- reading

@@ -63,6 +63,17 @@ class Schema:
     defaults: Mapping[str, object] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RowsWritten:
+    """What an incremental write of a store did: ``n_rows`` rows at ``path``, ``n_reused``
+    copied from the previous file, ``n_new`` made anew (decoded, or run through a network)."""
+
+    path: Path
+    n_rows: int
+    n_reused: int
+    n_new: int
+
+
 # ---------------------------------------------------------------------------- attributes
 
 
