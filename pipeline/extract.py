@@ -101,9 +101,6 @@ def _previous(out: Path, attrs: dict, manifest: Manifest) -> tuple[FeatureCache 
     """The cache at ``out`` if its rows can be reused for ``attrs``, and the row in it of each
     manifest sample ((N,) int64, -1 where the row must be computed)."""
     old = reusable_cache(out, attrs)
-    fold_shas = attrs["fold_checkpoint_sha256"]
-    if old is not None and old.attrs.get("fold_checkpoint_sha256", "") != fold_shas:
-        old = None  # other fold models: every out-of-fold row changes
     if old is None:
         return None, np.full(len(manifest), -1)
     return old, old.rows_for(manifest.sample_id)

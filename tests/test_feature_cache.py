@@ -408,3 +408,17 @@ def test_random_damage_gives_a_cache_error_never_another_exception(good, tmp_pat
                      lambda p: reusable_cache(p, _attrs())):  # fmt: skip
             with contextlib.suppress(CacheError):
                 read(damaged)
+
+
+def test_reusable_cache_needs_the_same_fold_models(tmp_path):
+    """A cross-fitted cache's train rows come from its fold models: other ones, or none where
+    the cache had some, give no reuse; a plain cache (no fold models on either side) does."""
+    data = _data()
+    folded, plain = tmp_path / "folded.h5", tmp_path / "plain.h5"
+    _write(folded, data, fold_checkpoint_sha256="a" * 64)
+    _write(plain, data)
+    assert reusable_cache(folded, _attrs(fold_checkpoint_sha256="a" * 64)) is not None
+    assert reusable_cache(folded, _attrs(fold_checkpoint_sha256="b" * 64)) is None
+    assert reusable_cache(folded, _attrs()) is None
+    assert reusable_cache(plain, _attrs(fold_checkpoint_sha256="a" * 64)) is None
+    assert reusable_cache(plain, _attrs()) is not None

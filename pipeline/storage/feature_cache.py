@@ -37,8 +37,12 @@ ATTRS = (
     "backbone", "dim", "n_classes", "class_names", "checkpoint_sha256", "manifest_sha256",
     "preprocessing", "layer", "dtype", "tta", "engine", "versions",
 )  # fmt: skip
-# What makes old embeddings valid for a new extraction.
-IDENTITY = ("checkpoint_sha256", "preprocessing", "layer", "dtype", "tta", "engine")
+# What makes old embeddings valid for a new extraction (fold_checkpoint_sha256: the fold
+# models of a cross-fitted checkpoint, which embedded the train rows).
+IDENTITY = (
+    "checkpoint_sha256", "preprocessing", "layer", "dtype", "tta", "engine",
+    "fold_checkpoint_sha256",
+)  # fmt: skip
 # Cross-fitting: the fold model that embedded each row, -1 = the model trained on all of train.
 FOLD = "fold"
 FEATURES = Schema(
@@ -382,9 +386,9 @@ def reusable_cache(path: str | os.PathLike, attrs: Mapping) -> FeatureCache | No
     `cache_attrs` are ``attrs``, else None.
 
     Reusable means: it reads cleanly, every digest included, and its IDENTITY attributes
-    (checkpoint, preprocessing record, layer, dtype, tta, engine) equal those of ``attrs``. A missing
-    file is simply not reusable; a damaged or tampered one is logged and not reused (its rows
-    are computed again). Typical incremental extraction, in manifest order (samples gone from
+    (checkpoint, preprocessing record, layer, dtype, tta, engine, fold models) equal those of
+    ``attrs``. A missing file is simply not reusable; a damaged or tampered one is logged and
+    not reused (its rows are computed again). Typical incremental extraction, in manifest order (samples gone from
     the manifest just disappear):
 
         old = reusable_cache(path, attrs)

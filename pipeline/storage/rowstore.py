@@ -482,5 +482,12 @@ def reusable(read, path, schema: Schema, attrs: Mapping):
     except CacheError as e:
         log.warning("%s; its rows are not reused, all are computed again", e)
         return None
-    same = all(k in old.attrs and same_attr(k, attrs[k], old.attrs[k]) for k in schema.identity)
-    return old if same else None
+    return old if all(_agree(k, attrs, old.attrs) for k in schema.identity) else None
+
+
+def _agree(key: str, new: Mapping, old: Mapping) -> bool:
+    """Whether an identity attribute is the same in both: equal, or absent from both (an
+    optional one, e.g. the fold models of a cross-fitted checkpoint)."""
+    if key not in new or key not in old:
+        return (key in new) == (key in old)
+    return same_attr(key, new[key], old[key])
