@@ -20,9 +20,8 @@ from pipeline.errors import CheckpointError
 from pipeline.fusion.heads import load_head
 from pipeline.fusion.heads.artifact import HEAD_FILE, SIDECAR_FILE
 from pipeline.metrics import write_json
-from pipeline.models.checkpoint import SIDECAR, load_checkpoint
 from pipeline.models.preprocessing import Preprocessing
-from pipeline.predict import pinned_checkpoint
+from pipeline.predict import load_pinned, pinned_checkpoint
 from pipeline.storage.atomic import atomic_dir
 from pipeline.storage.hashing import file_sha256
 from pipeline.storage.outputs import ArtifactFolder
@@ -77,9 +76,7 @@ def export(head_dir: Path, models_dir: Path, out: Path, *, max_pixels: int, seed
     branches, inputs, shas = [], [], {}
     for backbone in backbones:
         directory, pinned = pinned_checkpoint(backbone, sidecar, head_dir, models_dir)
-        model, record = load_checkpoint(directory)  # verifies the weights' sha256
-        if record != pinned:  # replaced since it was checked
-            raise CheckpointError(f"{directory / SIDECAR} changed while export was running.")
+        model, record = load_pinned(directory, pinned, "export")
         prep = record.preprocessing
         branches.append(_Branch(model, prep, sidecar["extraction"][backbone], head.input))
         inputs.append({"name": backbone, "preprocessing": json.loads(prep.to_json())})

@@ -64,9 +64,7 @@ def predict(
     device = resolve_device(params.device)
     blocks = []
     for (directory, pinned), cache in zip(checkpoints, caches, strict=True):
-        model, record = load_checkpoint(directory)
-        if record != pinned:  # replaced since it was checked
-            raise CheckpointError(f"{directory / SIDECAR} changed while predict was running.")
+        model, record = load_pinned(directory, pinned, "predict")
         squares = cache.squares([ids[p] for p in paths]) if cache else None
         emb, logits = _embedded(model, record, paths, params, device, progress, squares, max_pixels)
         blocks.append(by_input(head, embeddings=emb.astype(np.float32), logits=logits))
@@ -127,6 +125,15 @@ def _pinned(
                 f"set it back, or re-run `dvc repro` with the new value."
             )
     return directory, record
+
+
+def load_pinned(directory: Path, pinned: CheckpointRecord, command: str):
+    """The model in ``directory`` (its weights' sha256 verified) and its record, which must
+    still be the ``pinned`` one `pinned_checkpoint` checked: CheckpointError if replaced since."""
+    model, record = load_checkpoint(directory)
+    if record != pinned:
+        raise CheckpointError(f"{directory / SIDECAR} changed while {command} was running.")
+    return model, record
 
 
 def pinned_checkpoint(
