@@ -20,9 +20,12 @@ def checkpoint_dir(backbone: str, root: Path = MODELS) -> Path:
     return root / backbone
 
 
+FOLDS = "folds"  # the checkpoint's subfolder of cross-fitting's fold models
+
+
 def fold_dir(checkpoint: Path, k: int) -> Path:
     """Cross-fitting's fold model k of a checkpoint: it never saw that fold's train rows."""
-    return checkpoint / "folds" / str(k)
+    return checkpoint / FOLDS / str(k)
 
 
 def feature_cache(backbone: str, root: Path = FEATURES) -> Path:

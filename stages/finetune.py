@@ -35,14 +35,11 @@ def finetune(backbone, manifest, out, images, reports, params_path, epochs, batc
     from pipeline.data.manifest import read_manifest
     from pipeline.finetune import cross_fit_folds, write_reports
     from pipeline.finetune import finetune as run
-    from pipeline.models.checkpoint import SIDECAR, WEIGHTS
+    from pipeline.models.checkpoint import CHECKPOINT_FOLDER
     from pipeline.runtime import resolve_device
-    from pipeline.storage.outputs import ArtifactFolder, check_folder_output, check_outputs
+    from pipeline.storage.outputs import check_folder_output, check_outputs
 
-    # a checkpoint folder holds its fold models (cross-fitting) under folds/
-    folds = layout.fold_dir(Path(), 0).parts[0]
-    checkpoint = ArtifactFolder.of("checkpoint", SIDECAR, WEIGHTS, folds)
-    out = check_folder_output(out or layout.checkpoint_dir(backbone), "--out", checkpoint)
+    out = check_folder_output(out or layout.checkpoint_dir(backbone), "--out", CHECKPOINT_FOLDER)
     check_folder_output(reports, "--reports")
     check_outputs(layout.finetune_reports(backbone, reports).values(), "--reports")
     params = finetune_params(

@@ -12,14 +12,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline import layout
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models.preprocessing import Preprocessing
 from pipeline.models.registry import BackboneInfo, create_backbone
 from pipeline.storage.atomic import atomic_dir
 from pipeline.storage.hashing import file_sha256
+from pipeline.storage.outputs import ArtifactFolder
 
 WEIGHTS = "model.safetensors"
 SIDECAR = "model.json"
+# what `defuse finetune --out` may replace: an earlier checkpoint, its fold models included
+CHECKPOINT_FOLDER = ArtifactFolder.of("checkpoint", SIDECAR, WEIGHTS, layout.FOLDS)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
