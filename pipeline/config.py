@@ -34,7 +34,17 @@ from pipeline.validation import (
 
 PARAMS_FILE = Path("params.yaml")
 # The sections of a params file; `backbones` and `heads` map names to mappings of keys.
-SECTIONS = ("prepare", "finetune", "backbones", "extract", "fuse", "heads", "evaluate", "compare")
+SECTIONS = (
+    "prepare",
+    "finetune",
+    "backbones",
+    "extract",
+    "fuse",
+    "heads",
+    "evaluate",
+    "review",
+    "compare",
+)
 SOURCES = ("elpv", "folder", "csv")
 BLOCK_NORMS = ("none", "standardize", "l2")  # per-backbone treatment of fused embeddings
 SELECT_BY = ("log_loss", "accuracy", "f1_macro")  # val scores that pick a head's candidate
@@ -244,7 +254,8 @@ class FuseParams(_Section):
 class EvaluateParams(_Section):
     SECTION: ClassVar[str] = "evaluate"
 
-    final_head: str  # the head `predict` uses and the summary headlines; an entry of `heads`
+    final_head: str  # the head `predict` and `export` use and the summary headlines: an entry
+    # of `heads`, or "auto": the head with the best val score (`final_head`, fusion/selection.py)
     bootstrap_draws: int  # paired-bootstrap resamplings of the test images
     bootstrap_seed: int
     gallery: int  # the final head's most confident test errors pictured, with Grad-CAM; 0 = off
@@ -255,6 +266,38 @@ class EvaluateParams(_Section):
         check_at_least("evaluate.bootstrap_draws", self.bootstrap_draws, 1)
         check_at_least("evaluate.bootstrap_seed", self.bootstrap_seed, 0)
         check_at_least("evaluate.gallery", self.gallery, 0)
+
+
+@dataclass(frozen=True)
+class ReviewParams(_Section):
+    SECTION: ClassVar[str] = "review"
+
+    below: float | None  # predict / the export's runtime flag answers less sure than this
+    defect_free: tuple[str, ...] | None  # classes that count as a good part; None: no such table
+    rates: tuple[float, ...]  # review rates (fractions of images) the report's table shows
+
+    def _check(self):
+        if self.below is not None and not 0.0 < self.below <= 1.0:
+            raise ConfigError(f"review.below must be null or in (0, 1]. Got {self.below!r}.")
+        if not self.rates or not all(0.0 <= r < 1.0 for r in self.rates):
+            raise ConfigError(
+                f"review.rates must be a non-empty list of fractions in [0, 1). Got {list(self.rates)!r}."
+            )
+
+    def check_classes(self, class_names: list[str], where: Path | str) -> None:
+        """ConfigError unless every `defect_free` class is one of the dataset's, and at least
+        one class is left to count as defective."""
+        unknown = [c for c in self.defect_free or () if c not in class_names]
+        if unknown:
+            raise ConfigError(
+                f"{where}: review.defect_free names {unknown}, not classes of this dataset "
+                f"{list(class_names)}; name its defect-free classes, or null to leave the table out."
+            )
+        if self.defect_free and set(self.defect_free) >= set(class_names):
+            raise ConfigError(
+                f"{where}: review.defect_free names every class {list(class_names)}; "
+                "at least one must count as defective."
+            )
 
 
 @dataclass(frozen=True)
@@ -368,14 +411,17 @@ def _registered_in(family_file: Path) -> set[str]:
     }
 
 
+AUTO = "auto"  # evaluate.final_head: chosen on val among the heads
+
+
 def evaluate_params(path: Path | str = PARAMS_FILE, **overrides) -> EvaluateParams:
-    """The `evaluate` section, whose `final_head` must be an entry of `heads`."""
+    """The `evaluate` section, whose `final_head` must be an entry of `heads` or "auto"."""
     params = section(EvaluateParams, "evaluate", path, **overrides)
     heads = list(_section(load_params(path), "heads", path))
-    if params.final_head not in heads:
+    if params.final_head not in (AUTO, *heads):
         raise ConfigError(
             f"{path}: evaluate.final_head is {params.final_head!r}, not an entry of heads; "
-            f"name one of {heads}."
+            f"name one of {heads}, or {AUTO!r} (the best on val)."
         )
     return params
 
@@ -386,6 +432,11 @@ def backbone_names(path: Path | str = PARAMS_FILE) -> list[str]:
     if not names:
         raise ConfigError(f"{path}: backbones is empty; list at least one backbone.")
     return names
+
+
+def head_names(path: Path | str = PARAMS_FILE) -> list[str]:
+    """The `heads` mapping's keys: every head fuse trains and evaluate scores."""
+    return list(_section(load_params(path), "heads", path) or {})
 
 
 def head_params(head: str, path: Path | str = PARAMS_FILE) -> dict[str, Any]:

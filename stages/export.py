@@ -9,7 +9,9 @@ from stages import options
 
 
 @click.command()
-@click.option("--head", default=None, help="Fusion head to export [evaluate.final_head].")
+@click.option(
+    "--head", default=None, help="Fusion head to export [evaluate.final_head; auto: best on val]."
+)
 @options.heads
 @options.models
 @click.option(
@@ -30,13 +32,14 @@ def export(head, heads_dir, models, out, params_path):
     probabilities must match torch's within 1e-4, or nothing is written. Run it with
     `python -m pipeline.deploy OUT IMAGES...` (numpy, Pillow and onnxruntime; no torch).
     """
-    from pipeline.config import PrepareParams, evaluate_params, section
+    from pipeline.config import PrepareParams, section
     from pipeline.export import EXPORT_FOLDER, GRAPH
     from pipeline.export import export as run
+    from pipeline.fusion.fit import final_head
     from pipeline.storage.outputs import check_folder_output
 
     out = check_folder_output(out, "--out", EXPORT_FOLDER)
-    head = head or evaluate_params(params_path).final_head
+    head = head or final_head(params_path, heads_dir)
     max_pixels = section(PrepareParams, "prepare", params_path).max_pixels
     record = run(layout.head_dir(head, heads_dir), models, out, max_pixels=max_pixels)
     names = ", ".join(

@@ -65,5 +65,6 @@ def fuse(head, manifest, features_dir, out, params_path, seeds):
         f"{n} candidate(s), chosen on val by {params.select_by}: {chosen}\n"
         f"  val accuracy {val['accuracy']:.4f}, macro F1 {val['f1_macro']:.4f}"
         + (" (before the refit on train + val)" if params.refit else "")
+        + f"\n  temperature {fitted.temperature_:.3f} (fitted on val by log loss)"
         + f"\n  seeds {list(refits.seeds)}: {len(refits.heads)} refit(s) saved beside it"
     )

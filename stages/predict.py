@@ -11,7 +11,9 @@ from stages import options
 @click.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
-    "--head", default=None, help="Fusion head to use [evaluate.final_head in params.yaml]."
+    "--head",
+    default=None,
+    help="Fusion head to use [evaluate.final_head in params.yaml; auto: the best on val].",
 )
 @options.heads
 @options.models
@@ -39,7 +41,8 @@ def predict(inputs, head, heads_dir, models, images_dir, out, params_path, batch
     Writes one row per image: path, predicted class and one probability per class.
     Unreadable images are listed on stderr and do not stop the batch.
     """
-    from pipeline.config import ExtractParams, PrepareParams, evaluate_params, section
+    from pipeline.config import ExtractParams, PrepareParams, section
+    from pipeline.fusion.fit import final_head
     from pipeline.predict import predict as run
     from pipeline.predictions import check_output, write_predictions
     from pipeline.storage.outputs import check_file_output
@@ -48,7 +51,7 @@ def predict(inputs, head, heads_dir, models, images_dir, out, params_path, batch
     check_file_output(out, "--out")
     # New images are held to the bound the dataset's were checked against.
     max_pixels = section(PrepareParams, "prepare", params_path).max_pixels
-    head = head or evaluate_params(params_path).final_head
+    head = head or final_head(params_path, heads_dir)
     params = section(ExtractParams, "extract", params_path, batch_size=batch_size, device=device)
     result = run(
         list(inputs),

@@ -132,7 +132,10 @@ def test_fitted_may_only_name_learned_json_state(tmp_path, key):
     directory = _saved(tmp_path)
     meta = json.loads((directory / "head.json").read_text())
     _edit_json(directory, fitted=meta["fitted"] | {key: "print"})
-    _refused(directory, rf"'fitted' must name exactly \['n_features_in_'\], got .*'{key}'")
+    _refused(
+        directory,
+        rf"'fitted' must name exactly \['n_features_in_', 'temperature_'\], got .*'{key}'",
+    )
 
 
 def test_late_fitted_state_must_fit_its_width(tmp_path):

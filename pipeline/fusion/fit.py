@@ -1,8 +1,8 @@
 """Stage two: fusion heads on the concatenated cached embeddings, and their evaluation.
 
-A head is trained on the train split, selects its epoch (where it has one) on val, and is
-scored once on test. Its sidecar pins the caches it was trained on, so a head whose caches
-have since changed is refused rather than silently reused.
+A head is trained on the train split, selects its epoch (where it has one) on val, gets
+its temperature from val, and is scored once on test. Its sidecar pins the caches it was
+trained on, so a head whose caches have since changed is refused rather than silently reused.
 """
 
 from __future__ import annotations
@@ -13,7 +13,16 @@ import numpy as np
 from scipy.special import softmax
 
 from pipeline import layout
-from pipeline.config import FuseParams, backbone_names, section
+from pipeline.calibration import fit_temperature, tempered
+from pipeline.config import (
+    AUTO,
+    SELECT_BY,
+    FuseParams,
+    backbone_names,
+    evaluate_params,
+    head_names,
+    section,
+)
 from pipeline.data.manifest import Manifest
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.fusion.heads import (
@@ -22,6 +31,7 @@ from pipeline.fusion.heads import (
     SeedRefits,
     by_input,
     check_head_fits,
+    chosen_val_scores,
     load_head,
     load_seed_heads,
     streaming_heads,
@@ -29,10 +39,12 @@ from pipeline.fusion.heads import (
 from pipeline.fusion.selection import (
     FIXED,
     accepted_params,
+    best_on_val,
     candidate_params,
     choose,
     fit_many,
     grid_axes,
+    score,
 )
 from pipeline.metrics import classification_metrics
 from pipeline.storage.fused import FusedFeatures, LazyRows, load_features
@@ -101,8 +113,9 @@ def fit_head(
     ``fuse.block_norm`` (unless their entry sets one) and the backbones' widths. Each
     candidate is fitted on the train rows (an MLP also picks its epoch on val); the best on
     val by ``fuse.select_by`` wins and, with ``fuse.refit``, is fitted again on train + val
-    with what val chose (`Head.refit_params`). Test rows are never read. ``seed`` (default
-    ``fuse.seed``) seeds heads that draw random numbers.
+    with what val chose (`Head.refit_params`). Its temperature is fitted on the chosen
+    candidate's val probabilities (before the refit, which sees val). Test rows are never
+    read. ``seed`` (default ``fuse.seed``) seeds heads that draw random numbers.
     """
     seed = fuse.seed if seed is None else seed
     cands = candidate_params(name, params, list(features.dims), fuse.block_norm, seed)
@@ -116,6 +129,7 @@ def fit_head(
         return _split_rows(features, X, name, rows)[0], y[rows]
 
     head, chosen = choose(candidates, y[val], fuse.select_by, fuse.refit, both)
+    head.temperature_ = fit_temperature(chosen.val_proba, y[val])
     return head, _sidecar(features, head, params, fuse, candidates, chosen)
 
 
@@ -157,6 +171,7 @@ def _sidecar(
             "select_by": fuse.select_by,
             "refit_on_train_val": fuse.refit,
             "chosen": {k: v for k, v in chosen.params.items() if k not in FIXED},
+            "chosen_val": chosen.scores(y[val]),  # before the refit: evaluate's "auto" reads it
             "candidates": [
                 {k: c.params[k] for k in grid_axes(params)} | {"val": c.scores(y[val])}
                 for c in candidates
@@ -189,39 +204,71 @@ def check_head(sidecar: dict, features: FusedFeatures, where: Path | str) -> Non
         )
 
 
+def final_head(params_path: Path | str, heads_dir: Path = layout.HEADS) -> str:
+    """The head predict, export and the summary use: evaluate.final_head, or with "auto" the
+    entry of `heads` whose chosen candidate scored best on val under fuse.select_by, read
+    from the sidecars in ``heads_dir`` (`best_on_val`). Test rows play no part."""
+    choice = evaluate_params(params_path).final_head
+    if choice != AUTO:
+        return choice
+    select_by = section(FuseParams, "fuse", params_path).select_by
+    scores = {}
+    for name in head_names(params_path):
+        directory = layout.head_dir(name, heads_dir)
+        scores[name] = chosen_val_scores(load_head(directory)[1], directory)
+    return best_on_val(scores, select_by)
+
+
 def evaluate(features: FusedFeatures, head_dirs: dict[str, Path]) -> dict[str, dict]:
     """Test-split predictions of every single fine-tuned model (its own classifier's logits,
     from the cache) and of every fusion head, and each head's seed refits' test scores.
+    Nothing is fitted but each single model's temperature, on its val rows (a head's came
+    with it from fuse).
 
     Returns ``{name: {"kind": "single" | "fusion", "y_true": (n,), "y_pred": (n,),
-    "p_pred": (n,) the probability it gave its prediction, "metrics": dict, "sidecar": the
-    head's sidecar, or None for a single model, "seeds": for a head {"seeds": [...],
-    "accuracy": [...], "f1_macro": [...]} of its refits (`SeedRefits`), else None}}``,
-    rows in the caches' order of the test split. Nothing is fitted.
+    "proba": (n, C) calibrated probabilities, "proba_raw": (n, C) before the temperature,
+    "temperature": float, "p_pred": (n,) the calibrated probability of its prediction,
+    "metrics": dict, "val": the val scores it is picked by (a single model's own, a head's
+    chosen candidate's before its refit), "sidecar": the head's sidecar, or None for a single
+    model, "seeds": for a head {"seeds": [...], "accuracy": [...], "f1_macro": [...]} of its
+    refits (`SeedRefits`), else None}}``, rows in the caches' order of the test split.
     """
-    test = _rows(features, "test")
+    test, val = _rows(features, "test"), _rows(features, "val")
     names = list(features.class_names)
-    y = features.y[test]
+    y, labels = features.y[test], np.arange(len(names))
     results = {}
     for b, logits in zip(features.backbones, features.logits, strict=True):
+        val_proba = softmax(logits[val].astype(np.float64), 1)
+        temperature = fit_temperature(val_proba, features.y[val])
         proba = softmax(logits[test].astype(np.float64), 1)
-        results[b] = _scored("single", y, np.arange(len(names)), proba, names)
+        results[b] = _scored("single", y, labels, proba, temperature, names)
+        results[b]["val"] = {m: score(features.y[val], val_proba, m) for m in SELECT_BY}
     for name, directory in head_dirs.items():
         head, sidecar = load_head(directory)
         check_head(sidecar, features, directory)
         X = _select(head_input(features, head), test)
-        results[name] = _scored("fusion", y, head.classes_, head.predict_proba(X), names)
+        proba = head.predict_proba(X, calibrated=False)
+        results[name] = _scored("fusion", y, head.classes_, proba, head.temperature_, names)
+        results[name]["val"] = chosen_val_scores(sidecar, directory)
         results[name]["sidecar"] = sidecar
         results[name]["seeds"] = _seed_scores(load_seed_heads(directory), X, y, names)
     return results
 
 
-def _scored(kind: str, y: np.ndarray, labels: np.ndarray, proba: np.ndarray, names) -> dict:
-    y_pred = labels[proba.argmax(1)]  # what head.predict returns
+def _scored(kind, y, labels, raw: np.ndarray, temperature: float, names) -> dict:
+    """The results of ``raw`` probabilities of the classes ``labels`` (its columns), with a
+    column per class of ``names`` from here on (0 for a class the model never learned)."""
+    full = np.zeros((len(raw), len(names)))
+    full[:, labels] = raw
+    proba = tempered(full, temperature)
+    y_pred = proba.argmax(1)  # what head.predict returns; a temperature keeps it
     return {
         "kind": kind,
         "y_true": y,
         "y_pred": y_pred,
+        "proba": proba,
+        "proba_raw": full,
+        "temperature": temperature,
         "p_pred": proba.max(1),
         "metrics": classification_metrics(y, y_pred, names),
         "sidecar": None,

@@ -76,11 +76,24 @@ def score(y: np.ndarray, proba: np.ndarray, metric: str) -> float:
     raise ConfigError(f"The select_by parameter must be one of {list(SELECT_BY)}. Got {metric!r}.")
 
 
+def rank(scores: dict[str, float], metric: str) -> tuple[float, float]:
+    """Sort key of val ``scores`` (`score` of each metric: higher is better): ``metric``,
+    then the log loss, which breaks the ties that accuracy and F1 have often on a few
+    hundred rows (max() keeps the first of equal keys: the first listed)."""
+    return scores[metric], scores["log_loss"]
+
+
 def rank_key(y: np.ndarray, proba: np.ndarray, metric: str) -> tuple[float, float]:
-    """Sort key of a candidate, higher is better: ``metric``, then the log loss, which
-    breaks the ties that accuracy and F1 have often on a few hundred rows (max() keeps the
-    first of equal keys: the first listed candidate)."""
-    return score(y, proba, metric), score(y, proba, "log_loss")
+    """`rank` of a candidate's val probabilities ``proba``."""
+    return rank({m: score(y, proba, m) for m in {metric, "log_loss"}}, metric)
+
+
+def best_on_val(val_scores: dict[str, dict[str, float]], metric: str) -> str:
+    """The model that scored best on val (`rank` by ``metric``) of ``val_scores`` (name ->
+    `score` of each metric): for evaluate.final_head "auto" each head's chosen candidate
+    before its refit (its sidecar's selection.chosen_val), and the single model a user would
+    have picked. A tie goes to the first listed."""
+    return max(val_scores, key=lambda name: rank(val_scores[name], metric))
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from sklearn.utils.validation import check_is_fitted
 
+from pipeline.config import SELECT_BY
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.fusion.heads.base import HEADS, Head, make_head
+from pipeline.fusion.heads.base import BASE_FITTED, HEADS, POSITIVE, Head, make_head
 from pipeline.metrics import write_json
 from pipeline.storage.atomic import atomic_dir
 from pipeline.storage.outputs import ArtifactFolder
@@ -183,10 +185,28 @@ def check_head_fits(
         )
 
 
+def chosen_val_scores(sidecar: dict, where: Path | str) -> dict[str, float]:
+    """The val scores of the head's chosen candidate before its refit (selection.chosen_val,
+    one per `fuse.select_by` choice, higher is better), which evaluate.final_head "auto"
+    ranks heads by; CheckpointError naming the head otherwise."""
+    selection = sidecar.get("selection")
+    scores = selection.get("chosen_val") if isinstance(selection, dict) else None
+    ok = isinstance(scores, dict) and all(
+        isinstance(scores.get(m), int | float) and math.isfinite(scores[m]) for m in SELECT_BY
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{Path(where) / SIDECAR_FILE}: selection.chosen_val must give a number for each of "
+            f"{list(SELECT_BY)} (an older defuse made it without); re-run `defuse fuse "
+            f"{sidecar['head']}` (or `dvc repro`)."
+        )
+    return {m: float(scores[m]) for m in SELECT_BY}
+
+
 def _parts(head: Head, sidecar: dict, where: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """(head.json mapping, arrays) of ``head``, checked as `load_head` will check them."""
     check_is_fitted(head, "classes_")
-    fitted = {k: getattr(head, k) for k in ("n_features_in_", *head._fitted_json)}
+    fitted = {k: getattr(head, k) for k in (*BASE_FITTED, *head._fitted_json)}
     meta = {
         **sidecar,
         "head": head.name,
@@ -252,10 +272,12 @@ def _class_problems(classes: Any, names: Any) -> list[str]:
 def _fitted_problems(meta: dict, cls: type[Head]) -> list[str]:
     """'fitted' names exactly the learned JSON state of ``cls``: never a method, never
     anything that `setattr` would let replace behaviour."""
-    fitted, expected = meta.get("fitted"), {"n_features_in_", *cls._fitted_json}
+    fitted, expected = meta.get("fitted"), {*BASE_FITTED, *cls._fitted_json}
     if not isinstance(fitted, dict) or set(fitted) != expected:
         keys = sorted(fitted) if isinstance(fitted, dict) else _short(fitted)
         return [f"'fitted' must name exactly {sorted(expected)}, got {keys}"]
+    if not POSITIVE[0](fitted["temperature_"]):
+        return [f"'temperature_' must be {POSITIVE[1]}, got {_short(fitted['temperature_'])}"]
     width = fitted["n_features_in_"]
     want = (
         sum(meta["dims"])

@@ -11,15 +11,18 @@ import math
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
+from pipeline.calibration import EPS, tempered
 from pipeline.config import BLOCK_NORMS
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.storage.fused import LazyRows
 
 HEADS: dict[str, type[Head]] = {}
 INPUTS = ("embeddings", "logits")  # what a head reads: penultimate vectors or classifier outputs
+BASE_FITTED = ("n_features_in_", "temperature_")  # learned JSON state of every head
 
 
 def register_head(name: str):
@@ -119,7 +122,9 @@ class Head(ClassifierMixin, BaseEstimator):
     ``input`` says which fused input the head expects: "embeddings" (concatenated
     penultimate vectors) or "logits" (concatenated fine-tuned classifier outputs).
     ``streams`` says whether `fit` can learn from a LazyRows (block by block, for features
-    larger than memory); every head predicts from one block by block.
+    larger than memory); every head predicts from one block by block. ``temperature_``
+    (1 after `fit`; fuse sets it from val, `pipeline.calibration`) calibrates its
+    probabilities wherever it runs: `predict_proba` and `torch_module` apply it.
     """
 
     name: ClassVar[str] = "head"
@@ -149,19 +154,23 @@ class Head(ClassifierMixin, BaseEstimator):
                 "a classifier needs at least 2."
             )
         self.n_features_in_ = X.shape[1]
+        self.temperature_ = 1.0
         self._check_block_dims(X.shape[1])
         self._fit(X, y_idx, self._validation(X_val, y_val))
         return self
 
-    def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities (n_samples, n_classes), columns in ``classes_`` order."""
+    def predict_proba(self, X, *, calibrated: bool = True) -> np.ndarray:
+        """Class probabilities (n_samples, n_classes), columns in ``classes_`` order, through
+        the head's temperature unless not ``calibrated`` (the predicted class is the same)."""
         check_is_fitted(self, "classes_")
         X = self._check_x(X, "X")
         self._check_width(X, "X")
         if isinstance(X, LazyRows):
-            return np.concatenate([self.predict_proba(X[rows]) for rows in row_blocks(X)])
+            blocks = [self.predict_proba(X[rows], calibrated=calibrated) for rows in row_blocks(X)]
+            return np.concatenate(blocks)
         proba = self._proba(X).astype(np.float64)
-        return proba / proba.sum(axis=1, keepdims=True)  # float32 models sum to 1 +- 1e-7
+        proba /= proba.sum(axis=1, keepdims=True)  # float32 models sum to 1 +- 1e-7
+        return tempered(proba, self.temperature_) if calibrated else proba
 
     def predict(self, X) -> np.ndarray:
         """Predicted labels (n_samples,), taken from ``classes_``."""
@@ -172,9 +181,16 @@ class Head(ClassifierMixin, BaseEstimator):
         (the MLP's best epoch); used to refit on train + val."""
         return {}
 
-    def torch_module(self):
+    def torch_module(self) -> torch.nn.Module:
         """`predict_proba` as a torch module, (n, n_features_in_) float32 -> (n, n_classes)
-        probabilities, for the ONNX export; each head brings its own."""
+        calibrated probabilities, for the ONNX export."""
+        module = self._torch_module()
+        if self.temperature_ == 1.0:
+            return module
+        return torch.nn.Sequential(module, _Tempered(self.temperature_))
+
+    def _torch_module(self) -> torch.nn.Module:
+        """The head's probabilities before its temperature in torch; each head brings its own."""
         raise CheckpointError(f"Head {self.name!r} cannot be exported: it has no torch_module.")
 
     def _fit(self, X: np.ndarray, y: np.ndarray, val: tuple | None) -> None:
@@ -266,3 +282,14 @@ class Head(ClassifierMixin, BaseEstimator):
                 f"{self.name}: {what} has {X.shape[1]} features, "
                 f"but the head was fitted on {self.n_features_in_}."
             )
+
+
+class _Tempered(torch.nn.Module):
+    """`pipeline.calibration.tempered` in torch: probabilities -> through a temperature."""
+
+    def __init__(self, temperature: float):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, proba: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(torch.log(proba.clamp_min(EPS)) / self.temperature, dim=1)

@@ -34,7 +34,7 @@ class LateFusionHead(Head):
             )
         self.n_models_ = X.shape[1] // n_classes
 
-    def torch_module(self) -> nn.Module:
+    def _torch_module(self) -> nn.Module:
         return _MeanSoftmax(self.n_models_, len(self.classes_))
 
     def _proba(self, X):

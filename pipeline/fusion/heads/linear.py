@@ -55,7 +55,7 @@ class _LinearHead(Head):
     def _proba(self, X):
         return self._scores_to_proba(self.scaler_.transform(X) @ self.coef_.T + self.intercept_)
 
-    def torch_module(self) -> nn.Module:
+    def _torch_module(self) -> nn.Module:
         M = self._score_map()  # folded into the linear layer: one Linear, then softmax
         linear = nn.Linear(self.n_features_in_, M.shape[1])
         with torch.no_grad():

@@ -218,7 +218,7 @@ class MLPHead(Head):
     def _scale(self, X: np.ndarray) -> np.ndarray:
         return self.scaler_.transform(X)
 
-    def torch_module(self) -> nn.Module:
+    def _torch_module(self) -> nn.Module:
         net = copy.deepcopy(self.net_).eval().float()
         return nn.Sequential(self.scaler_.torch_module(self.n_features_in_), net, nn.Softmax(1))
 
