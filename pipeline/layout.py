@@ -53,6 +53,7 @@ def evaluate_reports(root: Path = REPORTS) -> dict[str, Path]:
         "metrics": root / "metrics" / "test.json",
         "details": root / "metrics" / "test_details.json",
         "evidence": root / "metrics" / "fusion_vs_single.json",  # intervals, p-values, seeds
+        "decisions": root / "metrics" / "decisions.json",  # final head, calibration, review
         "confusion": root / "plots" / "confusion",  # <model>.csv: actual,predicted per test image
         "figures": root / "figures",
         "gallery": root / "gallery",  # errors.png and gradcam_<backbone>.png

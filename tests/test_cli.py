@@ -90,7 +90,8 @@ def test_finetune_extract_fuse_evaluate_predict_through_the_cli(tiny_run, tmp_pa
         extract={"batch_size": 16, "num_workers": 0},
         fuse={"seeds": [0]},
         heads={"logreg": head_entry("logreg", C=1.0), "late": {}},
-        evaluate={"final_head": "logreg"},
+        evaluate={"final_head": "auto"},
+        review={"defect_free": ["clean"]},
     )
     run = CliRunner().invoke
     result = run(main, ["extract", "tf_efficientnet_lite0"])
@@ -108,6 +109,8 @@ def test_finetune_extract_fuse_evaluate_predict_through_the_cli(tiny_run, tmp_pa
         assert "No image cache" not in result.output
     metrics = json.loads((tmp_path / "reports/metrics/test.json").read_text())
     assert set(metrics) == {"tf_efficientnet_lite0", "logreg", "late"}
+    final = json.loads((tmp_path / "reports/metrics/decisions.json").read_text())["final_head"]
+    assert f"Final head: {final['name']} (best on val)" in result.output
 
     caches = ["cache/features/tf_efficientnet_lite0.h5", "cache/images/tf_efficientnet_lite0.h5"]
     result = run(main, ["cache", "verify", *caches])
@@ -122,6 +125,7 @@ def test_finetune_extract_fuse_evaluate_predict_through_the_cli(tiny_run, tmp_pa
     (tmp_path / "new" / "notes.txt").write_text("not an image")
     result = run(main, ["predict", "new", "--out", "pred.csv"])
     assert result.exit_code == 0, result.output
+    assert f"classified with head {final['name']!r}" in result.output  # auto: the same head
     rows = (tmp_path / "pred.csv").read_text().splitlines()
     assert rows[0] == "path,predicted,p_clean,p_crack,p_scratch" and len(rows) == 2
     assert "notes.txt" in result.output  # reported, not fatal

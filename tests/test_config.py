@@ -11,6 +11,7 @@ from pipeline.config import (
     FinetuneParams,
     FuseParams,
     PrepareParams,
+    ReviewParams,
     evaluate_params,
     finetune_params,
     head_params,
@@ -128,3 +129,32 @@ def test_final_head_must_be_an_entry_of_heads(tmp_path):
     with pytest.raises(ConfigError, match=r"evaluate\.final_head is 'mpl', not an entry of heads"):
         evaluate_params(path)
     assert evaluate_params(path, final_head="late").final_head == "late"
+    assert evaluate_params(path, final_head="auto").final_head == "auto"
+
+
+@pytest.mark.parametrize(
+    ("review", "says"),
+    [
+        ({"below": 0.0}, r"review\.below must be null or in \(0, 1\]\. Got 0\.0"),
+        ({"below": 1.5}, r"review\.below must be null or in \(0, 1\]\. Got 1\.5"),
+        ({"rates": [0.05, 1.0]}, r"review\.rates must be .* in \[0, 1\)\. Got \[0\.05, 1\.0\]"),
+        ({"rates": []}, r"review\.rates must be a non-empty list"),
+        (
+            {"defect_free": "functional"},
+            r"review\.defect_free must be a list of strings or null; got .functional. \(str\)",
+        ),
+    ],
+)
+def test_review_values_are_checked(tmp_path, review, says):
+    path = write_params(tmp_path / "p.yaml", review=review)
+    with pytest.raises(ConfigError, match=says):
+        section(ReviewParams, "review", path)
+
+
+def test_review_defect_free_classes_must_be_the_datasets(tmp_path):
+    review = section(ReviewParams, "review", write_params(tmp_path / "p.yaml"))
+    review.check_classes(["functional", "defective"], "p.yaml")  # ELPV's: the default fits
+    with pytest.raises(ConfigError, match=r"names \['functional'\], not classes of this dataset"):
+        review.check_classes(["ok", "crack"], "p.yaml")
+    with pytest.raises(ConfigError, match=r"names every class \['functional'\]"):
+        review.check_classes(["functional"], "p.yaml")

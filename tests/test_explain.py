@@ -86,6 +86,7 @@ def project(tiny_run, tmp_path_factory):
         fuse={"seeds": [0]},
         heads={"logreg": head_entry("logreg", C=1.0)},
         evaluate={"final_head": "logreg", "gallery": 3, "device": "cpu"},
+        review={"defect_free": None},
     )
     with contextlib.chdir(base):
         for args in (["extract", BACKBONE], ["fuse", "logreg"]):

@@ -10,17 +10,19 @@ import pytest
 from conftest import feature_attrs, head_entry, head_kwargs, params_of, write_params
 
 from pipeline import layout
-from pipeline.config import FuseParams
+from pipeline.calibration import fit_temperature, tempered
+from pipeline.config import FuseParams, ReviewParams
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.fusion.fit import (
     check_head,
     evaluate,
+    final_head,
     fit_head,
     fit_seed_refits,
     fused_features,
     in_memory,
 )
-from pipeline.fusion.heads import HEADS, Head, SeedRefits, make_head, save_head
+from pipeline.fusion.heads import HEADS, Head, SeedRefits, load_head, make_head, save_head
 from pipeline.report.summary import write_reports
 from pipeline.storage.feature_cache import CacheWriter
 from pipeline.storage.fused import LazyRows, load_features
@@ -206,7 +208,11 @@ def test_evaluate_scores_singles_and_heads_and_writes_the_report(tmp_path, featu
         "backbones": ["a", "b"],
         "fused_dim": 12,
     }
-    evidence = write_reports(results, "logreg", context, paths, {}, draws=500, seed=0, gallery=None)
+    review = params_of(ReviewParams, "review", defect_free=["clean"], rates=[0.0, 0.1, 0.5])
+    evidence = write_reports(
+        results, "logreg", context, paths, {}, draws=500, seed=0, gallery=None,
+        select_by="accuracy", auto=True, review=review,
+    )  # fmt: skip
     summary = paths["summary"].read_text()
     best = max("ab", key=lambda b: results[b]["metrics"]["accuracy"])
     assert evidence["best_single"] == best and set(evidence["heads"]) == {"logreg", "late"}
@@ -227,6 +233,24 @@ def test_evaluate_scores_singles_and_heads_and_writes_the_report(tmp_path, featu
     assert "![gains](figures/gains.png)" in summary
     rows = (paths["confusion"] / "late.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == n_test + 1
+
+    decisions = json.loads(paths["decisions"].read_text())
+    assert decisions["final_head"]["name"] == "logreg" and decisions["final_head"]["auto"]
+    assert set(decisions["final_head"]["val"]) == {"logreg", "late"}
+    assert "## The final head: `logreg`" in summary and "chosen on val by accuracy" in summary
+    assert set(decisions["calibration"]) == {"a", "b", "logreg", "late"}
+    calibration = decisions["calibration"]["logreg"]
+    assert calibration["temperature"] == round(results["logreg"]["temperature"], 6)
+    assert len(calibration["log_loss"]) == len(calibration["ece"]) == 2
+    assert "## Calibration (test split)" in summary and "![reliability]" in summary
+    tables = decisions["review"]["models"]
+    assert decisions["review"]["defect_free"] == ["clean"] and set(tables) == {"logreg", best}
+    assert [r["rate"] for r in tables["logreg"]] == [0.0, 0.1, 0.5]
+    assert [r["reviewed"] for r in tables["logreg"]] == [0, n_test // 10, n_test // 2]
+    assert tables["logreg"][0]["accuracy_kept"] == results["logreg"]["metrics"]["accuracy"]
+    assert "## Sending the least sure answers to a person" in summary
+    for figure in ("reliability", "risk_coverage"):
+        assert (paths["figures"] / f"{figure}.png").stat().st_size > 1000
 
 
 def _shuffled_test_labels(features, seed=0):
@@ -257,7 +281,7 @@ def test_grid_is_chosen_on_val_and_never_looks_at_test(features, name, params):
     peeked, peeked_side = fit_head(
         _shuffled_test_labels(features), name, head_entry(name, **params), FUSE
     )
-    assert peeked_side["selection"] == sel
+    assert peeked_side["selection"] == sel and peeked.temperature_ == head.temperature_
     np.testing.assert_array_equal(peeked.predict_proba(features.X), head.predict_proba(features.X))
 
 
@@ -307,3 +331,64 @@ def test_fuse_saves_seed_refits_and_evaluate_only_reads_them(features, tmp_path,
     test = features.split == "test"
     acc = (head.predict(features.X[test]) == features.y[test]).mean()
     assert study["accuracy"][1] == pytest.approx(acc, abs=1e-6)
+
+
+def test_a_heads_temperature_is_fitted_on_its_val_rows_and_calibrates_wherever_it_runs(
+    features, tmp_path
+):
+    head, side = fit_head(features, "logreg", head_entry("logreg", C=1.0), FUSE)  # no refit
+    val = features.split == "val"
+    raw = head.predict_proba(features.X, calibrated=False)
+    assert head.temperature_ == fit_temperature(raw[val], features.y[val]) != 1.0
+    calibrated = head.predict_proba(features.X)
+    np.testing.assert_allclose(calibrated, tempered(raw, head.temperature_))
+    np.testing.assert_array_equal(calibrated.argmax(1), raw.argmax(1))  # same answers
+    loaded, saved = load_head(_save(head, side, tmp_path / "h"))
+    assert saved["fitted"]["temperature_"] == loaded.temperature_ == head.temperature_
+    np.testing.assert_array_equal(loaded.predict_proba(features.X), calibrated)
+    assert side["selection"]["chosen_val"]["accuracy"] == side["val_metrics"]["accuracy"]
+
+
+def test_final_head_auto_is_the_best_on_val_and_test_labels_change_nothing(features, tmp_path):
+    entries = {"logreg": head_entry("logreg", C=[1e-4, 1.0]), "late": head_entry("late")}
+    params = write_params(
+        tmp_path / "params.yaml",
+        fuse={"select_by": "accuracy"},
+        evaluate={"final_head": "auto"},
+        heads=entries,
+    )
+    fuse = replace(FUSE, select_by="accuracy")
+
+    def chosen(data, folder):
+        sides = {}
+        for name, entry in entries.items():
+            head, sides[name] = fit_head(data, name, entry, fuse)
+            _save(head, sides[name], layout.head_dir(name, folder))
+        return final_head(params, folder), sides
+
+    name, sides = chosen(features, tmp_path / "heads")
+    val = {n: s["selection"]["chosen_val"] for n, s in sides.items()}
+    assert name == max(val, key=lambda n: (val[n]["accuracy"], val[n]["log_loss"]))
+    assert chosen(_shuffled_test_labels(features), tmp_path / "peeked") == (name, sides)
+
+    results = evaluate(features, {n: layout.head_dir(n, tmp_path / "heads") for n in entries})
+    peeked = evaluate(
+        _shuffled_test_labels(features),
+        {n: layout.head_dir(n, tmp_path / "heads") for n in entries},
+    )
+    for model, result in results.items():  # the single models' temperatures and val scores too
+        assert peeked[model]["temperature"] == result["temperature"]
+        assert peeked[model]["val"] == result["val"]
+    named = write_params(tmp_path / "named.yaml", evaluate={"final_head": "late"}, heads=entries)
+    assert final_head(named, tmp_path / "nowhere") == "late"  # named: no head is read
+
+
+def test_final_head_auto_refuses_a_head_without_val_scores(features, tmp_path):
+    head, side = fit_head(features, "late", head_entry("late"), FUSE)
+    del side["selection"]["chosen_val"]
+    _save(head, side, layout.head_dir("late", tmp_path))
+    params = write_params(
+        tmp_path / "params.yaml", evaluate={"final_head": "auto"}, heads={"late": {}}
+    )
+    with pytest.raises(CheckpointError, match=r"late/head.json: selection.chosen_val must give"):
+        final_head(params, tmp_path)

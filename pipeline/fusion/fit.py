@@ -242,7 +242,7 @@ def evaluate(features: FusedFeatures, head_dirs: dict[str, Path]) -> dict[str, d
         temperature = fit_temperature(val_proba, features.y[val])
         proba = softmax(logits[test].astype(np.float64), 1)
         results[b] = _scored("single", y, labels, proba, temperature, names)
-        results[b]["val"] = {m: score(features.y[val], val_proba, m) for m in SELECT_BY}
+        results[b]["val"] = {m: round(score(features.y[val], val_proba, m), 6) for m in SELECT_BY}
     for name, directory in head_dirs.items():
         head, sidecar = load_head(directory)
         check_head(sidecar, features, directory)

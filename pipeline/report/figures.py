@@ -1,5 +1,6 @@
 """The evaluate figures as PNG: confusion matrices, the comparison of every model, the
-heads' gains over the best single model, and the gallery of errors with Grad-CAM."""
+heads' gains over the best single model, the final head's reliability diagram, the
+risk-coverage curves, and the gallery of errors with Grad-CAM."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.calibration import reliability
 from pipeline.plotting import plt, save_figure
+from pipeline.report.decisions import risk_coverage
 
 if TYPE_CHECKING:
     from pipeline.report.explain import Gallery
@@ -75,6 +78,42 @@ def plot_gains(evidence: dict, final: str, path: Path) -> None:
     axes[0].set_yticks(y, [f"{h} (final)" if h == final else h for h in heads])
     axes[0].set_ylim(y.min() - 0.6, y.max() + 0.6)
     fig.suptitle(f"Fusion heads minus {evidence['best_single']}, test split, paired bootstrap")
+    save_figure(fig, path)
+
+
+def plot_reliability(result: dict, name: str, path: Path) -> None:
+    """Accuracy against confidence per confidence bin, before and after the temperature,
+    on the diagonal where the model is as sure as it is right; dot size ~ images in the bin."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.4), constrained_layout=True)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="calibrated")
+    for key, label, color in (("proba_raw", "before", "C0"), ("proba", "after", "C1")):
+        bins = reliability(result[key], result["y_true"])
+        conf, acc = [b["confidence"] for b in bins], [b["accuracy"] for b in bins]
+        sizes = [8 + 200 * b["n"] / len(result["y_true"]) for b in bins]
+        ax.plot(conf, acc, "-", color=color, lw=1, label=label)
+        ax.scatter(conf, acc, s=sizes, color=color, zorder=3)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"`{name}` on test, temperature {result['temperature']:.2f}")
+    ax.legend(loc="upper left")
+    save_figure(fig, path)
+
+
+def plot_risk_coverage(results: dict[str, dict], path: Path) -> None:
+    """Accuracy on the images kept against the share sent to review, the least sure first,
+    for each of ``results`` (name -> `evaluate` result)."""
+    fig, ax = plt.subplots(figsize=(5.6, 4), constrained_layout=True)
+    for name, result in results.items():
+        reviewed, accuracy = risk_coverage(result)
+        ax.plot(100 * reviewed, 100 * accuracy, label=name)
+    ax.set_xlim(0, 50)  # beyond half the parts, review is the inspection
+    ax.set_xlabel("test images sent to review, least sure first (%)")
+    ax.set_ylabel("accuracy on the images kept (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Risk-coverage, test split")
     save_figure(fig, path)
 
 
