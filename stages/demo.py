@@ -44,3 +44,33 @@ def demo(force):
     click.echo("Test split (accuracy / macro F1):")
     for name, m in sorted(metrics.items(), key=lambda kv: -kv[1]["accuracy"]):
         click.echo(f"  {name:<24} {m['accuracy']:.4f} / {m['f1_macro']:.4f}")
+    _headline(paths)
+
+
+def _headline(paths: dict[str, Path]) -> None:
+    """The final head's gain over the best single model, and what reviewing 5 % buys."""
+    decisions = json.loads(paths["decisions"].read_text())
+    evidence = json.loads(paths["evidence"].read_text())["vs_best_single"]
+    final = decisions["final_head"]
+    how = f"best val {final['select_by']}" if final["auto"] else "evaluate.final_head"
+    if evidence:
+        e = evidence["heads"][final["name"]]
+        lo, hi = (100 * v for v in e["accuracy_ci"])
+        click.echo(
+            f"Final head {final['name']} ({how}): {100 * e['accuracy_diff']:+.2f} accuracy points "
+            f"over {evidence['best_single']} [95 % CI {lo:+.2f}, {hi:+.2f}]"
+        )
+    rows = {r["rate"]: r for r in decisions["review"]["models"][final["name"]]}
+    if 0.0 in rows and 0.05 in rows:
+        none, five = rows[0.0], rows[0.05]
+        line = (
+            f"Reviewing the least sure 5 % ({five['reviewed']} images, top probability below "
+            f"{five['review_below']:.3f}): accuracy on the rest {100 * none['accuracy_kept']:.2f} "
+            f"-> {100 * five['accuracy_kept']:.2f} %"
+        )
+        if "defective_passed_rate" in five:
+            line += (
+                f", defective parts passed as good {100 * none['defective_passed_rate']:.2f} "
+                f"-> {100 * five['defective_passed_rate']:.2f} %"
+            )
+        click.echo(line)

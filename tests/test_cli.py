@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import head_entry, write_params
 
+from pipeline import layout
 from stages.cli import COMMANDS, main
 
 
@@ -227,3 +228,30 @@ def test_cache_verify_fails_a_fifo_and_a_tampered_cache_in_one_line_each(tmp_pat
         f"FAIL {tampered}\n     - {tampered}: dataset 'embeddings' does not match its stored "
         "sha256 digest" in result.output
     )
+
+
+def test_demo_headline_gives_the_final_heads_gain_and_what_a_5_percent_review_buys(tmp_path):
+    from stages.demo import _headline
+
+    paths = layout.evaluate_reports(tmp_path)
+    paths["decisions"].parent.mkdir(parents=True)
+    rows = [
+        {"rate": rate, "reviewed": n, "review_below": p, "accuracy_kept": acc,
+         "defective_passed": k, "defective_passed_rate": share}
+        for rate, n, p, acc, k, share in ((0.0, 0, 0.41, 0.8, 20, 0.1), (0.05, 33, 0.62, 0.83, 12, 0.06))
+    ]  # fmt: skip
+    paths["decisions"].write_text(json.dumps({
+        "final_head": {"name": "ridge", "auto": True, "select_by": "accuracy"},
+        "review": {"models": {"ridge": rows}},
+    }))  # fmt: skip
+    comparison = {"accuracy_diff": 0.0183, "accuracy_ci": [0.003, 0.0335]}
+    paths["evidence"].write_text(
+        json.dumps({"vs_best_single": {"best_single": "lite2", "heads": {"ridge": comparison}}})
+    )
+    with CliRunner().isolation() as (out, _, _):
+        _headline(paths)
+    assert out.getvalue().decode().splitlines() == [
+        "Final head ridge (best val accuracy): +1.83 accuracy points over lite2 [95 % CI +0.30, +3.35]",
+        "Reviewing the least sure 5 % (33 images, top probability below 0.620): accuracy on the "
+        "rest 80.00 -> 83.00 %, defective parts passed as good 10.00 -> 6.00 %",
+    ]
