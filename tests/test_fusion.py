@@ -392,3 +392,8 @@ def test_final_head_auto_refuses_a_head_without_val_scores(features, tmp_path):
     )
     with pytest.raises(CheckpointError, match=r"late/head.json: selection.chosen_val must give"):
         final_head(params, tmp_path)
+    both = write_params(
+        tmp_path / "both.yaml", evaluate={"final_head": "auto"}, heads={"ridge": {}, "late": {}}
+    )
+    with pytest.raises(CheckpointError, match=r"ridge holds none; run `defuse fuse ridge`"):
+        final_head(both, tmp_path)

@@ -215,6 +215,12 @@ def final_head(params_path: Path | str, heads_dir: Path = layout.HEADS) -> str:
     scores = {}
     for name in head_names(params_path):
         directory = layout.head_dir(name, heads_dir)
+        if not directory.is_dir():
+            raise CheckpointError(
+                f"evaluate.final_head is {AUTO!r}: every head of {params_path} competes on val, "
+                f"but {directory} holds none; run `defuse fuse {name}` (or `dvc repro`), or "
+                "name the head."
+            )
         scores[name] = chosen_val_scores(load_head(directory)[1], directory)
     return best_on_val(scores, select_by)
 
