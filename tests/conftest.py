@@ -169,6 +169,15 @@ def checkpoint_for(src: Path, manifest, dest: Path) -> Path:
     return dest
 
 
+def review_threshold(proba: np.ndarray) -> tuple[float, int]:
+    """A review.below midway across the widest gap between two top probabilities of ``proba``
+    (n_images, n_classes), so that the 1e-4 between the graph's and torch's answers cannot
+    move a row across it; and how many rows it flags (the least sure)."""
+    tops = np.sort(proba.max(axis=1))
+    flagged = int(np.argmax(np.diff(tops))) + 1
+    return float(tops[flagged - 1] + tops[flagged]) / 2, flagged
+
+
 @pytest.fixture
 def umask():
     """The umask a test sets with ``umask(0o022)``, restored afterwards."""
