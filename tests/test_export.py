@@ -26,6 +26,8 @@ from stages.cli import main
 
 # Small, fast settings per head; every registered head must convert (a new one too).
 QUICK = {"mlp": {"hidden": 8, "epochs": 3, "dropout": 0.0, "precision": "float32"}}
+# fused_project fits logreg alone; final_head auto would look for every head of params.yaml
+LOGREG = {"final_head": "logreg"}
 
 
 def _treatments(name: str) -> list[str | None]:
@@ -58,7 +60,7 @@ def test_every_heads_torch_module_gives_its_predict_proba(name, block_norm, n_cl
 def exported(fused_project, tmp_path_factory):
     """`defuse export` of fused_project's logreg head through the CLI."""
     base = tmp_path_factory.mktemp("export")
-    params = write_params(base / "params.yaml")  # evaluate.final_head: logreg
+    params = write_params(base / "params.yaml", evaluate=LOGREG)
     out = base / "export"
     result = CliRunner().invoke(main, [
         "export", "--params", str(params), "--heads", str(fused_project["heads"]),
@@ -119,7 +121,7 @@ def test_a_checkpoint_other_than_the_pinned_one_is_refused(fused_project, tmp_pa
     now = save_checkpoint(
         model, ckpt, dataclasses.replace(record, weights_sha256="")
     ).weights_sha256
-    params = write_params(tmp_path / "params.yaml")
+    params = write_params(tmp_path / "params.yaml", evaluate=LOGREG)
     result = CliRunner().invoke(main, [
         "export", "--params", str(params), "--heads", str(fused_project["heads"]),
         "--models", str(models), "--out", str(tmp_path / "export"),
