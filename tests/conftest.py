@@ -229,8 +229,8 @@ def one_thread():
 @pytest.fixture(scope="session")
 def fused_project(tiny_run, tmp_path_factory):
     """tiny_run's lite0 checkpoint and a random-init lite1 one (same 32 px sidecar), their
-    feature caches extracted with TTA in float16, and a logreg head fitted on both, laid out
-    as a project: {"models", "features", "heads", "extract" (params), "manifest"}.
+    feature caches extracted with TTA in float16, and a logreg head fitted on both (its
+    temperature 2), laid out as a project: {"models", "features", "heads", "extract" (params), "manifest"}.
 
     Session-scoped: tests must not modify these files; copy them first.
     """
@@ -267,6 +267,7 @@ def fused_project(tiny_run, tmp_path_factory):
     logreg = {"C": 1.0, "class_weighted": False, "max_iter": 1000}
     fuse = params_of(FuseParams, "fuse")
     head, head_sidecar = fit_head(features, "logreg", logreg, fuse)
+    head.temperature_ = 2.0  # not 1: the export and predict must both apply it
     refits = fit_seed_refits(features, "logreg", logreg, fuse)  # logreg: its one seed
     save_head(head, layout.head_dir("logreg", base / "heads"), head_sidecar, seed_refits=refits)
     return {"base": base, "models": models, "features": features, "heads": base / "heads",
