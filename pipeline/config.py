@@ -27,6 +27,7 @@ from pipeline.validation import (
     check_device,
     check_jobs,
     check_open_unit,
+    check_probability,
     shown,
     typed,
     unknown_names,
@@ -277,8 +278,8 @@ class ReviewParams(_Section):
     rates: tuple[float, ...]  # review rates (fractions of images) the report's table shows
 
     def _check(self):
-        if self.below is not None and not 0.0 < self.below <= 1.0:
-            raise ConfigError(f"review.below must be null or in (0, 1]. Got {self.below!r}.")
+        if self.below is not None:
+            check_probability("review.below", self.below)
         if not self.rates or not all(0.0 <= r < 1.0 for r in self.rates):
             raise ConfigError(
                 f"review.rates must be a non-empty list of fractions in [0, 1). Got {list(self.rates)!r}."

@@ -2,6 +2,7 @@
 Pillow and onnxruntime alone, no torch. Images are decoded and squared as defuse does
 (`load_image`, `Preprocessing.square`); the graph normalises them. Writes the rows of
 `defuse predict`. Usage: python -m pipeline.deploy EXPORT_DIR IMAGES... --out preds.csv
+[--review-below P]
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,10 @@ from pipeline.data.images import load_image
 from pipeline.errors import CheckpointError, DataError, DefuseError
 from pipeline.models.preprocessing import Preprocessing
 from pipeline.predictions import Predictions, check_output, find_images, write_predictions
+from pipeline.validation import check_probability
 
 GRAPH, RECORD = "model.onnx", "model.json"  # what `defuse export` writes
-FORMAT = 1  # model.json's layout, which this runtime reads
+FORMAT = 2  # model.json's layout, which this runtime reads
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Deployed:
     inputs: dict[str, Preprocessing]  # graph input name -> its preprocessing, in graph order
     output: str
     max_pixels: int  # decompression-bomb bound the training images were held to
+    review_below: float | None  # flag for review a top probability below this; None: no column
 
 
 def _sha256(path: Path) -> str:
@@ -57,6 +60,9 @@ def load_export(directory: Path | str, threads: int | None = None) -> Deployed:
         }
         classes, output, sha = list(record["classes"]), record["output"], record["graph_sha256"]
         max_pixels = int(record["max_pixels"])
+        review_below = record["review_below"]
+        if review_below is not None:
+            check_probability("review_below", review_below)
     except (OSError, ValueError, KeyError, TypeError, DefuseError) as exc:
         raise CheckpointError(f"{record_path}: not a defuse export record ({exc})") from None
     if not graph.is_file() or _sha256(graph) != sha:
@@ -76,7 +82,7 @@ def load_export(directory: Path | str, threads: int | None = None) -> Deployed:
             f"{record_path}: the graph takes {shapes} and gives {output} {out_shape}; the "
             f"record says {wanted} and {len(classes)} classes."
         )
-    return Deployed(session, classes, inputs, output, max_pixels)
+    return Deployed(session, classes, inputs, output, max_pixels, review_below)
 
 
 def prepared(
@@ -96,8 +102,9 @@ def prepared(
 
 
 def classify(deployed: Deployed, inputs: list[Path], batch_size: int = 32) -> Predictions:
-    """Class probabilities of every readable image under ``inputs`` (files or folders);
-    unreadable ones are listed in ``failures``. DataError when none is readable."""
+    """Class probabilities of every readable image under ``inputs`` (files or folders), those
+    below the export's `review_below` flagged; unreadable ones are listed in ``failures``.
+    DataError when none is readable."""
     found = find_images(inputs)
     if not found:
         raise DataError(f"No files under {', '.join(map(str, inputs))}: nothing to classify.")
@@ -118,7 +125,8 @@ def classify(deployed: Deployed, inputs: list[Path], batch_size: int = 32) -> Pr
             f"image, e.g. {failures[0][1]}"
         )
     proba = np.concatenate(probas)
-    return Predictions(paths, proba / proba.sum(axis=1, keepdims=True), deployed.classes, failures)
+    proba /= proba.sum(axis=1, keepdims=True)
+    return Predictions(paths, proba, deployed.classes, failures, deployed.review_below)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,10 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help=".csv/.json")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument(
+        "--review-below",
+        type=float,
+        metavar="P",
+        help="flag for review a top probability below P [the export's review_below]",
+    )
     args = parser.parse_args(argv)
     try:
         check_output(args.out)
-        result = classify(load_export(args.export_dir, args.threads), args.images, args.batch_size)
+        if args.review_below is not None:  # refused before the graph is loaded
+            check_probability("--review-below", args.review_below)
+        deployed = load_export(args.export_dir, args.threads)
+        if args.review_below is not None:
+            deployed = replace(deployed, review_below=args.review_below)
+        result = classify(deployed, args.images, args.batch_size)
         write_predictions(result, args.out)
     except DefuseError as exc:
         print(f"Error: {exc}", file=sys.stderr)
@@ -140,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unreadable: {reason}", file=sys.stderr)
     print(
         f"{len(result.paths)} image(s) classified -> {args.out}; {len(result.failures)} unreadable"
+        f"{result.review_summary()}"
     )
     return 0
 

@@ -64,13 +64,21 @@ class FusedModel(nn.Module):
         return self.head(self.features(*pixels))
 
 
-def export(head_dir: Path, models_dir: Path, out: Path, *, max_pixels: int, seed: int = 0) -> dict:
+def export(
+    head_dir: Path,
+    models_dir: Path,
+    out: Path,
+    *,
+    max_pixels: int,
+    review_below: float | None = None,
+    seed: int = 0,
+) -> dict:
     """Write ``out``/model.onnx and model.json for the head in ``head_dir`` and the
     checkpoints in ``models_dir`` it pins (CheckpointError for any other). The graph's
     probabilities must match torch's (the backbones in eager mode, the head's own
     `predict_proba`) within TOLERANCE on random images drawn with ``seed``, else nothing is
-    written. ``max_pixels`` (prepare.max_pixels) is recorded for the runtime's decoder.
-    Returns model.json's content."""
+    written. ``max_pixels`` (prepare.max_pixels) is recorded for the runtime's decoder,
+    ``review_below`` (review.below) for its `review` column. Returns model.json's content."""
     head, sidecar = load_head(head_dir)
     backbones = list(sidecar["backbones"])
     branches, inputs, shas = [], [], {}
@@ -94,6 +102,7 @@ def export(head_dir: Path, models_dir: Path, out: Path, *, max_pixels: int, seed
             "classes": list(sidecar["class_names"]),
             "inputs": inputs,  # (B, S, S, 3) uint8, S = preprocessing.input_size
             "max_pixels": max_pixels,
+            "review_below": review_below,  # null: the runtime writes no `review` column
             "head": head.name,
             "extraction": sidecar["extraction"],  # each backbone's checkpoint, dtype and TTA
             "built_from": {

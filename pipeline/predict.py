@@ -34,6 +34,7 @@ def predict(
     images_dir: Path = layout.IMAGES,
     *,
     max_pixels: int,
+    review_below: float | None = None,
 ) -> Predictions:
     """Class probabilities of every readable image under ``inputs``.
 
@@ -42,7 +43,8 @@ def predict(
     those the head's caches were made with, checked before any image is read. A backbone's
     image cache in ``images_dir`` made for its checkpoint's squares serves the files whose
     sha256 it holds; the others are decoded, refused over ``max_pixels`` (prepare.max_pixels).
-    DataError when ``inputs`` hold no file, or no readable image.
+    Images whose top probability is below ``review_below`` (review.below) are flagged for
+    review. DataError when ``inputs`` hold no file, or no readable image.
     """
     head, sidecar = load_head(head_dir)
     checkpoints = [_pinned(b, sidecar, head_dir, models_dir, params) for b in sidecar["backbones"]]
@@ -68,9 +70,8 @@ def predict(
         squares = cache.squares([ids[p] for p in paths]) if cache else None
         emb, logits = _embedded(model, record, paths, params, device, progress, squares, max_pixels)
         blocks.append(by_input(head, embeddings=emb.astype(np.float32), logits=logits))
-    return Predictions(
-        paths, head.predict_proba(np.concatenate(blocks, axis=1)), sidecar["class_names"], failures
-    )
+    proba = head.predict_proba(np.concatenate(blocks, axis=1))
+    return Predictions(paths, proba, sidecar["class_names"], failures, review_below)
 
 
 def _readable(

@@ -1,6 +1,7 @@
-"""What a classifier of new images writes: one row per image (path, predicted class, one
-probability per class) as CSV or JSON, and the files it is given. Torch-free: `defuse predict`
-and the deployment runtime (`pipeline.deploy`) write through it alike."""
+"""What a classifier of new images writes: one row per image (path, predicted class, whether
+a person should review it, one probability per class) as CSV or JSON, and the files it is
+given. Torch-free: `defuse predict` and the deployment runtime (`pipeline.deploy`) write
+through it alike."""
 
 from __future__ import annotations
 
@@ -23,13 +24,32 @@ class Predictions:
     proba: np.ndarray  # (n_images, n_classes)
     class_names: list[str]
     failures: list[tuple[Path, str]]  # (path, reason) of images that could not be read
+    review_below: float | None = None  # flag a top probability below it; None: no column
+
+    def flagged(self) -> np.ndarray:
+        """(n_images,) bool: the images whose top probability is below `review_below` (none
+        when it is None)."""
+        if self.review_below is None:
+            return np.zeros(len(self.paths), dtype=bool)
+        return self.proba.max(axis=1) < self.review_below
+
+    def review_summary(self) -> str:
+        """'; K flagged for review (...)', the end of a closing line; '' without `review_below`."""
+        if self.review_below is None:
+            return ""
+        return (
+            f"; {self.flagged().sum()} flagged for review (top probability < {self.review_below})"
+        )
 
     def rows(self) -> list[dict]:
-        """One dict per image: path, predicted class, one probability column per class."""
+        """One dict per image: path, predicted class, `review` (only with a `review_below`),
+        one probability column per class."""
+        review = self.review_below is not None
         return [
             {"path": str(p), "predicted": self.class_names[int(np.argmax(pr))]}
+            | ({"review": bool(flag)} if review else {})
             | {f"p_{c}": round(float(v), 6) for c, v in zip(self.class_names, pr, strict=True)}
-            for p, pr in zip(self.paths, self.proba, strict=True)
+            for p, pr, flag in zip(self.paths, self.proba, self.flagged(), strict=True)
         ]
 
 

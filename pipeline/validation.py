@@ -103,6 +103,12 @@ def check_open_unit(name: str, value: float) -> None:
         )
 
 
+def check_probability(name: str, value: float) -> None:
+    """A threshold a probability is compared with: in (0, 1] (no probability is below 0)."""
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"{name} must be a probability in (0, 1]. Got {value!r}.")
+
+
 def check_at_least(name: str, value: float, low: int) -> None:
     if value < low:
         raise ConfigError(f"{name} must be >= {low}. Got {value!r}.")

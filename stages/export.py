@@ -27,12 +27,13 @@ def export(head, heads_dir, models, out, params_path):
 
     Its inputs are each backbone's squared uint8 image (B, S, S, 3), normalised inside the
     graph; its output the class probabilities. model.json beside it holds the classes,
-    each input's preprocessing record and the sha256 of the checkpoints, the head files and
-    the graph. The checkpoints must be those the head's caches were made with; the graph's
-    probabilities must match torch's within 1e-4, or nothing is written. Run it with
-    `python -m pipeline.deploy OUT IMAGES...` (numpy, Pillow and onnxruntime; no torch).
+    each input's preprocessing record, review.below and the sha256 of the checkpoints, the
+    head files and the graph. The checkpoints must be those the head's caches were made
+    with; the graph's probabilities must match torch's within 1e-4, or nothing is written.
+    Run it with `python -m pipeline.deploy OUT IMAGES...` (numpy, Pillow and onnxruntime;
+    no torch).
     """
-    from pipeline.config import PrepareParams, section
+    from pipeline.config import PrepareParams, ReviewParams, section
     from pipeline.export import EXPORT_FOLDER, GRAPH
     from pipeline.export import export as run
     from pipeline.fusion.fit import final_head
@@ -41,7 +42,10 @@ def export(head, heads_dir, models, out, params_path):
     out = check_folder_output(out, "--out", EXPORT_FOLDER)
     head = head or final_head(params_path, heads_dir)
     max_pixels = section(PrepareParams, "prepare", params_path).max_pixels
-    record = run(layout.head_dir(head, heads_dir), models, out, max_pixels=max_pixels)
+    below = section(ReviewParams, "review", params_path).below
+    record = run(
+        layout.head_dir(head, heads_dir), models, out, max_pixels=max_pixels, review_below=below
+    )
     names = ", ".join(
         f"{i['name']} ({i['preprocessing']['input_size']} px)" for i in record["inputs"]
     )

@@ -169,6 +169,15 @@ def checkpoint_for(src: Path, manifest, dest: Path) -> Path:
     return dest
 
 
+def review_threshold(proba: np.ndarray) -> tuple[float, int]:
+    """A review.below midway across the widest gap between two top probabilities of ``proba``
+    (n_images, n_classes), so that the 1e-4 between the graph's and torch's answers cannot
+    move a row across it; and how many rows it flags (the least sure)."""
+    tops = np.sort(proba.max(axis=1))
+    flagged = int(np.argmax(np.diff(tops))) + 1
+    return float(tops[flagged - 1] + tops[flagged]) / 2, flagged
+
+
 @pytest.fixture
 def umask():
     """The umask a test sets with ``umask(0o022)``, restored afterwards."""
@@ -220,8 +229,8 @@ def one_thread():
 @pytest.fixture(scope="session")
 def fused_project(tiny_run, tmp_path_factory):
     """tiny_run's lite0 checkpoint and a random-init lite1 one (same 32 px sidecar), their
-    feature caches extracted with TTA in float16, and a logreg head fitted on both, laid out
-    as a project: {"models", "features", "heads", "extract" (params), "manifest"}.
+    feature caches extracted with TTA in float16, and a logreg head fitted on both (its
+    temperature 2), laid out as a project: {"models", "features", "heads", "extract" (params), "manifest"}.
 
     Session-scoped: tests must not modify these files; copy them first.
     """
@@ -258,6 +267,7 @@ def fused_project(tiny_run, tmp_path_factory):
     logreg = {"C": 1.0, "class_weighted": False, "max_iter": 1000}
     fuse = params_of(FuseParams, "fuse")
     head, head_sidecar = fit_head(features, "logreg", logreg, fuse)
+    head.temperature_ = 2.0  # not 1: the export and predict must both apply it
     refits = fit_seed_refits(features, "logreg", logreg, fuse)  # logreg: its one seed
     save_head(head, layout.head_dir("logreg", base / "heads"), head_sidecar, seed_refits=refits)
     return {"base": base, "models": models, "features": features, "heads": base / "heads",

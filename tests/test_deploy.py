@@ -1,6 +1,6 @@
 """The deployment runtime: an export classified with numpy, Pillow and onnxruntime in a
-process where torch cannot be imported, giving `defuse predict`'s probabilities; tampered
-exports are refused naming the file."""
+process where torch cannot be imported, giving `defuse predict`'s probabilities and review
+flags; tampered exports and bad thresholds are refused naming the file or option."""
 
 import csv
 import json
@@ -8,14 +8,16 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import review_threshold
 from PIL import Image
 
 from pipeline import layout
-from pipeline.deploy import load_export
+from pipeline.deploy import FORMAT, load_export
 from pipeline.errors import CheckpointError
 from pipeline.export import export
 from pipeline.predict import predict
@@ -36,18 +38,6 @@ runpy.run_module("pipeline.deploy", run_name="__main__")
 
 
 @pytest.fixture(scope="module")
-def exported(fused_project, tmp_path_factory):
-    out = tmp_path_factory.mktemp("deploy") / "export"
-    export(
-        layout.head_dir("logreg", fused_project["heads"]),
-        fused_project["models"],
-        out,
-        max_pixels=fused_project["manifest"].max_pixels,
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
 def images(fused_project, tmp_path_factory):
     """The test split's images, a grey non-square PNG, an RGB non-square JPEG, a text file."""
     manifest, folder = fused_project["manifest"], tmp_path_factory.mktemp("new")
@@ -60,22 +50,10 @@ def images(fused_project, tmp_path_factory):
     return folder
 
 
-def _deploy(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-c", NO_TORCH, *map(str, args)], env=env, capture_output=True, text=True
-    )
-
-
-def test_the_runtime_without_torch_gives_predicts_probabilities(
-    fused_project, exported, images, tmp_path
-):
-    done = _deploy(exported, images, "--out", tmp_path / "preds.csv", "--batch-size", 4)
-    assert done.returncode == 0, done.stderr
-    assert "notes.txt" in done.stderr and "6 image(s) classified" in done.stdout
-    with open(tmp_path / "preds.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    expected = predict(
+@pytest.fixture(scope="module")
+def predicted(fused_project, images):
+    """`defuse predict` on ``images`` with the head the export is made of."""
+    return predict(
         [images],
         layout.head_dir("logreg", fused_project["heads"]),
         fused_project["extract"],
@@ -83,11 +61,66 @@ def test_the_runtime_without_torch_gives_predicts_probabilities(
         progress=False,
         max_pixels=fused_project["manifest"].max_pixels,
     )
-    assert [r["path"] for r in rows] == [r["path"] for r in expected.rows()]
-    assert list(rows[0]) == list(expected.rows()[0])  # path, predicted, p_<class>...
-    got = np.array([[float(r[f"p_{c}"]) for c in expected.class_names] for r in rows])
-    np.testing.assert_allclose(got, expected.proba, atol=1e-4)
-    assert [r["predicted"] for r in rows] == [r["predicted"] for r in expected.rows()]
+
+
+@pytest.fixture(scope="module")
+def exported(fused_project, predicted, tmp_path_factory):
+    """The export, its review_below between two of ``predicted``'s top probabilities."""
+    out = tmp_path_factory.mktemp("deploy") / "export"
+    export(
+        layout.head_dir("logreg", fused_project["heads"]),
+        fused_project["models"],
+        out,
+        max_pixels=fused_project["manifest"].max_pixels,
+        review_below=review_threshold(predicted.proba)[0],
+    )
+    return out
+
+
+def _deploy(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-c", NO_TORCH, *map(str, args)], env=env, capture_output=True, text=True
+    )
+
+
+def test_the_runtime_without_torch_gives_predicts_probabilities_and_review_flags(
+    predicted, exported, images, tmp_path
+):
+    below, n = review_threshold(predicted.proba)
+    assert json.loads((exported / "model.json").read_text())["review_below"] == below
+    done = _deploy(exported, images, "--out", tmp_path / "preds.csv", "--batch-size", 4)
+    assert done.returncode == 0, done.stderr
+    assert "notes.txt" in done.stderr and "6 image(s) classified" in done.stdout
+    assert f"; {n} flagged for review (top probability < {below})" in done.stdout
+    with open(tmp_path / "preds.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    expected = replace(predicted, review_below=below).rows()
+    assert [r["path"] for r in rows] == [r["path"] for r in expected]
+    assert list(rows[0]) == list(expected[0])  # path, predicted, review, p_<class>...
+    got = np.array([[float(r[f"p_{c}"]) for c in predicted.class_names] for r in rows])
+    np.testing.assert_allclose(got, predicted.proba, atol=1e-4)
+    for key in ("predicted", "review"):
+        assert [r[key] for r in rows] == [str(r[key]) for r in expected]
+
+
+def test_review_below_overrides_the_exports_threshold(predicted, exported, images, tmp_path):
+    below = float(predicted.proba.max(axis=1).min()) / 2  # under every answer: none flagged
+    done = _deploy(exported, images, "--out", tmp_path / "p.json", "--review-below", below)
+    assert done.returncode == 0, done.stderr
+    assert f"; 0 flagged for review (top probability < {below})" in done.stdout
+    rows = json.loads((tmp_path / "p.json").read_text())
+    assert [r["review"] for r in rows] == [False] * 6
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-1"])
+def test_a_review_threshold_outside_0_1_is_refused(exported, images, tmp_path, value):
+    done = _deploy(exported, images, "--out", tmp_path / "p.csv", "--review-below", value)
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"Error: --review-below must be a probability in (0, 1]. Got {float(value)!r}.\n",
+    )
+    assert not (tmp_path / "p.csv").exists()
 
 
 def _tampered(exported: Path, tmp_path: Path) -> Path:
@@ -111,7 +144,11 @@ def test_a_swapped_graph_is_refused_naming_it(exported, tmp_path, images):
         (lambda r: r["inputs"][0]["preprocessing"].update(input_size=64), r"graph takes"),
         (lambda r: r["inputs"][1]["preprocessing"].pop("resize"), r"preprocessing record has"),
         (lambda r: r["classes"].append("dent"), r"and 4 classes"),
-        (lambda r: r.update(format=2), r"format 2, this runtime reads 1"),
+        (
+            lambda r: r.update(format=FORMAT - 1),
+            rf"format {FORMAT - 1}, this runtime reads {FORMAT}",
+        ),
+        (lambda r: r.update(review_below=1.5), r"review_below must be a probability in \(0, 1\]"),
     ],
 )
 def test_an_edited_record_is_refused_naming_it(exported, tmp_path, edit, says):

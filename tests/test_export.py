@@ -26,6 +26,8 @@ from stages.cli import main
 
 # Small, fast settings per head; every registered head must convert (a new one too).
 QUICK = {"mlp": {"hidden": 8, "epochs": 3, "dropout": 0.0, "precision": "float32"}}
+# fused_project fits logreg alone; final_head auto would look for every head of params.yaml
+LOGREG = {"final_head": "logreg"}
 
 
 def _treatments(name: str) -> list[str | None]:
@@ -58,7 +60,7 @@ def test_every_heads_torch_module_gives_its_predict_proba(name, block_norm, n_cl
 def exported(fused_project, tmp_path_factory):
     """`defuse export` of fused_project's logreg head through the CLI."""
     base = tmp_path_factory.mktemp("export")
-    params = write_params(base / "params.yaml")  # evaluate.final_head: logreg
+    params = write_params(base / "params.yaml", evaluate=LOGREG, review={"below": 0.75})
     out = base / "export"
     result = CliRunner().invoke(main, [
         "export", "--params", str(params), "--heads", str(fused_project["heads"]),
@@ -84,13 +86,15 @@ def test_the_record_says_what_the_graph_was_built_from(fused_project, exported):
     assert record["built_from"]["head"] == {
         f: file_sha256(head_dir / f) for f in ("head.json", "head.safetensors")
     }
+    assert record["review_below"] == 0.75
     assert record["versions"]["onnxruntime"] == ort.__version__
     assert sorted(p.name for p in exported.iterdir()) == ["model.json", "model.onnx"]
 
 
 def test_the_graph_gives_the_heads_probabilities_on_the_cached_test_rows(fused_project, exported):
-    """The graph repeats extraction (TTA, float16 rounding) and the head: from the squares of
-    the test images it gives what the head gives from their cached features."""
+    """The graph repeats extraction (TTA, float16 rounding) and the head with its temperature:
+    from the squares of the test images it gives what the head gives from their cached
+    features."""
     features, manifest = fused_project["features"], fused_project["manifest"]
     head, _ = load_head(layout.head_dir("logreg", fused_project["heads"]))
     test = np.flatnonzero(features.split == "test")
@@ -108,6 +112,8 @@ def test_the_graph_gives_the_heads_probabilities_on_the_cached_test_rows(fused_p
     (got,) = session.run(["probabilities"], feed)
     assert got.shape == (len(test), 3)
     np.testing.assert_allclose(got, head.predict_proba(features.X[test]), atol=1e-4)
+    raw = head.predict_proba(features.X[test], calibrated=False)
+    assert head.temperature_ == 2.0 and np.abs(got - raw).max() > 1e-3
 
 
 def test_a_checkpoint_other_than_the_pinned_one_is_refused(fused_project, tmp_path):
@@ -119,7 +125,7 @@ def test_a_checkpoint_other_than_the_pinned_one_is_refused(fused_project, tmp_pa
     now = save_checkpoint(
         model, ckpt, dataclasses.replace(record, weights_sha256="")
     ).weights_sha256
-    params = write_params(tmp_path / "params.yaml")
+    params = write_params(tmp_path / "params.yaml", evaluate=LOGREG)
     result = CliRunner().invoke(main, [
         "export", "--params", str(params), "--heads", str(fused_project["heads"]),
         "--models", str(models), "--out", str(tmp_path / "export"),

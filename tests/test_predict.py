@@ -1,6 +1,8 @@
 """`predict` on new images: the extraction code and checkpoints the head's caches came from,
-and clean errors for outputs it cannot write and inputs with nothing to classify."""
+the head's calibrated probabilities, a `review` column with a threshold, and clean errors for
+outputs it cannot write, bad thresholds and inputs with nothing to classify."""
 
+import csv
 import json
 import os
 import shutil
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import params_of, write_params
+from conftest import params_of, review_threshold, write_params
 
 from pipeline import layout
 from pipeline.config import ExtractParams, FuseParams
@@ -43,6 +45,7 @@ def fused(tiny_run, tmp_path_factory):
     extract(tiny_run["manifest"], layout.checkpoint_dir(BACKBONE, models), cache, params, False)
     features = load_features([cache], [BACKBONE], manifest=tiny_run["manifest"])
     head, sidecar = fit_head(features, "logreg", LOGREG, params_of(FuseParams, "fuse"))
+    head.temperature_ = 2.0  # not 1: predict must give the calibrated probabilities
     head_dir = save_head(head, base / "heads" / "logreg", sidecar, seed_refits=SeedRefits(0, (0,)))
     return {"base": base, "models": models, "params": params, "features": features,
             "head_dir": head_dir, "manifest": tiny_run["manifest"]}  # fmt: skip
@@ -67,6 +70,28 @@ def test_predict_on_the_test_images_gives_the_heads_probabilities_on_their_cache
     )
     assert result.paths == paths and not result.failures
     np.testing.assert_allclose(result.proba, head.predict_proba(features.X[test]), atol=1e-5)
+    raw = head.predict_proba(features.X[test], calibrated=False)
+    assert np.abs(result.proba - raw).max() > 1e-3  # the temperature is applied
+
+
+def _test_images(fused) -> list[Path]:
+    test = np.flatnonzero(fused["features"].split == "test")
+    return [fused["manifest"].image_path(int(i)) for i in test]
+
+
+def test_a_review_threshold_flags_exactly_the_images_less_sure_than_it(fused):
+    paths = _test_images(fused)
+    args = (paths, fused["head_dir"], fused["params"], fused["models"], False)
+    plain = predict(*args, max_pixels=MAX_PIXELS)
+    assert list(plain.rows()[0]) == ["path", "predicted", "p_clean", "p_crack", "p_scratch"]
+    below, n = review_threshold(plain.proba)
+    result = predict(*args, max_pixels=MAX_PIXELS, review_below=below)
+    least_sure = set(np.argsort(plain.proba.max(axis=1))[:n])
+    assert set(np.flatnonzero(result.flagged())) == least_sure
+    rows = result.rows()
+    assert list(rows[0]) == ["path", "predicted", "review", "p_clean", "p_crack", "p_scratch"]
+    assert [i for i, r in enumerate(rows) if r["review"]] == sorted(least_sure)
+    assert result.review_summary() == f"; {n} flagged for review (top probability < {below})"
 
 
 def test_extract_params_other_than_the_caches_are_refused(fused):
@@ -178,6 +203,7 @@ def test_the_cli_writes_csv_or_json_and_refuses_other_outputs_before_any_work(fu
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "p.json").read_text())
     assert rows[0]["path"] == str(image) and set(rows[0]) > {"predicted", "p_crack"}
+    assert "review" not in rows[0] and "review" not in result.output  # review.below: null
 
     absent = tmp_path / "no-models"  # were the checkpoints loaded first, this would be the error
     (tmp_path / "folder").mkdir()
@@ -190,6 +216,38 @@ def test_the_cli_writes_csv_or_json_and_refuses_other_outputs_before_any_work(fu
     (tmp_path / "empty").mkdir()
     result = _cli(fused, tmp_path, tmp_path / "empty", "--out", tmp_path / "p.csv")
     assert result.exit_code == 1 and "nothing to classify" in result.output
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_the_cli_flags_for_review_in_csv_and_json(fused, tmp_path):
+    paths = _test_images(fused)
+    args = (paths, fused["head_dir"], fused["params"], fused["models"], False)
+    expected = predict(*args, max_pixels=MAX_PIXELS)
+    below, n = review_threshold(expected.proba)
+    least_sure = np.argsort(expected.proba.max(axis=1))[:n]
+    for out in (tmp_path / "p.csv", tmp_path / "p.json"):
+        result = _cli(fused, tmp_path, *paths, "--out", out, "--review-below", below)
+        assert result.exit_code == 0, result.output
+        assert f"; {n} flagged for review (top probability < {below})\n" in result.output
+        if out.suffix == ".json":
+            flags = [row["review"] for row in json.loads(out.read_text())]
+        else:
+            with open(out) as fh:
+                flags = [row["review"] == "True" for row in csv.DictReader(fh)]
+        assert flags == np.isin(np.arange(len(paths)), least_sure).tolist()
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-1"])
+def test_a_review_threshold_outside_0_1_is_refused_before_any_work(fused, tmp_path, value):
+    absent = tmp_path / "no-models"  # were the checkpoints loaded first, this would be the error
+    image = fused["manifest"].image_path(0)
+    result = _cli(fused, tmp_path, image, "--out", tmp_path / "p.csv", "--review-below", value,
+                  models=absent)  # fmt: skip
+    assert (result.exit_code, result.output) == (
+        1,
+        f"Error: {tmp_path / 'params.yaml'}: review.below must be a probability in (0, 1]. "
+        f"Got {float(value)!r}.\n",
+    )
     assert not (tmp_path / "p.csv").exists()
 
 
