@@ -62,6 +62,8 @@ def load_export(directory: Path | str, threads: int | None = None) -> Deployed:
         max_pixels = int(record["max_pixels"])
         review_below = record["review_below"]
         if review_below is not None:
+            if isinstance(review_below, bool) or not isinstance(review_below, int | float):
+                raise ValueError(f"review_below {review_below!r} is not a number")
             check_probability("review_below", review_below)
     except (OSError, ValueError, KeyError, TypeError, DefuseError) as exc:
         raise CheckpointError(f"{record_path}: not a defuse export record ({exc})") from None

@@ -149,6 +149,7 @@ def test_a_swapped_graph_is_refused_naming_it(exported, tmp_path, images):
             rf"format {FORMAT - 1}, this runtime reads {FORMAT}",
         ),
         (lambda r: r.update(review_below=1.5), r"review_below must be a probability in \(0, 1\]"),
+        (lambda r: r.update(review_below=True), r"review_below True is not a number"),
     ],
 )
 def test_an_edited_record_is_refused_naming_it(exported, tmp_path, edit, says):
@@ -168,6 +169,10 @@ def test_openvino_gives_onnxruntimes_probabilities(exported, fused_project):
     feed = {n: rng.integers(0, 256, (3, p.input_size, p.input_size, 3), dtype=np.uint8)
             for n, p in deployed.inputs.items()}  # fmt: skip
     expected = deployed.session.run([deployed.output], feed)[0]
-    compiled = ov.Core().compile_model(str(exported / "model.onnx"), "CPU")
+    # OpenVINO computes in bf16 where the CPU has it (1e-2 off); in f32 its kernels sum in
+    # another order than onnxruntime's, 1-3e-4 off after the backbones
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    compiled = ov.Core().compile_model(str(exported / "model.onnx"), "CPU", config)
     got = compiled(feed)[compiled.output(0)]
-    np.testing.assert_allclose(got, expected, atol=1e-4)
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
