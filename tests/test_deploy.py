@@ -131,6 +131,8 @@ def test_openvino_gives_onnxruntimes_probabilities(exported, fused_project):
     feed = {n: rng.integers(0, 256, (3, p.input_size, p.input_size, 3), dtype=np.uint8)
             for n, p in deployed.inputs.items()}  # fmt: skip
     expected = deployed.session.run([deployed.output], feed)[0]
-    compiled = ov.Core().compile_model(str(exported / "model.onnx"), "CPU")
+    compiled = ov.Core().compile_model(
+        str(exported / "model.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
     got = compiled(feed)[compiled.output(0)]
     np.testing.assert_allclose(got, expected, atol=1e-4)
