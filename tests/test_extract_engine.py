@@ -1,14 +1,17 @@
 """extract.engine: onnxruntime embeds as torch does (within 1e-4), is recorded in the cache
 and pinned by the head; a graph that disagrees with torch on the first batch writes nothing."""
 
+import io
 import shutil
 from dataclasses import replace
 
 import h5py
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import params_of
+from timm.layers import Conv2dSame
 
 from pipeline import engine, layout
 from pipeline.config import ExtractParams, FuseParams
@@ -16,6 +19,7 @@ from pipeline.errors import CheckpointError, ConfigError
 from pipeline.extract import extract
 from pipeline.fusion.fit import fit_head
 from pipeline.fusion.heads import SeedRefits, load_head, save_head
+from pipeline.models.registry import backbone_info, create_backbone
 from pipeline.predict import predict
 from pipeline.storage.feature_cache import read_cache
 from pipeline.storage.fused import load_features
@@ -68,6 +72,17 @@ def test_a_graph_that_disagrees_with_torch_writes_nothing(tiny_run, tmp_path, mo
     with pytest.raises(CheckpointError, match=r"differ from torch's by .* on the first batch"):
         extract(tiny_run["manifest"], tiny_run["checkpoint"], out, ORT, False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_graph_pads_by_constants_and_the_model_is_left_as_it_was():
+    # TF 'SAME' padding read from the input's shape kept onnxruntime at 0.7x its speed
+    model = create_backbone(BACKBONE, 3, pretrained=False, quiet=True)
+    net = engine.PixelBackbone(model, backbone_info(BACKBONE, 32).preprocessing, tta=False)
+    graph, example = io.BytesIO(), torch.zeros((2, 32, 32, 3), dtype=torch.uint8)
+    engine.write_onnx(net, (example,), ["pixels"], ["embeddings", "logits"], graph)
+    ops = {node.op_type for node in onnx.load_from_string(graph.getvalue()).graph.node}
+    assert "Pad" in ops and "Shape" not in ops
+    assert sum(isinstance(m, Conv2dSame) for m in model.modules()) == 5  # stem + 4 strided
 
 
 def test_onnxruntime_on_cuda_is_refused_naming_extract_engine():
