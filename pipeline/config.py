@@ -49,7 +49,9 @@ SECTIONS = (
 SOURCES = ("elpv", "folder", "csv")
 BLOCK_NORMS = ("none", "standardize", "l2")  # per-backbone treatment of fused embeddings
 SELECT_BY = ("log_loss", "accuracy", "f1_macro")  # val scores that pick a head's candidate
-ENGINES = ("torch", "onnxruntime")  # extract.engine: what runs the backbones at inference
+# extract.engine: what runs the backbones at inference; auto: onnxruntime on the CPU, torch
+# on CUDA (`pipeline.engine.engine_for`)
+ENGINES = ("auto", "torch", "onnxruntime")
 
 
 class _Section:
@@ -201,7 +203,7 @@ class ExtractParams(_Section):
     tta: bool  # mean embedding over horizontal and vertical flips
     num_workers: int
     device: str
-    engine: str  # "torch", or "onnxruntime" (CPU only): what runs the backbones
+    engine: str  # "auto", "torch", or "onnxruntime" (CPU only): what runs the backbones
 
     def _check(self):
         check_choice("extract.dtype", self.dtype, ("float32", "float16"))

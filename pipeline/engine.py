@@ -113,14 +113,19 @@ def write_onnx(module: nn.Module, examples: tuple, inputs: list, outputs: list, 
         )
 
 
-def check_engine(engine: str, device: torch.device) -> None:
-    """ConfigError unless ``engine`` can run on ``device``: onnxruntime runs on the CPU only
-    (torch is the engine on CUDA)."""
+def engine_for(engine: str, device: torch.device, pinned: str | None = None) -> str:
+    """extract.engine resolved for ``device``: "auto" is the engine ``pinned`` by a head's
+    cache when given (predict reproduces its features), else onnxruntime on the CPU (faster
+    there, within TOLERANCE of torch: bench/bench_engine.py) and torch on CUDA. ConfigError
+    where the engine cannot run on ``device``."""
+    if engine == "auto":
+        engine = pinned or ("onnxruntime" if device.type == "cpu" else "torch")
     if engine == "onnxruntime" and device.type != "cpu":
         raise ConfigError(
             f"extract.engine 'onnxruntime' runs on the CPU only, but the device is {device}; "
             "set extract.engine: torch (the engine on CUDA), or extract.device: cpu."
         )
+    return engine
 
 
 class OnnxBackbone:

@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -20,7 +21,7 @@ from pipeline import distributed, layout
 from pipeline.config import ExtractParams
 from pipeline.data.manifest import Manifest
 from pipeline.data.transforms import ImageDataset, eval_transform, model_input
-from pipeline.engine import OnnxBackbone, check_engine, tta_embed
+from pipeline.engine import OnnxBackbone, engine_for, tta_embed
 from pipeline.errors import CacheError, CheckpointError, ConfigError
 from pipeline.models.checkpoint import CheckpointRecord, load_checkpoint
 from pipeline.models.registry import BackboneInfo
@@ -56,11 +57,12 @@ def extract(
     info = record.info
     cache = open_image_cache(images, info.preprocessing, info.name) if images is not None else None
     fold_of, fold_models = _cross_fit(checkpoint_dir, record, manifest)
+    device = resolve_device(params.device)
+    params = replace(params, engine=engine_for(params.engine, device))  # the cache records it
     attrs = _attrs(record, manifest, params, fold_models)
     old, old_row = _previous(out, attrs, manifest)
     new_rows = np.flatnonzero(old_row < 0)
     log.info("%s: %d rows reused, %d to compute", out, len(manifest) - len(new_rows), len(new_rows))
-    device = resolve_device(params.device)
     with distributed.process_group(device) as here:
         _clear_shards(here, checkpoint_dir, out, len(fold_models))
         progress = progress and here.is_main
@@ -217,12 +219,12 @@ def embed_images(
     params.dtype, logits (b, n_classes) float32)``.
 
     The checkpoint's eval preprocessing (``info``: resize, no crop), ``params.tta`` (mean over
-    flips), run by ``params.engine`` (bf16 autocast on CUDA; onnxruntime on the CPU only,
-    ConfigError at once otherwise); ``params.num_workers`` loader processes. ``squares``:
+    flips), run by ``params.engine`` (`engine_for` ``device``: bf16 autocast on CUDA;
+    onnxruntime on the CPU only, ConfigError at once otherwise); ``params.num_workers`` loader processes. ``squares``:
     the image cache's rows of ``paths``, read instead of decoding the files they hold;
     ``max_pixels``: prepare.max_pixels, the bound for those decoded.
     """
-    check_engine(params.engine, device)
+    params = replace(params, engine=engine_for(params.engine, device))
     prep = info.preprocessing
     loader = DataLoader(
         ImageDataset(

@@ -5,7 +5,7 @@ Unreadable images are reported per file; the rest are still classified."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ import numpy as np
 from pipeline import layout
 from pipeline.config import ExtractParams
 from pipeline.data.images import load_image
+from pipeline.engine import engine_for
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.extract import embed_images
 from pipeline.fusion.heads import by_input, check_head_fits, load_head
@@ -47,11 +48,14 @@ def predict(
     review. DataError when ``inputs`` hold no file, or no readable image.
     """
     head, sidecar = load_head(head_dir)
-    checkpoints = [_pinned(b, sidecar, head_dir, models_dir, params) for b in sidecar["backbones"]]
+    device = resolve_device(params.device)
+    checkpoints = [
+        _pinned(b, sidecar, head_dir, models_dir, params, device) for b in sidecar["backbones"]
+    ]
     found = find_images(inputs)
     if not found:
         raise DataError(f"No files under {', '.join(map(str, inputs))}: nothing to classify.")
-    records = [record for _, record in checkpoints]
+    records = [record for _, record, _ in checkpoints]
     check_head_fits(
         sidecar,
         class_names=list(records[0].class_names),
@@ -63,12 +67,12 @@ def predict(
         for r in records
     ]
     ids, paths, failures = _readable(inputs, found, caches, max_pixels)
-    device = resolve_device(params.device)
     blocks = []
-    for (directory, pinned), cache in zip(checkpoints, caches, strict=True):
+    for (directory, pinned, engine), cache in zip(checkpoints, caches, strict=True):
         model, record = load_pinned(directory, pinned, "predict")
         squares = cache.squares([ids[p] for p in paths]) if cache else None
-        emb, logits = _embedded(model, record, paths, params, device, progress, squares, max_pixels)
+        run = replace(params, engine=engine)
+        emb, logits = _embedded(model, record, paths, run, device, progress, squares, max_pixels)
         blocks.append(by_input(head, embeddings=emb.astype(np.float32), logits=logits))
     proba = head.predict_proba(np.concatenate(blocks, axis=1))
     return Predictions(paths, proba, sidecar["class_names"], failures, review_below)
@@ -112,20 +116,31 @@ def _embedded(model, record, paths, params, device, progress, squares, max_pixel
 
 
 def _pinned(
-    backbone: str, sidecar: dict, head_dir: Path, models_dir: Path, params: ExtractParams
-) -> tuple[Path, CheckpointRecord]:
-    """`pinned_checkpoint`, and ConfigError unless ``params`` extract as that cache was
-    extracted."""
+    backbone: str,
+    sidecar: dict,
+    head_dir: Path,
+    models_dir: Path,
+    params: ExtractParams,
+    device,
+) -> tuple[Path, CheckpointRecord, str]:
+    """`pinned_checkpoint` and the engine to run it by on ``device`` (`engine_for`: "auto"
+    is the one its cache was made by); ConfigError unless ``params`` extract as that cache
+    was extracted."""
     directory, record = pinned_checkpoint(backbone, sidecar, head_dir, models_dir)
     pinned = FEATURES.defaults | sidecar["extraction"][backbone]  # pinned before a key: its default
-    for key in ("dtype", "tta", "engine"):
-        if pinned[key] != getattr(params, key):
+    given = {
+        "dtype": params.dtype,
+        "tta": params.tta,
+        "engine": engine_for(params.engine, device, pinned["engine"]),
+    }
+    for key, value in given.items():
+        if pinned[key] != value:
             raise ConfigError(
                 f"Head {head_dir} was trained on {backbone} features extracted with "
-                f"extract.{key}={pinned[key]!r}, but the params give {getattr(params, key)!r}; "
+                f"extract.{key}={pinned[key]!r}, but the params give {value!r}; "
                 f"set it back, or re-run `dvc repro` with the new value."
             )
-    return directory, record
+    return directory, record, given["engine"]
 
 
 def load_pinned(directory: Path, pinned: CheckpointRecord, command: str):

@@ -89,10 +89,25 @@ def test_onnxruntime_on_cuda_is_refused_naming_extract_engine():
     with pytest.raises(ConfigError, match=r"extract\.engine 'onnxruntime' runs on the CPU"):
         replace(ORT, device="cuda")
     with pytest.raises(ConfigError, match=r"extract\.engine"):  # device auto, resolved to cuda
-        engine.check_engine("onnxruntime", torch.device("cuda"))
-    engine.check_engine("torch", torch.device("cuda"))
+        engine.engine_for("onnxruntime", torch.device("cuda"))
+    assert engine.engine_for("torch", torch.device("cuda")) == "torch"
     with pytest.raises(ConfigError, match=r"'extract\.engine' parameter must be one of"):
         replace(ORT, engine="openvino")
+
+
+def test_auto_is_onnxruntime_on_the_cpu_torch_on_cuda_and_the_pinned_engine_for_predict():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [engine.engine_for("auto", d) for d in (cpu, cuda)] == ["onnxruntime", "torch"]
+    assert engine.engine_for("auto", cpu, pinned="torch") == "torch"  # a GPU-made head's
+    with pytest.raises(ConfigError, match=r"'onnxruntime' runs on the CPU only, but the device"):
+        engine.engine_for("auto", cuda, pinned="onnxruntime")
+
+
+def test_auto_extracts_with_onnxruntime_on_the_cpu(tiny_run, caches, tmp_path):
+    out = shutil.copy(caches["onnxruntime"], tmp_path / "f.h5")
+    auto = replace(TORCH, engine="auto")
+    reused = extract(tiny_run["manifest"], tiny_run["checkpoint"], out, auto, False)
+    assert reused.n_new == 0 and read_cache(out).attrs["engine"] == "onnxruntime"
 
 
 def test_predict_repeats_the_heads_engine_and_refuses_another(tiny_run, caches, tmp_path):
@@ -112,3 +127,6 @@ def test_predict_repeats_the_heads_engine_and_refuses_another(tiny_run, caches, 
     np.testing.assert_allclose(result.proba, expected, atol=1e-5)
     with pytest.raises(ConfigError, match=r"extract\.engine='onnxruntime', but the params give"):
         predict(paths, head_dir, TORCH, models, progress=False, max_pixels=MAX_PIXELS)
+    auto = predict(paths, head_dir, replace(ORT, engine="auto"), models, progress=False,
+                   max_pixels=MAX_PIXELS)  # fmt: skip
+    np.testing.assert_array_equal(auto.proba, result.proba)
