@@ -135,8 +135,8 @@ def test_final_head_must_be_an_entry_of_heads(tmp_path):
 @pytest.mark.parametrize(
     ("review", "says"),
     [
-        ({"below": 0.0}, r"review\.below must be null or in \(0, 1\]\. Got 0\.0"),
-        ({"below": 1.5}, r"review\.below must be null or in \(0, 1\]\. Got 1\.5"),
+        ({"below": 0.0}, r"review\.below must be a probability in \(0, 1\]\. Got 0\.0"),
+        ({"below": 1.5}, r"review\.below must be a probability in \(0, 1\]\. Got 1\.5"),
         ({"rates": [0.05, 1.0]}, r"review\.rates must be .* in \[0, 1\)\. Got \[0\.05, 1\.0\]"),
         ({"rates": []}, r"review\.rates must be a non-empty list"),
         (
