@@ -6,7 +6,7 @@ does not depend on the weights), a logreg head fitted on their features of a few
 images, and its export (`defuse export`). Then --images synthetic 300x300 grey PNGs (ELPV's
 cells) classified by each, as a user runs them: `pipeline.deploy` (load_export + classify,
 numpy + Pillow + onnxruntime) and `pipeline.predict.predict` (checkpoints loaded, every file
-decoded, the torch engine, the head), whole calls, each timing in a fresh process, the two
+decoded, the backbones run by params.yaml's extract.engine, the head), whole calls, each timing in a fresh process, the two
 interleaved, best of --repeat. Lines read `deploy <img/s> / predict <img/s> = <ratio>`.
 --smoke: one backbone at 32 px, 16 tiny images, one timing in this process: seconds, to
 check the code runs (its figures mean nothing).
@@ -37,6 +37,7 @@ from pipeline.config import (
     section,
 )
 from pipeline.deploy import classify, load_export
+from pipeline.engine import engine_for
 from pipeline.export import export
 from pipeline.extract import extract
 from pipeline.fusion.fit import fit_head
@@ -111,7 +112,8 @@ def main() -> None:
     if args.smoke:
         backbones, input_size, side, args.images, args.repeat = backbones[:1], 32, 48, 16, 1
     in_fresh_process = runner(args.smoke)
-    params = section(ExtractParams, "extract", device="cpu", engine="torch")
+    params = section(ExtractParams, "extract", device="cpu")  # predict as a user runs it
+    engine = engine_for(params.engine, torch.device("cpu"))
     print(
         f"machine: {os.cpu_count()} cores, torch {torch.__version__} on "
         f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}"
@@ -131,7 +133,7 @@ def main() -> None:
         print(
             f"{args.images} grey {side}x{side} PNGs, {' + '.join(backbones)} + logreg, batch "
             f"{params.batch_size}: deploy (onnxruntime, no torch) {best['deploy']:.1f} img/s / "
-            f"predict (torch engine) {best['predict']:.1f} img/s = "
+            f"predict ({engine} engine) {best['predict']:.1f} img/s = "
             f"{best['deploy'] / best['predict']:.2f} (runs: {runs}); load {os.getloadavg()[0]:.2f}"
         )
 
