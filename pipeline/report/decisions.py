@@ -50,6 +50,7 @@ def review_table(result: dict, rates: tuple[float, ...], defective: np.ndarray |
         if defective is not None:
             passed = defective[y[kept]] & ~defective[pred[kept]]
             row["defective_passed"] = int(passed.sum())
-            row["defective_passed_rate"] = round(float(passed.sum() / defective[y].sum()), 6)
+            share = passed.sum() / max(int(defective[y].sum()), 1)  # 0 without defective parts
+            row["defective_passed_rate"] = round(float(share), 6)
         rows.append(row)
     return rows
