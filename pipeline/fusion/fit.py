@@ -16,7 +16,6 @@ from pipeline import layout
 from pipeline.calibration import fit_temperature, tempered
 from pipeline.config import (
     AUTO,
-    SELECT_BY,
     FuseParams,
     backbone_names,
     evaluate_params,
@@ -44,7 +43,7 @@ from pipeline.fusion.selection import (
     choose,
     fit_many,
     grid_axes,
-    score,
+    val_scores,
 )
 from pipeline.metrics import classification_metrics
 from pipeline.storage.fused import FusedFeatures, LazyRows, load_features
@@ -248,7 +247,7 @@ def evaluate(features: FusedFeatures, head_dirs: dict[str, Path]) -> dict[str, d
         temperature = fit_temperature(val_proba, features.y[val])
         proba = softmax(logits[test].astype(np.float64), 1)
         results[b] = _scored("single", y, labels, proba, temperature, names)
-        results[b]["val"] = {m: round(score(features.y[val], val_proba, m), 6) for m in SELECT_BY}
+        results[b]["val"] = val_scores(features.y[val], val_proba)
     for name, directory in head_dirs.items():
         head, sidecar = load_head(directory)
         check_head(sidecar, features, directory)

@@ -76,6 +76,12 @@ def score(y: np.ndarray, proba: np.ndarray, metric: str) -> float:
     raise ConfigError(f"The select_by parameter must be one of {list(SELECT_BY)}. Got {metric!r}.")
 
 
+def val_scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """`score` of ``proba`` against ``y`` under every `fuse.select_by` metric, rounded for
+    stable JSON: what a sidecar records and `rank` compares."""
+    return {m: round(score(y, proba, m), 6) for m in SELECT_BY}
+
+
 def rank(scores: dict[str, float], metric: str) -> tuple[float, float]:
     """Sort key of val ``scores`` (`score` of each metric: higher is better): ``metric``,
     then the log loss, which breaks the ties that accuracy and F1 have often on a few
@@ -106,7 +112,7 @@ class Candidate:
     seconds: float  # fit + val prediction
 
     def scores(self, y_val: np.ndarray) -> dict[str, float]:
-        return {m: round(score(y_val, self.val_proba, m), 6) for m in SELECT_BY}
+        return val_scores(y_val, self.val_proba)
 
 
 def _fit_one(name, params, X, y, X_val, y_val) -> Candidate:

@@ -146,7 +146,7 @@ def fusion_evidence(results: dict[str, dict], draws: int, seed: int, select_by: 
     fusions = [n for n, r in results.items() if r["kind"] == "fusion"]
     if not singles or not fusions:
         return None
-    best = max(singles, key=lambda n: results[n]["metrics"]["accuracy"])
+    best = _best_single(results)
     picked = best_on_val({n: results[n]["val"] for n in singles}, select_by)
     y = results[best]["y_true"]
     n_classes = len(results[best]["metrics"]["class_names"])
