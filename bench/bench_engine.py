@@ -6,13 +6,14 @@ random-weight checkpoint (speed does not depend on the weights) and --images syn
 300x300 JPEGs (ELPV's cell size) decoded once into its image cache, the layout
 `defuse decode` writes and `defuse extract` reads. Then the whole `extract()` call with each
 engine: read the squares, run the backbone, write the cache; for onnxruntime also building
-its graph and checking the first batch against torch, which a real run pays once per
-backbone too. Batch extract.batch_size, extract.num_workers loader workers, device cpu;
+its graph and checking the first batch's first rows against torch, which a real run pays
+once per backbone too. Batch extract.batch_size, extract.num_workers loader workers, device cpu;
 each timing in a fresh process (`_process.py`), the engines interleaved so that a slow
 spell of a shared machine hits both, the best of --repeat kept. Lines read
-`<backbone>: onnxruntime <img/s> / torch <img/s> = <ratio>`; the graph's one-time build
-(export + session + the first batch in torch, timed in a process of its own) is printed
-beside it, with onnxruntime's rate net of it (what a larger job tends to).
+`<backbone>: onnxruntime <img/s> / torch <img/s> = <ratio>`. Beside it, timed in a process
+of its own: the graph's one-time build (export, session, the first batch and its check),
+onnxruntime's whole-extract rate net of it (what a larger job tends to), and the bare
+forward of each engine on batches in memory, the ceiling of the ratio.
 --smoke: one backbone at 32 px, 16 tiny images, one timing in this process: seconds, to
 check the code runs (its figures mean nothing).
 """
@@ -34,10 +35,11 @@ from bench_extract import untrained_record
 
 from pipeline.config import ExtractParams, backbone_names, finetune_params, section
 from pipeline.data.transforms import target_info
-from pipeline.engine import OnnxBackbone
+from pipeline.engine import OnnxBackbone, PixelBackbone
 from pipeline.extract import extract
 from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.models.registry import create_backbone
+from pipeline.runtime import prepare_model
 from pipeline.storage.image_cache import decode_images
 
 ENGINES = ("torch", "onnxruntime")
@@ -63,15 +65,32 @@ def timed_extract(data, checkpoint: Path, images: Path, out: Path, params) -> fl
     return len(data) / (time.perf_counter() - start)
 
 
-def timed_build(checkpoint: Path, batch_size: int) -> float:
-    """Seconds the onnxruntime engine takes before its second batch: the graph exported and
-    loaded, and the first batch run by both engines and compared."""
+def timed_engines(checkpoint: Path, batch_size: int, batches: int) -> tuple[float, ...]:
+    """Seconds the onnxruntime engine takes before its second batch (the graph exported and
+    loaded, its first batch run and checked against torch), then the bare forward's img/s
+    with each engine (onnxruntime, torch as extract runs it) over ``batches`` random batches
+    in memory: the most a whole extract can gain."""
     model, record = load_checkpoint(checkpoint)
     size = record.preprocessing.input_size
     pixels = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), np.uint8)
     start = time.perf_counter()
-    OnnxBackbone(model, record.preprocessing, False, record.backbone)(pixels)
-    return time.perf_counter() - start
+    onnx = OnnxBackbone(model, record.preprocessing, False, record.backbone)
+    onnx(pixels)
+    build = time.perf_counter() - start
+    net = PixelBackbone(prepare_model(model, torch.device("cpu")), record.preprocessing, False)
+
+    def torch_forward(batch):
+        with torch.inference_mode():
+            return net(torch.from_numpy(batch))
+
+    rates = []
+    for forward in (onnx, torch_forward):
+        forward(pixels)  # warm
+        start = time.perf_counter()
+        for _ in range(batches):
+            forward(pixels)
+        rates.append(batches * batch_size / (time.perf_counter() - start))
+    return build, *rates
 
 
 def main() -> None:
@@ -117,16 +136,19 @@ def main() -> None:
                 for engine in ENGINES:
                     run = (data, checkpoint, images, tmp / "f.h5", params[engine])
                     rates[engine].append(in_fresh_process(timed_extract, *run))
-            build = in_fresh_process(timed_build, checkpoint, args.batch_size)
+            batches = 1 if args.smoke else 4
+            build, *bare = in_fresh_process(timed_engines, checkpoint, args.batch_size, batches)
             best = {engine: max(r) for engine, r in rates.items()}
-            net = len(data) / (len(data) / best["onnxruntime"] - build)
+            once = build - args.batch_size / bare[0]  # the first batch's forward is no build
+            net = len(data) / (len(data) / best["onnxruntime"] - once)
             runs = "; ".join(f"{e}: {', '.join(f'{r:.1f}' for r in rates[e])}" for e in ENGINES)
             print(
                 f"{backbone} at {prep.input_size} px ({what}): onnxruntime "
                 f"{best['onnxruntime']:.1f} img/s / torch {best['torch']:.1f} img/s = "
                 f"{best['onnxruntime'] / best['torch']:.2f} (runs: {runs}); onnxruntime's "
-                f"one-time build {build:.1f} s, so {net:.1f} img/s after it (an estimate); "
-                f"load {os.getloadavg()[0]:.2f}"
+                f"one-time build {once:.1f} s, so {net:.1f} img/s after it (an estimate); "
+                f"bare forward {bare[0]:.1f} / {bare[1]:.1f} img/s = {bare[0] / bare[1]:.2f} "
+                f"(the ceiling); load {os.getloadavg()[0]:.2f}"
             )
 
 
