@@ -20,10 +20,11 @@ from pipeline.data.images import load_image
 from pipeline.errors import CheckpointError, DataError, DefuseError
 from pipeline.models.preprocessing import Preprocessing
 from pipeline.predictions import Predictions, check_output, find_images, write_predictions
-from pipeline.validation import check_probability
+from pipeline.validation import check_at_least, check_probability
 
 GRAPH, RECORD = "model.onnx", "model.json"  # what `defuse export` writes
-FORMAT = 2  # model.json's layout, which this runtime reads
+FORMAT = 3  # model.json's layout, which this runtime reads
+CARRIED = "defuse"  # the graph's metadata key holding model.json's record (all but graph_sha256)
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,9 @@ def _sha256(path: Path) -> str:
 
 def load_export(directory: Path | str, threads: int | None = None) -> Deployed:
     """The export in ``directory``, verified: model.json parses, names this format, the
-    graph's sha256 is the one it records and the graph's inputs and output are those it
-    lists. CheckpointError naming the file otherwise."""
+    graph's sha256 is the one it records, and the graph carries the same record (so an edited
+    model.json is told from the one written with the graph). CheckpointError naming the file
+    otherwise."""
     import onnxruntime as ort
 
     directory = Path(directory)
@@ -76,13 +78,16 @@ def load_export(directory: Path | str, threads: int | None = None) -> Deployed:
     if threads:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-    shapes = {i.name: i.shape for i in session.get_inputs()}
-    wanted = {n: ["batch", p.input_size, p.input_size, 3] for n, p in inputs.items()}
-    out_shape = {o.name: o.shape for o in session.get_outputs()}.get(output)
-    if shapes != wanted or out_shape != ["batch", len(classes)]:
+    carried = json.loads(session.get_modelmeta().custom_metadata_map.get(CARRIED, "{}"))
+    written = {k: v for k, v in record.items() if k != "graph_sha256"}
+    if carried != written:
+        edited = sorted(
+            k for k in carried.keys() | written.keys() if carried.get(k) != written.get(k)
+        )
         raise CheckpointError(
-            f"{record_path}: the graph takes {shapes} and gives {output} {out_shape}; the "
-            f"record says {wanted} and {len(classes)} classes."
+            f"{record_path}: {', '.join(edited)} differ from the record {graph} carries, so "
+            "the file was edited after `defuse export`; re-run it (`--review-below` overrides "
+            "the threshold)."
         )
     return Deployed(session, classes, inputs, output, max_pixels, review_below)
 
@@ -135,9 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.deploy", description=__doc__)
     parser.add_argument("export_dir", type=Path, help="Folder written by `defuse export`.")
     parser.add_argument("images", type=Path, nargs="+", help="Image files or folders.")
-    parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help=".csv/.json")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("predictions.csv"),
+        help="predictions file, .csv or .json [predictions.csv]",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="images per run [32]")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime's threads [one per core]"
+    )
     parser.add_argument(
         "--review-below",
         type=float,
@@ -147,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_output(args.out)
+        check_at_least("--batch-size", args.batch_size, 1)
+        if args.threads is not None:
+            check_at_least("--threads", args.threads, 1)
         if args.review_below is not None:  # refused before the graph is loaded
             check_probability("--review-below", args.review_below)
         deployed = load_export(args.export_dir, args.threads)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.deploy import FORMAT, GRAPH, RECORD
+from pipeline.deploy import CARRIED, FORMAT, GRAPH, RECORD
 from pipeline.engine import PixelBackbone, write_onnx
 from pipeline.errors import CheckpointError
 from pipeline.fusion.heads import load_head
@@ -97,7 +97,6 @@ def export(
         record = {
             "format": FORMAT,
             "graph": GRAPH,
-            "graph_sha256": file_sha256(tmp / GRAPH),
             "output": OUTPUT,
             "classes": list(sidecar["class_names"]),
             "inputs": inputs,  # (B, S, S, 3) uint8, S = preprocessing.input_size
@@ -111,8 +110,19 @@ def export(
             },
             "versions": {name: _version(name) for name in _LIBRARIES},
         }
+        _carry(tmp / GRAPH, record)
+        record["graph_sha256"] = file_sha256(tmp / GRAPH)  # of the graph with its record
         write_json(tmp / RECORD, record)
     return record
+
+
+def _carry(graph: Path, record: dict) -> None:
+    """Store ``record`` in the graph's metadata, where the runtime compares model.json with it."""
+    import onnx
+
+    model = onnx.load(graph)
+    onnx.helper.set_model_props(model, {CARRIED: json.dumps(record, sort_keys=True)})
+    onnx.save(model, graph)
 
 
 def _version(name: str) -> str | None:

@@ -17,7 +17,7 @@ from conftest import review_threshold
 from PIL import Image
 
 from pipeline import layout
-from pipeline.deploy import FORMAT, load_export
+from pipeline.deploy import FORMAT, load_export, main
 from pipeline.errors import CheckpointError
 from pipeline.export import export
 from pipeline.predict import predict
@@ -113,13 +113,19 @@ def test_review_below_overrides_the_exports_threshold(predicted, exported, image
     assert [r["review"] for r in rows] == [False] * 6
 
 
-@pytest.mark.parametrize("value", ["0", "1.5", "-1"])
-def test_a_review_threshold_outside_0_1_is_refused(exported, images, tmp_path, value):
-    done = _deploy(exported, images, "--out", tmp_path / "p.csv", "--review-below", value)
-    assert (done.returncode, done.stderr) == (
-        1,
-        f"Error: --review-below must be a probability in (0, 1]. Got {float(value)!r}.\n",
-    )
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("--review-below", "0", "must be a probability in (0, 1]. Got 0.0."),
+        ("--review-below", "1.5", "must be a probability in (0, 1]. Got 1.5."),
+        ("--review-below", "-1", "must be a probability in (0, 1]. Got -1.0."),
+        ("--batch-size", "0", "must be >= 1. Got 0."),
+        ("--threads", "-2", "must be >= 1. Got -2."),
+    ],
+)
+def test_a_bad_option_is_refused_naming_it(exported, images, tmp_path, capsys, option, value, says):
+    assert main([str(exported), str(images), "--out", str(tmp_path / "p.csv"), option, value]) == 1
+    assert capsys.readouterr().err == f"Error: {option} {says}\n"
     assert not (tmp_path / "p.csv").exists()
 
 
@@ -141,9 +147,12 @@ def test_a_swapped_graph_is_refused_naming_it(exported, tmp_path, images):
 @pytest.mark.parametrize(
     ("edit", "says"),
     [
-        (lambda r: r["inputs"][0]["preprocessing"].update(input_size=64), r"graph takes"),
+        (lambda r: r["inputs"][0]["preprocessing"].update(input_size=64), r": inputs differ"),
         (lambda r: r["inputs"][1]["preprocessing"].pop("resize"), r"preprocessing record has"),
-        (lambda r: r["classes"].append("dent"), r"and 4 classes"),
+        (lambda r: r["classes"].append("dent"), r": classes differ from the record .*model\.onnx"),
+        (lambda r: r["classes"].reverse(), r": classes differ"),  # same count, other names
+        (lambda r: r.update(max_pixels=r["max_pixels"] * 2), r": max_pixels differ"),
+        (lambda r: r.update(review_below=0.123, head="x"), r": head, review_below differ"),
         (
             lambda r: r.update(format=FORMAT - 1),
             rf"format {FORMAT - 1}, this runtime reads {FORMAT}",
