@@ -54,7 +54,9 @@ def load_export(directory: Path | str, threads: int | None = None) -> Deployed:
     try:
         record = json.loads(record_path.read_text())
         if record["format"] != FORMAT:
-            raise ValueError(f"format {record['format']!r}, this runtime reads {FORMAT}")
+            raise ValueError(
+                f"format {record['format']!r}, this runtime reads {FORMAT}; re-run `defuse export`"
+            )
         graph = directory / record["graph"]
         inputs = {
             i["name"]: Preprocessing.from_json(i["preprocessing"], f"{record_path} {i['name']}")
