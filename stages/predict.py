@@ -31,11 +31,11 @@ from stages import options
     help="A .csv or .json file.",
 )
 @options.params
-@click.option("--batch-size", type=int, help="Override extract.batch_size.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Override extract.batch_size.")
 @click.option("--device", help="Override extract.device (auto, cpu, cuda, cuda:1).")
 @click.option(
     "--review-below",
-    type=float,
+    type=click.FloatRange(0, 1, min_open=True),
     metavar="P",
     help="Override review.below: flag for review the images whose top probability is below P.",
 )

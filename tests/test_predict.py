@@ -237,17 +237,20 @@ def test_the_cli_flags_for_review_in_csv_and_json(fused, tmp_path):
         assert flags == np.isin(np.arange(len(paths)), least_sure).tolist()
 
 
-@pytest.mark.parametrize("value", ["0", "1.5", "-1"])
-def test_a_review_threshold_outside_0_1_is_refused_before_any_work(fused, tmp_path, value):
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("--review-below", "0", "0.0 is not in the range 0<x<=1."),
+        ("--review-below", "1.5", "1.5 is not in the range 0<x<=1."),
+        ("--batch-size", "0", "0 is not in the range x>=1."),
+    ],
+)
+def test_a_bad_option_is_refused_naming_it_before_any_work(fused, tmp_path, option, value, says):
     absent = tmp_path / "no-models"  # were the checkpoints loaded first, this would be the error
     image = fused["manifest"].image_path(0)
-    result = _cli(fused, tmp_path, image, "--out", tmp_path / "p.csv", "--review-below", value,
+    result = _cli(fused, tmp_path, image, "--out", tmp_path / "p.csv", option, value,
                   models=absent)  # fmt: skip
-    assert (result.exit_code, result.output) == (
-        1,
-        f"Error: {tmp_path / 'params.yaml'}: review.below must be a probability in (0, 1]. "
-        f"Got {float(value)!r}.\n",
-    )
+    assert result.exit_code == 2 and f"Error: Invalid value for '{option}': {says}" in result.output
     assert not (tmp_path / "p.csv").exists()
 
 
