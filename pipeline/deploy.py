@@ -1,8 +1,8 @@
 """The deployment runtime: classify images with an export (`defuse export`) using numpy,
 Pillow and onnxruntime alone, no torch. Images are decoded and squared as defuse does
 (`load_image`, `Preprocessing.square`); the graph normalises them. Writes the rows of
-`defuse predict`. Usage: python -m pipeline.deploy EXPORT_DIR IMAGES... --out preds.csv
-[--review-below P]
+`defuse predict`. The export folder holds a copy of this runtime, so on its own, from inside
+it: python -m pipeline.deploy . IMAGES... --out preds.csv [--review-below P]
 """
 
 from __future__ import annotations
@@ -25,6 +25,22 @@ from pipeline.validation import check_at_least, check_probability
 GRAPH, RECORD = "model.onnx", "model.json"  # what `defuse export` writes
 FORMAT = 3  # model.json's layout, which this runtime reads
 CARRIED = "defuse"  # the graph's metadata key holding model.json's record (all but graph_sha256)
+# The files this runtime runs, packages' __init__.py included: `defuse export` copies them
+# beside the graph, so the export folder classifies on its own (tests/test_layout.py checks
+# this is what the runtime imports).
+RUNTIME = (
+    "pipeline/__init__.py",
+    "pipeline/data/__init__.py",
+    "pipeline/data/images.py",
+    "pipeline/deploy.py",
+    "pipeline/errors.py",
+    "pipeline/models/__init__.py",
+    "pipeline/models/preprocessing.py",
+    "pipeline/predictions.py",
+    "pipeline/storage/__init__.py",
+    "pipeline/storage/atomic.py",
+    "pipeline/validation.py",
+)
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,22 @@
 """The fused model as one ONNX graph (`cache/export/`): each backbone's prepared uint8 input
 (B, S, S, 3), the image cache's layout, in; class probabilities out. Normalisation, the
 backbones, the extraction's TTA and dtype, the block treatment and the head are all inside,
-so a runtime with numpy, Pillow and onnxruntime alone (`pipeline.deploy`) classifies images
-as `defuse predict` does. model.json says what the graph was built from."""
+so a runtime with numpy, Pillow and onnxruntime alone (`pipeline.deploy`, copied into the
+folder) classifies images as `defuse predict` does. model.json says what the graph was built
+from."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.deploy import CARRIED, FORMAT, GRAPH, RECORD
+from pipeline.deploy import CARRIED, FORMAT, GRAPH, RECORD, RUNTIME
 from pipeline.engine import PixelBackbone, write_onnx
 from pipeline.errors import CheckpointError
 from pipeline.fusion.heads import load_head
@@ -28,7 +30,8 @@ from pipeline.storage.outputs import ArtifactFolder
 
 OUTPUT = "probabilities"
 # what `--out` of `defuse export` may replace: an earlier export, nothing else
-EXPORT_FOLDER = ArtifactFolder.of("export", RECORD, GRAPH)
+EXPORT_FOLDER = ArtifactFolder.of("export", RECORD, GRAPH, "pipeline")
+_SOURCE = Path(__file__).resolve().parents[1]  # the folder holding the pipeline package
 TOLERANCE = 1e-4  # largest |onnxruntime - torch| probability accepted at export
 _LIBRARIES = ("defuse", "torch", "timm", "onnx", "onnxruntime", "numpy")
 
@@ -73,8 +76,9 @@ def export(
     review_below: float | None = None,
     seed: int = 0,
 ) -> dict:
-    """Write ``out``/model.onnx and model.json for the head in ``head_dir`` and the
-    checkpoints in ``models_dir`` it pins (CheckpointError for any other). The graph's
+    """Write ``out``/model.onnx, model.json and the runtime (`pipeline.deploy`'s files) for
+    the head in ``head_dir`` and the checkpoints in ``models_dir`` it pins (CheckpointError
+    for any other). The graph's
     probabilities must match torch's (the backbones in eager mode, the head's own
     `predict_proba`) within TOLERANCE on random images drawn with ``seed``, else nothing is
     written. ``max_pixels`` (prepare.max_pixels) is recorded for the runtime's decoder,
@@ -113,6 +117,9 @@ def export(
         _carry(tmp / GRAPH, record)
         record["graph_sha256"] = file_sha256(tmp / GRAPH)  # of the graph with its record
         write_json(tmp / RECORD, record)
+        for name in RUNTIME:  # the runtime that reads this format travels with it
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(_SOURCE / name, tmp / name)
     return record
 
 

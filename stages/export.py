@@ -19,7 +19,8 @@ from stages import options
     type=click.Path(path_type=Path),
     default=layout.EXPORT,
     show_default=True,
-    help="Folder for model.onnx and model.json (an earlier export there is replaced whole).",
+    help="Folder for model.onnx, model.json and the runtime (an earlier export there is "
+    "replaced whole).",
 )
 @options.params
 def export(head, heads_dir, models, out, params_path):
@@ -30,8 +31,9 @@ def export(head, heads_dir, models, out, params_path):
     each input's preprocessing record, review.below and the sha256 of the checkpoints, the
     head files and the graph. The checkpoints must be those the head's caches were made
     with; the graph's probabilities must match torch's within 1e-4, or nothing is written.
-    Run it with `python -m pipeline.deploy OUT IMAGES...` (numpy, Pillow and onnxruntime;
-    no torch).
+    The folder also holds the runtime (`pipeline.deploy` and the few modules it imports):
+    copied anywhere with numpy, Pillow and onnxruntime (no torch), `python -m pipeline.deploy
+    . IMAGES...` run inside it classifies images.
     """
     from pipeline.config import PrepareParams, ReviewParams, section
     from pipeline.export import EXPORT_FOLDER, GRAPH
@@ -50,3 +52,7 @@ def export(head, heads_dir, models, out, params_path):
         f"{i['name']} ({i['preprocessing']['input_size']} px)" for i in record["inputs"]
     )
     click.echo(f"Exported head {head!r} on {names} -> {out / GRAPH}")
+    click.echo(
+        f"Copy {out}/ where the images are (numpy, Pillow and onnxruntime; no torch) and run, "
+        "inside it: python -m pipeline.deploy . IMAGES... --out predictions.csv"
+    )

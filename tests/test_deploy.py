@@ -22,16 +22,18 @@ from pipeline.errors import CheckpointError
 from pipeline.export import export
 from pipeline.predict import predict
 
-REPO = Path(__file__).resolve().parents[1]
-# Runs pipeline.deploy with torch (and the other training libraries) unimportable.
+# Runs the export folder's own pipeline.deploy (the working directory's, checked) with torch
+# (and the other training libraries) unimportable.
 NO_TORCH = """
-import runpy, sys
+import os, runpy, sys
 BLOCKED = {"torch", "torchvision", "timm", "sklearn", "h5py", "safetensors"}
 class Blocker:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
             raise ImportError(f"{name} is blocked: the runtime must not need it")
 sys.meta_path.insert(0, Blocker())
+import pipeline
+assert pipeline.__file__.startswith(os.getcwd()), f"not the export's: {pipeline.__file__}"
 sys.argv = ["pipeline.deploy", *sys.argv[1:]]
 runpy.run_module("pipeline.deploy", run_name="__main__")
 """
@@ -77,11 +79,14 @@ def exported(fused_project, predicted, tmp_path_factory):
     return out
 
 
-def _deploy(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _deploy(export_dir: Path, *args) -> subprocess.CompletedProcess:
+    """`python -m pipeline.deploy . *args` inside ``export_dir``, as on an inspection PC that
+    has the export folder alone: the runtime is the copy in it, not this repository's."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run(
-        [sys.executable, "-c", NO_TORCH, *map(str, args)], env=env, capture_output=True, text=True
-    )
+        [sys.executable, "-c", NO_TORCH, ".", *map(str, args)],
+        cwd=export_dir, env=env, capture_output=True, text=True,
+    )  # fmt: skip
 
 
 def test_the_runtime_without_torch_gives_predicts_probabilities_and_review_flags(
@@ -141,7 +146,7 @@ def test_a_swapped_graph_is_refused_naming_it(exported, tmp_path, images):
         load_export(copy)
     done = _deploy(copy, images, "--out", tmp_path / "p.csv")
     assert done.returncode == 1 and not (tmp_path / "p.csv").exists()
-    assert done.stderr.count("\n") == 1 and f"{copy / 'model.onnx'}: missing" in done.stderr
+    assert done.stderr.count("\n") == 1 and "Error: model.onnx: missing" in done.stderr
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ that disagree with torch are refused, and nothing is written then."""
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -16,13 +17,15 @@ from conftest import head_kwargs, write_params
 from pipeline import export as export_module
 from pipeline import layout
 from pipeline.config import BLOCK_NORMS
-from pipeline.deploy import prepared
+from pipeline.deploy import RUNTIME, prepared
 from pipeline.errors import CheckpointError
 from pipeline.export import export
 from pipeline.fusion.heads import HEADS, load_head, make_head
 from pipeline.models.checkpoint import load_checkpoint, read_record, save_checkpoint
 from pipeline.storage.hashing import file_sha256
 from stages.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Small, fast settings per head; every registered head must convert (a new one too).
 QUICK = {"mlp": {"hidden": 8, "epochs": 3, "dropout": 0.0, "precision": "float32"}}
@@ -88,7 +91,10 @@ def test_the_record_says_what_the_graph_was_built_from(fused_project, exported):
     }
     assert record["review_below"] == 0.75
     assert record["versions"]["onnxruntime"] == ort.__version__
-    assert sorted(p.name for p in exported.iterdir()) == ["model.json", "model.onnx"]
+    assert sorted(p.name for p in exported.iterdir()) == ["model.json", "model.onnx", "pipeline"]
+    runtime = sorted(p.relative_to(exported).as_posix() for p in exported.rglob("*.py"))
+    assert runtime == sorted(RUNTIME)  # the runtime, unchanged, and nothing else
+    assert all((exported / f).read_bytes() == (REPO / f).read_bytes() for f in RUNTIME)
 
 
 def test_the_graph_gives_the_heads_probabilities_on_the_cached_test_rows(fused_project, exported):

@@ -19,6 +19,7 @@ from pipeline.config import (
     finetune_params,
     section,
 )
+from pipeline.deploy import RUNTIME
 from pipeline.errors import ConfigError
 from pipeline.fusion.heads import HEADS, make_head
 from pipeline.fusion.selection import candidate_params
@@ -140,6 +141,27 @@ def test_dvc_stages_list_exactly_the_code_they_run_and_the_manifest():
         assert declared - {OWN_FAMILY} == _code_deps(REPO / "stages" / f"{name}.py"), name
         if name not in ("prepare", "export"):  # export reads the head's pins, no manifest
             assert "${manifest}" in deps, name
+
+
+def test_the_export_carries_exactly_the_files_the_runtime_imports():
+    """deploy.RUNTIME, which `defuse export` copies beside the graph, is pipeline.deploy's
+    import closure with every package's __init__.py on the way (a regular package, so that
+    no other `pipeline` on the inspection PC's path takes its place)."""
+    seen, todo = set(), ["pipeline.deploy"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            path = REPO / module.replace(".", "/")
+            todo += _imports(path.with_suffix(".py") if path.with_suffix(".py").is_file()
+                             else path / "__init__.py")  # fmt: skip
+    files = set()
+    for module in seen:
+        parts = module.split(".")
+        files |= {"/".join(parts[:k]) + "/__init__.py" for k in range(1, len(parts))}
+        path = "/".join(parts)
+        files.add(f"{path}.py" if (REPO / f"{path}.py").is_file() else f"{path}/__init__.py")
+    assert sorted(RUNTIME) == sorted(files)
 
 
 def test_decode_writes_the_image_cache_finetune_and_extract_read():
