@@ -54,5 +54,5 @@ def export(head, heads_dir, models, out, params_path):
     click.echo(f"Exported head {head!r} on {names} -> {out / GRAPH}")
     click.echo(
         f"Copy {out}/ where the images are (numpy, Pillow and onnxruntime; no torch) and run, "
-        "inside it: python -m pipeline.deploy . IMAGES... --out predictions.csv"
+        "inside the copy: python -m pipeline.deploy . IMAGES... --out predictions.csv"
     )
