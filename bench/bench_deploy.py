@@ -6,8 +6,8 @@ does not depend on the weights), a logreg head fitted on their features of a few
 images, and its export (`defuse export`). Then --images synthetic 300x300 grey PNGs (ELPV's
 cells) classified by each, as a user runs them: `pipeline.deploy` (load_export + classify,
 numpy + Pillow + onnxruntime) and `pipeline.predict.predict` (checkpoints loaded, every file
-decoded, the backbones run by params.yaml's extract.engine, the head), whole calls, each timing in a fresh process, the two
-interleaved, best of --repeat. Lines read `deploy <img/s> / predict <img/s> = <ratio>`.
+decoded, the backbones run by params.yaml's extract.engine, the head), whole calls, each
+timing in a fresh process, the two interleaved, best of --repeat. Lines read `deploy <img/s> / predict <img/s> = <ratio>`.
 --smoke: one backbone at 32 px, 16 tiny images, one timing in this process: seconds, to
 check the code runs (its figures mean nothing).
 """

@@ -80,8 +80,9 @@ def export(
     the head in ``head_dir`` and the checkpoints in ``models_dir`` it pins (CheckpointError
     for any other). The graph's probabilities must match torch's (the backbones in eager
     mode, the head's own `predict_proba`) within TOLERANCE on random images drawn with
-    ``seed``, else nothing is written. ``max_pixels`` (prepare.max_pixels) is recorded for the runtime's decoder,
-    ``review_below`` (review.below) for its `review` column. Returns model.json's content."""
+    ``seed``, else nothing is written. ``max_pixels`` (prepare.max_pixels) is recorded for
+    the runtime's decoder, ``review_below`` (review.below) for its `review` column. Returns
+    model.json's content."""
     head, sidecar = load_head(head_dir)
     backbones = list(sidecar["backbones"])
     branches, inputs, shas = [], [], {}

@@ -220,9 +220,10 @@ def embed_images(
 
     The checkpoint's eval preprocessing (``info``: resize, no crop), ``params.tta`` (mean over
     flips), run by ``params.engine`` (`engine_for` ``device``: bf16 autocast on CUDA;
-    onnxruntime on the CPU only, ConfigError at once otherwise); ``params.num_workers`` loader processes. ``squares``:
-    the image cache's rows of ``paths``, read instead of decoding the files they hold;
-    ``max_pixels``: prepare.max_pixels, the bound for those decoded.
+    onnxruntime on the CPU only, ConfigError at once otherwise); ``params.num_workers``
+    loader processes. ``squares``: the image cache's rows of ``paths``, read instead of
+    decoding the files they hold; ``max_pixels``: prepare.max_pixels, the bound for those
+    decoded.
     """
     params = replace(params, engine=engine_for(params.engine, device))
     prep = info.preprocessing
