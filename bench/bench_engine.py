@@ -13,7 +13,9 @@ spell of a shared machine hits both, the best of --repeat kept. Lines read
 `<backbone>: onnxruntime <img/s> / torch <img/s> = <ratio>`. Beside it, timed in a process
 of its own: the graph's one-time build (export, session, the first batch and its check),
 onnxruntime's whole-extract rate net of it (what a larger job tends to), and the bare
-forward of each engine on batches in memory, the ceiling of the ratio.
+forward of each engine on batches in memory, the ceiling of the ratio; then torch's bare
+forward under glibc's default allocator (`runtime.keep_freed_memory` not called), what
+torch gives without the policy every defuse process runs with.
 --smoke: one backbone at 32 px, 16 tiny images, one timing in this process: seconds, to
 check the code runs (its figures mean nothing).
 """
@@ -65,32 +67,43 @@ def timed_extract(data, checkpoint: Path, images: Path, out: Path, params) -> fl
     return len(data) / (time.perf_counter() - start)
 
 
+def _pixels(size: int, batch_size: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), np.uint8)
+
+
+def _rate(forward, pixels: np.ndarray, batches: int) -> float:
+    """Images/s of ``forward`` over ``batches`` calls on ``pixels``, after one to warm up."""
+    forward(pixels)
+    start = time.perf_counter()
+    for _ in range(batches):
+        forward(pixels)
+    return batches * len(pixels) / (time.perf_counter() - start)
+
+
+def torch_rate(checkpoint: Path, batch_size: int, batches: int) -> float:
+    """The bare forward's img/s in torch as extract runs it, on random batches in memory."""
+    model, record = load_checkpoint(checkpoint)
+    net = PixelBackbone(prepare_model(model, torch.device("cpu")), record.preprocessing, False)
+
+    def forward(batch):
+        with torch.inference_mode():
+            return net(torch.from_numpy(batch))
+
+    return _rate(forward, _pixels(record.preprocessing.input_size, batch_size), batches)
+
+
 def timed_engines(checkpoint: Path, batch_size: int, batches: int) -> tuple[float, ...]:
     """Seconds the onnxruntime engine takes before its second batch (the graph exported and
     loaded, its first batch run and checked against torch), then the bare forward's img/s
     with each engine (onnxruntime, torch as extract runs it) over ``batches`` random batches
     in memory: the most a whole extract can gain."""
     model, record = load_checkpoint(checkpoint)
-    size = record.preprocessing.input_size
-    pixels = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), np.uint8)
+    pixels = _pixels(record.preprocessing.input_size, batch_size)
     start = time.perf_counter()
     onnx = OnnxBackbone(model, record.preprocessing, False, record.backbone)
     onnx(pixels)
     build = time.perf_counter() - start
-    net = PixelBackbone(prepare_model(model, torch.device("cpu")), record.preprocessing, False)
-
-    def torch_forward(batch):
-        with torch.inference_mode():
-            return net(torch.from_numpy(batch))
-
-    rates = []
-    for forward in (onnx, torch_forward):
-        forward(pixels)  # warm
-        start = time.perf_counter()
-        for _ in range(batches):
-            forward(pixels)
-        rates.append(batches * batch_size / (time.perf_counter() - start))
-    return build, *rates
+    return build, _rate(onnx, pixels, batches), torch_rate(checkpoint, batch_size, batches)
 
 
 def main() -> None:
@@ -138,6 +151,10 @@ def main() -> None:
                     rates[engine].append(in_fresh_process(timed_extract, *run))
             batches = 1 if args.smoke else 4
             build, *bare = in_fresh_process(timed_engines, checkpoint, args.batch_size, batches)
+            # torch as it runs without defuse's allocator policy (page faults on every batch)
+            glibc = in_fresh_process(
+                torch_rate, checkpoint, args.batch_size, batches, keep_freed=False
+            )
             best = {engine: max(r) for engine, r in rates.items()}
             once = build - args.batch_size / bare[0]  # the first batch's forward is no build
             net = len(data) / (len(data) / best["onnxruntime"] - once)
@@ -148,7 +165,9 @@ def main() -> None:
                 f"{best['onnxruntime'] / best['torch']:.2f} (runs: {runs}); onnxruntime's "
                 f"one-time build {once:.1f} s, so {net:.1f} img/s after it (an estimate); "
                 f"bare forward {bare[0]:.1f} / {bare[1]:.1f} img/s = {bare[0] / bare[1]:.2f} "
-                f"(the ceiling); load {os.getloadavg()[0]:.2f}"
+                f"(the ceiling); torch under glibc's default allocator {glibc:.1f} img/s, "
+                f"so onnxruntime's bare forward is {bare[0] / glibc:.2f}x that; "
+                f"load {os.getloadavg()[0]:.2f}"
             )
 
 
